@@ -1,0 +1,115 @@
+# shellcheck shell=bash
+# Sourced by the lab scripts, never run. Paths, printing, free ports, the state folder
+# that records everything the lab started so that cleanup-local.sh can undo exactly that.
+#
+#   LAB_RESULTS_DIR  reports and logs (default: <repo>/results, git-ignored)
+#   LAB_STATE_DIR    pids, ports, disk image, mount point (default: $LAB_RESULTS_DIR/.lab-state)
+#                    Two labs with different state folders never touch each other's parts:
+#                    the cgroup names and the port range are derived from this path.
+
+LAB_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAB_RESULTS=${LAB_RESULTS_DIR:-$LAB_ROOT/results}
+mkdir -p "$LAB_RESULTS"
+LAB_RESULTS=$(cd "$LAB_RESULTS" && pwd)
+LAB_STATE=${LAB_STATE_DIR:-$LAB_RESULTS/.lab-state}
+mkdir -p "$LAB_STATE"
+LAB_STATE=$(cd "$LAB_STATE" && pwd)
+# A short tag unique to this state folder: names the cgroups, spreads the ports.
+LAB_TAG=$(printf '%s' "$LAB_STATE" | cksum | cut -d' ' -f1)
+LAB_CGROUP_NAME="sluice-lab-$LAB_TAG"
+export LAB_ROOT LAB_RESULTS LAB_STATE LAB_TAG LAB_CGROUP_NAME
+
+lab_step() { printf '\n==> %s\n' "$*"; }
+lab_info() { printf '    %s\n' "$*"; }
+lab_warn() {
+  printf '\n!!! WARNING: %s\n\n' "$*" >&2
+  printf '%s\n' "$*" >>"$LAB_STATE/warnings"
+}
+lab_die() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
+lab_is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# lab_free_port: prints a TCP port nothing listens on. Ports come from below the kernel's
+# ephemeral range (k6 and HAProxy open tens of thousands of outgoing connections that
+# could otherwise take a port between our check and the server's bind), start at an
+# offset derived from the state folder, and are never handed out twice in one setup.
+lab_free_port() {
+  local p
+  p=$(python3 - "$LAB_TAG" "$LAB_STATE/ports" <<'EOF'
+import socket, sys
+tag, used_file = int(sys.argv[1]), sys.argv[2]
+try:
+    used = {int(x) for x in open(used_file).read().split()}
+except OSError:
+    used = set()
+lo, hi = 20000, 32000
+start = lo + tag % (hi - lo)
+for i in range(hi - lo):
+    port = lo + (start - lo + i) % (hi - lo)
+    if port in used:
+        continue
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break
+else:
+    sys.exit("no free port")
+EOF
+) || return 1
+  echo "$p" >>"$LAB_STATE/ports"
+  echo "$p"
+}
+
+# lab_record_pid NAME PID: remembers a process the lab started, with its start time so
+# that cleanup never signals an unrelated process that later got the same pid.
+lab_record_pid() {
+  local start
+  start=$(lab_proc_start "$2") || start=0
+  echo "$1 $2 $start" >>"$LAB_STATE/pids"
+}
+
+# lab_proc_start PID: the process's start time in clock ticks since boot (field 22 of stat).
+lab_proc_start() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  # shellcheck disable=SC2086
+  set -- $stat
+  echo "${20}"
+}
+
+# lab_alive NAME PID START: true while that very process still runs.
+lab_alive() {
+  local now
+  now=$(lab_proc_start "$2") || return 1
+  [ "$3" = 0 ] || [ "$now" = "$3" ]
+}
+
+# lab_wait_http URL SECONDS [PID]: waits until URL answers 200; gives up early when the
+# process PID has died.
+lab_wait_http() {
+  local url=$1 secs=$2 pid=${3:-} i
+  for ((i = 0; i < secs * 4; i++)); do
+    if curl -fsS -o /dev/null -m 2 "$url" 2>/dev/null; then return 0; fi
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    sleep 0.25
+  done
+  return 1
+}
+
+# lab_cgroup_dir CONTROLLER: the cgroup v1 folder this lab uses for CONTROLLER, nested
+# under the cgroup the caller already sits in (so the lab stays inside whatever limits
+# its own parent has). Prints nothing and fails where that controller is not mounted.
+lab_cgroup_dir() {
+  local ctrl=$1 line rel mnt
+  mnt=/sys/fs/cgroup/$ctrl
+  [ -d "$mnt" ] && [ -f "$mnt/cgroup.procs" ] || return 1
+  line=$(awk -F: -v c="$ctrl" '{ n = split($2, a, ","); for (i = 1; i <= n; i++) if (a[i] == c) print $3 }' /proc/self/cgroup | head -n1)
+  [ -n "$line" ] || return 1
+  rel=${line%/}
+  echo "$mnt$rel/$LAB_CGROUP_NAME"
+}
