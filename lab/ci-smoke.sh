@@ -63,6 +63,43 @@ machine_allows_constraints() {
 
 echo "lab smoke: log in ${LOG#"$ROOT"/}"
 
+# 0. The report's arithmetic on made-up figures: 100 acknowledged responses but only
+#    480 documents stored must show 20 lost and fail (exit 3); the ratio is 50/200.
+T=$SNAP/report-selftest
+mkdir -p "$T"
+cat >"$T/k6-data.json" <<'JSON'
+{"root_group": {"checks": {"status is 200": {"passes": 100, "fails": 5},
+  "body status is \"success\"": {"passes": 100, "fails": 5}}},
+ "metrics": {"http_reqs": {"count": 105, "rate": 50.0},
+  "http_req_duration": {"p(95)": 900, "p(99)": 1500, "med": 100, "max": 3000,
+    "thresholds": {"p(95)<2000": false, "p(99)<5000": false}},
+  "http_req_failed": {"value": 0.05, "thresholds": {"rate<0.01": true}},
+  "error_rate": {"value": 0.05}, "successful_requests": {"count": 98},
+  "failed_requests": {"count": 7}}}
+JSON
+cat >"$T/k6-healthz.json" <<'JSON'
+{"metrics": {"http_reqs": {"count": 400, "rate": 200.0}, "http_req_duration": {"p(95)": 10, "p(99)": 20}}}
+JSON
+echo '{"t": 0, "commands": {"insert": 10, "serverStatus": 5}, "commands_total": 15, "probe_commands": 5, "documents_inserted": 0, "records": 0}' >"$T/before.json"
+echo '{"t": 10, "commands": {"insert": 110, "serverStatus": 105}, "commands_total": 215, "probe_commands": 105, "documents_inserted": 480, "records": 480}' >"$T/after.json"
+echo '{"l1": {"hits": 90, "misses": 10}, "l2": {"hits": 1, "misses": 1}}' >"$T/cache-a.json"
+python3 "$HERE/labtool.py" report --meta /dev/null --data-summary "$T/k6-data.json" \
+  --healthz-summary "$T/k6-healthz.json" --before "$T/before.json" --after "$T/after.json" \
+  --cache "$T/cache-a.json" --out "$T/report.json" >"$T/table.txt" 2>&1
+rc=$?
+check "report exits 3 when documents were lost (exit $rc)" [ "$rc" -eq 3 ]
+check "report computes lost, ratio, commands/s, docs/s and hit ratio" python3 - "$T/report.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["documents"]["lost"] == 20, r["documents"]
+assert abs(r["ratio_api_to_healthz"] - 0.25) < 1e-9
+assert abs(r["database"]["commands_per_s"] - 10.0) < 1e-9, r["database"]  # serverStatus is the lab's own
+assert abs(r["database"]["docs_per_s"] - 48.0) < 1e-9
+assert abs(r["cache_hit_ratios"]["all"]["l1"]["hit_ratio"] - 0.9) < 1e-9
+assert r["api_data"]["thresholds"]["http_req_failed rate<0.01"] is False
+assert r["api_data"]["thresholds"]["http_req_duration p(95)<2000"] is True
+PY
+
 # 1. Up without load.
 "$HERE/setup-local.sh" --replicas 1 --profile smoke --no-load >>"$LOG" 2>&1
 rc=$?

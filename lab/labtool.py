@@ -128,7 +128,8 @@ def _load(path):
     if not path or not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        text = f.read()
+    return json.loads(text) if text.strip() else None
 
 
 def _k6_figures(summary):
@@ -352,7 +353,7 @@ def cmd_report(a):
     if db:
         row("MongoDB commands/s (avg / peak 1 s)", f"{_fmt(db['commands_per_s'])} / {_fmt(db['commands_per_s_peak_1s'])}")
         top = ", ".join(f"{k} {v}" for k, v in list(db["commands_by_name"].items())[:5])
-        row("  commands by name", top or "none")
+        row("  commands by name (serverStatus: the lab's probe, not in the rate)", top or "none")
         row("MongoDB documents/s (avg / peak 1 s)", f"{_fmt(db['docs_per_s'])} / {_fmt(db['docs_per_s_peak_1s'])}")
     row("documents stored / 5 × success responses", f"{_fmt(stored)} / {_fmt(expected)}")
     row("LOST documents", _fmt(lost))
