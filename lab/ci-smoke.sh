@@ -23,7 +23,7 @@ TS=$(date -u +%Y%m%dT%H%M%SZ)
 REPORT=$LAB_RESULTS_DIR/lab-smoke-$TS.json
 LOG=$LAB_RESULTS_DIR/lab-smoke-$TS.log
 SNAP=$(mktemp -d)
-trap 'rm -rf "$SNAP"' EXIT
+trap 'rm -rf "$SNAP" "$SNAP.selftest"' EXIT
 
 passed=0 failed=0
 pass() { passed=$((passed + 1)); echo "ok   - $*"; }
@@ -65,7 +65,7 @@ echo "lab smoke: log in ${LOG#"$ROOT"/}"
 
 # 0. The report's arithmetic on made-up figures: 100 acknowledged responses but only
 #    480 documents stored must show 20 lost and fail (exit 3); the ratio is 50/200.
-T=$SNAP/report-selftest
+T=$SNAP.selftest
 mkdir -p "$T"
 cat >"$T/k6-data.json" <<'JSON'
 {"root_group": {"checks": {"status is 200": {"passes": 100, "fails": 5},
@@ -81,10 +81,11 @@ cat >"$T/k6-healthz.json" <<'JSON'
 {"metrics": {"http_reqs": {"count": 400, "rate": 200.0}, "http_req_duration": {"p(95)": 10, "p(99)": 20}}}
 JSON
 echo '{"t": 0, "commands": {"insert": 10, "serverStatus": 5}, "commands_total": 15, "probe_commands": 5, "documents_inserted": 0, "records": 0}' >"$T/before.json"
-echo '{"t": 10, "commands": {"insert": 110, "serverStatus": 105}, "commands_total": 215, "probe_commands": 105, "documents_inserted": 480, "records": 480}' >"$T/after.json"
+echo '{"t": 10, "commands": {"insert": 110, "serverStatus": 105}, "commands_total": 215, "probe_commands": 105, "documents_inserted": 480}' >"$T/after.json"
+echo '{"t": 12, "commands": {"insert": 110, "serverStatus": 107}, "commands_total": 217, "probe_commands": 107, "documents_inserted": 480, "records": 480}' >"$T/settled.json"
 echo '{"l1": {"hits": 90, "misses": 10}, "l2": {"hits": 1, "misses": 1}}' >"$T/cache-a.json"
 python3 "$HERE/labtool.py" report --meta /dev/null --data-summary "$T/k6-data.json" \
-  --healthz-summary "$T/k6-healthz.json" --before "$T/before.json" --after "$T/after.json" \
+  --healthz-summary "$T/k6-healthz.json" --before "$T/before.json" --after "$T/after.json" --settled "$T/settled.json" \
   --cache "$T/cache-a.json" --out "$T/report.json" >"$T/table.txt" 2>&1
 rc=$?
 check "report exits 3 when documents were lost (exit $rc)" [ "$rc" -eq 3 ]

@@ -96,7 +96,8 @@ lab_info "open files limit: $(ulimit -n)"
 lab_step "installing what is missing"
 # shellcheck source=scripts/tools.sh
 . "$LAB_ROOT/scripts/tools.sh"
-PKGS=(redis-server haproxy curl python3-venv)
+PKGS=(redis-server haproxy curl)
+python3 -c 'import ensurepip, venv' 2>/dev/null || PKGS+=(python3-venv)
 command -v losetup >/dev/null || PKGS+=(mount)
 command -v mkfs.ext4 >/dev/null || PKGS+=(e2fsprogs)
 if lab_is_root || command -v sudo >/dev/null; then
@@ -302,15 +303,32 @@ lab_info "all replicas answer /readyz"
 # ---------------------------------------------------------------- 7. HAProxy
 HAPROXY_PORT=$(lab_free_port)
 BASE_URL="http://127.0.0.1:$HAPROXY_PORT"
-HAPROXY_MAXCONN=$((($(ulimit -n) - 500) / 2))
-[ "$HAPROXY_MAXCONN" -le 100000 ] || HAPROXY_MAXCONN=100000
+# Every VU holds one keep-alive connection to HAProxy, so it must accept them all
+# (10,000 in the lab and full profiles). Connections to the replicas are capped so that
+# both sides fit in the open files limit; past the cap HAProxy queues requests, as an
+# ingress does. Where the limit is big enough, nothing is capped in practice.
+FDS=$(ulimit -n)
+case "$PROFILE" in smoke) PEAK_VUS=100 ;; *) PEAK_VUS=10000 ;; esac
+[ -z "$MAX_VUS_ARG" ] || PEAK_VUS=$MAX_VUS_ARG
+[ -z "$DURATION" ] || PEAK_VUS=${MAX_VUS_ARG:-100}
+HAPROXY_MAXCONN=$((PEAK_VUS + 1000))
+SERVER_MAXCONN=$(((FDS - HAPROXY_MAXCONN - 500) / REPLICAS))
+[ "$SERVER_MAXCONN" -le 10000 ] || SERVER_MAXCONN=10000
+if [ "$SERVER_MAXCONN" -lt 100 ]; then
+  lab_warn "open files limit $FDS is too small for $PEAK_VUS VUs through HAProxy"
+  SERVER_MAXCONN=100
+fi
 lab_step "starting HAProxy on 127.0.0.1:$HAPROXY_PORT (round robin, health check /readyz)"
 {
   cat <<EOF
 # Written by lab/setup-local.sh: plays the Ingress and the Service.
 global
-    # Two descriptors per proxied connection, within this shell's open files limit.
+    # Client connections (one per VU); server connections are capped per server below,
+    # so both fit in the open files limit even though HAProxy's own estimate (two per
+    # client connection) does not: hence no strict-limits.
     maxconn $HAPROXY_MAXCONN
+    ulimit-n $FDS
+    no strict-limits
     log stdout format raw local0 err
 
 defaults
@@ -336,13 +354,13 @@ backend replicas
     option httpchk
     http-check send meth GET uri /readyz
     http-check expect status 200
-    default-server inter 2s fastinter 500ms downinter 1s fall 3 rise 2
+    default-server inter 2s fastinter 500ms downinter 1s fall 3 rise 2 maxconn $SERVER_MAXCONN
 EOF
   for ((r = 0; r < REPLICAS; r++)); do
     echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check"
   done
 } >"$LAB_STATE/haproxy.cfg"
-haproxy -c -q -f "$LAB_STATE/haproxy.cfg" || lab_die "bad HAProxy configuration"
+haproxy -c -f "$LAB_STATE/haproxy.cfg" >"$LAB_STATE/haproxy-check.log" 2>&1 || lab_die "bad HAProxy configuration"
 haproxy -db -f "$LAB_STATE/haproxy.cfg" >"$LAB_STATE/haproxy.log" 2>&1 &
 HAPROXY_PID=$!
 lab_record_pid haproxy "$HAPROXY_PID"
@@ -350,7 +368,7 @@ lab_wait_http "$BASE_URL/readyz" 30 "$HAPROXY_PID" || {
   tail -n 20 "$LAB_STATE/haproxy.log" >&2
   lab_die "HAProxy does not pass /readyz through"
 }
-lab_info "maxconn $HAPROXY_MAXCONN (open files limit $(ulimit -n))"
+lab_info "maxconn $HAPROXY_MAXCONN clients, $SERVER_MAXCONN per replica (open files limit $FDS)"
 lab_info "ready (pid $HAPROXY_PID), config $(show "$LAB_STATE/haproxy.cfg")"
 
 cat >"$LAB_STATE/lab.env" <<EOF
@@ -409,23 +427,25 @@ lab_step "load: k6 profile '$PROFILE' against /api/data through HAProxy"
 "$PY" "$HERE/labtool.py" sample "$MONGO_URI" "$LAB_STATE/samples.jsonl" 1 2>"$LAB_STATE/sampler.log" &
 SAMPLER_PID=$!
 lab_record_pid sampler "$SAMPLER_PID"
-"$PY" "$HERE/labtool.py" snapshot "$MONGO_URI" "$LAB_STATE/before.json"
+"$PY" "$HERE/labtool.py" snapshot --count "$MONGO_URI" "$LAB_STATE/before.json"
 run_k6 data /api/data success
 "$PY" "$HERE/labtool.py" snapshot "$MONGO_URI" "$LAB_STATE/after.json"
 kill -TERM "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
 
-# Whatever was acknowledged is stored already; wait for stragglers (writes of requests
-# that k6 gave up on) to land so that the stored count is final.
+# Whatever was acknowledged is stored already; let stragglers (writes of requests k6
+# gave up on) land, watching serverStatus, then count the collection once, exactly.
 prev=-1
 for ((i = 0; i < 30; i++)); do
   "$PY" "$HERE/labtool.py" snapshot "$MONGO_URI" "$LAB_STATE/settled.json"
-  cur=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$LAB_STATE/settled.json")
+  cur=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$LAB_STATE/settled.json")
   [ "$cur" = "$prev" ] && break
   prev=$cur
   sleep 2
 done
-lab_info "documents in the collection: $cur"
+lab_info "counting the stored documents"
+"$PY" "$HERE/labtool.py" snapshot --count "$MONGO_URI" "$LAB_STATE/settled.json"
+lab_info "documents in the collection: $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$LAB_STATE/settled.json")"
 
 lab_step "cache status of each replica"
 CACHE_ARGS=()
