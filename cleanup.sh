@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Removes what ./setup.sh made: the k3d cluster (with its volumes and MongoDB's data) and
+# the sluice:local image. Succeeds when they are already gone. Touches /etc/hosts, and
+# so needs sudo, only when asked to with --remove-hosts. `./cleanup.sh --help`.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# The local lab has its own cleanup; everything after --local is its.
+if [ "${1:-}" = "--local" ]; then
+  shift
+  exec "$ROOT/lab/cleanup-local.sh" "$@"
+fi
+
+CLUSTER=${SLUICE_CLUSTER:-sluice}
+IMAGE=sluice:local
+HOST=assessment.local
+HOSTS_FILE=${SLUICE_HOSTS_FILE:-/etc/hosts} # overridable for scripts/deploy/test-scripts.sh
+KEEP_IMAGE=0
+REMOVE_HOSTS=0
+
+usage() {
+  cat <<EOF
+Usage: ./cleanup.sh [options]
+       ./cleanup.sh --local [lab options]   stop the local lab instead (lab/cleanup-local.sh)
+
+Deletes the k3d cluster '$CLUSTER' (its nodes, load balancer, volumes and kubeconfig
+entry) and the $IMAGE image. Whatever is already gone is skipped, so it always ends
+successfully when nothing is left.
+
+Options:
+  -n, --name NAME    cluster name (default: $CLUSTER; env SLUICE_CLUSTER)
+      --keep-image   leave the $IMAGE image (a later ./setup.sh --skip-build reuses it)
+      --remove-hosts also remove the "127.0.0.1 $HOST" line from /etc/hosts (uses sudo)
+  -h, --help         show this help
+EOF
+}
+
+die_usage() { printf 'cleanup.sh: %s\nTry ./cleanup.sh --help\n' "$1" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case $1 in
+    -n | --name) [ $# -ge 2 ] || die_usage "$1 needs a value"; CLUSTER=$2; shift 2 ;;
+    --keep-image) KEEP_IMAGE=1; shift ;;
+    --remove-hosts) REMOVE_HOSTS=1; shift ;;
+    --local) die_usage "--local must be the first argument" ;;
+    -h | --help) usage; exit 0 ;;
+    *) die_usage "unknown option '$1'" ;;
+  esac
+done
+
+step() { printf '==> %s  (%ds)\n' "$*" "$SECONDS"; }
+info() { printf '    %s\n' "$*"; }
+fail() { printf 'failed: %s\nnext:\n    %s\n' "$1" "$2" >&2; exit 1; }
+
+step "Cluster '$CLUSTER'"
+if ! command -v k3d >/dev/null 2>&1; then
+  info "k3d is not installed: no cluster to remove"
+elif k3d cluster get "$CLUSTER" >/dev/null 2>&1; then
+  k3d cluster delete "$CLUSTER" ||
+    fail "k3d could not delete '$CLUSTER'" "docker ps -a --filter name=k3d-$CLUSTER, then docker rm -f those containers"
+  info "deleted"
+else
+  info "already gone"
+fi
+
+step "Image $IMAGE"
+if [ "$KEEP_IMAGE" = 1 ]; then
+  info "kept (--keep-image)"
+elif ! command -v docker >/dev/null 2>&1; then
+  info "docker is not installed: no image to remove"
+elif ! docker info >/dev/null 2>&1; then
+  info "the docker daemon does not answer: cannot check for the image (start Docker and run this again to remove it)"
+elif docker image inspect "$IMAGE" >/dev/null 2>&1; then
+  docker image rm "$IMAGE" >/dev/null ||
+    fail "docker could not remove $IMAGE" "docker ps -a --filter ancestor=$IMAGE (a container still using it?)"
+  info "removed (build cache kept; 'docker builder prune' frees it)"
+else
+  info "already gone"
+fi
+
+step "$HOSTS_FILE entry for $HOST"
+matches() { awk -v h="$HOST" '$1 == "127.0.0.1" { for (i = 2; i <= NF && $i !~ /^#/; i++) if ($i == h) { found = 1 } } END { exit !found }' "$HOSTS_FILE" 2>/dev/null; }
+if ! matches; then
+  info "none"
+elif [ "$REMOVE_HOSTS" = 0 ]; then
+  info "kept (remove it with ./cleanup.sh --remove-hosts)"
+else
+  tmp=$(mktemp)
+  trap 'rm -f "$tmp"' EXIT
+  awk -v h="$HOST" '$1 == "127.0.0.1" && $2 == h && (NF == 2 || $3 ~ /^#/) { next } { print }' "$HOSTS_FILE" >"$tmp"
+  # cp (not mv) keeps the file's owner, mode and inode.
+  if [ -w "$HOSTS_FILE" ]; then cp "$tmp" "$HOSTS_FILE"; else sudo cp "$tmp" "$HOSTS_FILE"; fi
+  if matches; then
+    info "a line maps $HOST together with other names: left in place, edit $HOSTS_FILE by hand"
+  else
+    info "removed"
+  fi
+fi
+
+printf 'cleanup done in %ds\n' "$SECONDS"

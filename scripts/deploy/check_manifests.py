@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Checks on k8s/ that a schema cannot make, run by scripts/check-deploy.sh.
+
+    check_manifests.py mongo           MongoDB's Deployment, PVC and Service are exactly
+                                       what ASSESSMENT.md fixes
+    check_manifests.py mongo-selftest  the mongo check rejects each kind of drift
+    check_manifests.py app             sluice's manifests agree with each other and with
+                                       the settings sluice reads
+    check_manifests.py dashboard       the Grafana dashboard parses and queries only
+                                       metrics that src/metrics.rs defines
+    check_manifests.py traefik         the HelmChartConfig (a CRD no schema covers) is sane
+
+Run from the repository root. Needs PyYAML (it comes with kubernetes-validate).
+Each command prints what it found and exits 1 on the first kind of failure.
+"""
+
+import copy
+import glob
+import json
+import os
+import re
+import sys
+
+import yaml
+
+NAMESPACE = "assessment"
+
+# ASSESSMENT.md's "Hard constraints", as the manifests must spell them.
+MONGO_IMAGE = "mongo:7.0"
+MONGO_ARGS = [
+    "--wiredTigerCacheSizeGB=0.25",
+    "--setParameter",
+    "wiredTigerConcurrentReadTransactions=10",
+    "--setParameter",
+    "wiredTigerConcurrentWriteTransactions=10",
+]
+MONGO_RESOURCES = {
+    "requests": {"memory": "256Mi", "cpu": "250m"},
+    "limits": {"memory": "500Mi", "cpu": "500m"},
+}
+MONGO_PROBE = ["mongosh", "--eval", "db.adminCommand('ping').ok", "--quiet"]
+MONGO_READINESS_DELAY = 20
+MONGO_LIVENESS_DELAY = 60
+MONGO_PVC = "mongo-pvc"
+MONGO_PVC_SIZE = "2Gi"
+MONGO_DATA_PATH = "/data/db"
+MONGO_PORT = 27017
+
+# The same facts as ASSESSMENT.md words them; when the file is beside the clone
+# (../shared/ASSESSMENT.md), these must still appear in it, so that a change to the
+# constraints cannot go unnoticed by this checker.
+ASSESSMENT_PHRASES = [
+    "Deployment `mongo`, replicas 1, image `mongo:7.0`, Service `mongo:27017`",
+    "`--wiredTigerCacheSizeGB=0.25`",
+    "`--setParameter wiredTigerConcurrentReadTransactions=10`",
+    "`--setParameter wiredTigerConcurrentWriteTransactions=10`",
+    "requests 256Mi / 250m, limits 500Mi / 500m",
+    "2Gi PVC `mongo-pvc` at `/data/db`",
+    "`mongosh --eval \"db.adminCommand('ping').ok\" --quiet`",
+    "readiness 20 s delay, liveness 60 s",
+    "| namespace | `assessment` |",
+]
+
+# Every setting sluice's deployment must set, and where each must come from.
+SECRET_KEYS = {"MONGO_URI", "REDIS_URL"}
+CONFIG_KEYS = {
+    "APP_PORT", "DB_COMMAND_BUDGET", "BUDGET_FALLBACK_PODS", "WRITE_CONCERN_W",
+    "WRITE_JOURNAL", "BATCH_MAX_DOCS", "BATCH_LINGER_MS", "QUEUE_CAPACITY",
+    "ENQUEUE_TIMEOUT_MS", "WRITE_TIMEOUT_MS", "FLUSH_CONCURRENCY", "CACHE_FRESH_MS",
+    "CACHE_STALE_MS", "CACHE_EMPTY_MS", "DB_TIMEOUT_MS", "REDIS_TIMEOUT_MS",
+    "MAX_CONNECTIONS", "HEADER_READ_TIMEOUT_MS", "DRAIN_TIMEOUT_SECS", "LOG_FORMAT",
+    "LOG_LEVEL",
+}
+
+
+class Failed(Exception):
+    pass
+
+
+def load_docs(pattern):
+    docs = []
+    for path in sorted(glob.glob(pattern, recursive=True)):
+        with open(path) as f:
+            for doc in yaml.safe_load_all(f):
+                if doc:
+                    doc["__file"] = path
+                    docs.append(doc)
+    return docs
+
+
+def find(docs, kind, name):
+    hits = [d for d in docs if d.get("kind") == kind and d.get("metadata", {}).get("name") == name]
+    if len(hits) != 1:
+        raise Failed(f"expected exactly one {kind} '{name}', found {len(hits)}")
+    return hits[0]
+
+
+def expect(problems, what, got, want):
+    if got != want:
+        problems.append(f"{what}: is {got!r}, must be {want!r}")
+
+
+# ---------------------------------------------------------------- mongo
+
+def mongo_problems(docs):
+    """Every way the MongoDB objects in docs differ from ASSESSMENT.md."""
+    p = []
+    try:
+        dep = find(docs, "Deployment", "mongo")
+        pvc = find(docs, "PersistentVolumeClaim", MONGO_PVC)
+        svc = find(docs, "Service", "mongo")
+    except Failed as e:
+        return [str(e)]
+
+    for obj in (dep, pvc, svc):
+        expect(p, f"{obj['kind']} {obj['metadata']['name']} namespace",
+               obj["metadata"].get("namespace"), NAMESPACE)
+
+    spec = dep.get("spec", {})
+    expect(p, "Deployment mongo replicas", spec.get("replicas"), 1)
+    pod = spec.get("template", {}).get("spec", {})
+    containers = pod.get("containers", [])
+    if len(containers) != 1:
+        p.append(f"Deployment mongo: must run exactly one container, has {len(containers)}")
+        return p
+    c = containers[0]
+    expect(p, "mongo image", c.get("image"), MONGO_IMAGE)
+    expect(p, "mongo command (must be the image's own)", c.get("command"), None)
+    expect(p, "mongo args", c.get("args"), MONGO_ARGS)
+    expect(p, "mongo resources", c.get("resources"), MONGO_RESOURCES)
+    ports = [x.get("containerPort") for x in c.get("ports", [])]
+    expect(p, "mongo containerPorts", ports, [MONGO_PORT])
+
+    for name, want_delay in (("readinessProbe", MONGO_READINESS_DELAY),
+                             ("livenessProbe", MONGO_LIVENESS_DELAY)):
+        probe = c.get(name) or {}
+        expect(p, f"mongo {name} command", probe.get("exec", {}).get("command"), MONGO_PROBE)
+        expect(p, f"mongo {name} initialDelaySeconds", probe.get("initialDelaySeconds"), want_delay)
+
+    mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts", [])}
+    vol_name = mounts.get(MONGO_DATA_PATH)
+    if vol_name is None:
+        p.append(f"mongo: nothing is mounted at {MONGO_DATA_PATH}")
+    else:
+        vols = {v.get("name"): v for v in pod.get("volumes", [])}
+        claim = vols.get(vol_name, {}).get("persistentVolumeClaim", {}).get("claimName")
+        expect(p, f"volume mounted at {MONGO_DATA_PATH} claimName", claim, MONGO_PVC)
+
+    pvc_spec = pvc.get("spec", {})
+    expect(p, "PVC mongo-pvc storage", pvc_spec.get("resources", {}).get("requests", {}).get("storage"),
+           MONGO_PVC_SIZE)
+    expect(p, "PVC mongo-pvc accessModes", pvc_spec.get("accessModes"), ["ReadWriteOnce"])
+
+    svc_spec = svc.get("spec", {})
+    svc_ports = [(x.get("port"), x.get("targetPort", x.get("port"))) for x in svc_spec.get("ports", [])]
+    expect(p, "Service mongo ports (port, targetPort)", svc_ports, [(MONGO_PORT, MONGO_PORT)])
+    labels = spec.get("template", {}).get("metadata", {}).get("labels", {})
+    selector = svc_spec.get("selector") or {}
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        p.append(f"Service mongo selector {selector} does not select the mongo pods {labels}")
+    return p
+
+
+def assessment_problems():
+    path = os.path.join("..", "shared", "ASSESSMENT.md")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    return [f"ASSESSMENT.md no longer says {phrase!r}: update this checker"
+            for phrase in ASSESSMENT_PHRASES if phrase not in text]
+
+
+def cmd_mongo():
+    docs = load_docs("k8s/mongodb/*.yaml")
+    problems = mongo_problems(docs)
+    extra = assessment_problems()
+    if extra is None:
+        print("  (ASSESSMENT.md not beside the clone: compared with the constraints built in)")
+    elif not extra:
+        print("  the built-in constraints still match ASSESSMENT.md")
+    problems += extra or []
+    for prob in problems:
+        print(f"  {prob}")
+    if problems:
+        raise Failed(f"{len(problems)} difference(s) from ASSESSMENT.md")
+    print(f"  mongo: {MONGO_IMAGE}, replicas 1, {len(MONGO_ARGS)} args, requests 256Mi/250m, "
+          f"limits 500Mi/500m, probes {MONGO_READINESS_DELAY}s/{MONGO_LIVENESS_DELAY}s, "
+          f"{MONGO_PVC} {MONGO_PVC_SIZE} at {MONGO_DATA_PATH}, Service :{MONGO_PORT}")
+
+
+def mutations():
+    """Named edits, each of which breaks one constraint."""
+    def dep(docs):
+        return next(d for d in docs if d["kind"] == "Deployment")
+
+    def ctr(docs):
+        return dep(docs)["spec"]["template"]["spec"]["containers"][0]
+
+    def pvc(docs):
+        return next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+
+    def svc(docs):
+        return next(d for d in docs if d["kind"] == "Service")
+
+    def setitem(get, *path_and_value):
+        *path, value = path_and_value
+
+        def apply(docs):
+            obj = get(docs)
+            for key in path[:-1]:
+                obj = obj[key]
+            obj[path[-1]] = value
+        return apply
+
+    return {
+        "image mongo:6.0": setitem(ctr, "image", "mongo:6.0"),
+        "image mongo:latest": setitem(ctr, "image", "mongo:latest"),
+        "replicas 2": lambda d: dep(d)["spec"].__setitem__("replicas", 2),
+        "bigger WiredTiger cache": lambda d: ctr(d)["args"].__setitem__(0, "--wiredTigerCacheSizeGB=1"),
+        "write tickets raised": lambda d: ctr(d)["args"].__setitem__(4, "wiredTigerConcurrentWriteTransactions=128"),
+        "an extra arg": lambda d: ctr(d)["args"].append("--nojournal"),
+        "memory limit 1Gi": lambda d: ctr(d)["resources"]["limits"].__setitem__("memory", "1Gi"),
+        "cpu limit removed": lambda d: ctr(d)["resources"]["limits"].pop("cpu"),
+        "cpu request 500m": lambda d: ctr(d)["resources"]["requests"].__setitem__("cpu", "500m"),
+        "readiness delay 5": lambda d: ctr(d)["readinessProbe"].__setitem__("initialDelaySeconds", 5),
+        "liveness probe removed": lambda d: ctr(d).pop("livenessProbe"),
+        "probe command changed": lambda d: ctr(d)["livenessProbe"]["exec"].__setitem__("command", ["true"]),
+        "data on emptyDir": lambda d: dep(d)["spec"]["template"]["spec"]["volumes"].__setitem__(
+            0, {"name": ctr(d)["volumeMounts"][0]["name"], "emptyDir": {}}),
+        "data mounted elsewhere": lambda d: ctr(d)["volumeMounts"][0].__setitem__("mountPath", "/data"),
+        "PVC 10Gi": lambda d: pvc(d)["spec"]["resources"]["requests"].__setitem__("storage", "10Gi"),
+        "PVC renamed": lambda d: pvc(d)["metadata"].__setitem__("name", "mongo-data"),
+        "Service port 27018": lambda d: svc(d)["spec"]["ports"][0].__setitem__("port", 27018),
+        "Service selects nothing": lambda d: svc(d)["spec"].__setitem__("selector", {"app": "nope"}),
+        "other namespace": lambda d: dep(d)["metadata"].__setitem__("namespace", "default"),
+        "a sidecar": lambda d: dep(d)["spec"]["template"]["spec"]["containers"].append({"name": "x", "image": "busybox"}),
+    }
+
+
+def cmd_mongo_selftest():
+    docs = load_docs("k8s/mongodb/*.yaml")
+    if mongo_problems(docs):
+        raise Failed("the real manifests already fail the mongo check")
+    missed = []
+    for name, mutate in mutations().items():
+        broken = copy.deepcopy(docs)
+        mutate(broken)
+        if not mongo_problems(broken):
+            missed.append(name)
+    if missed:
+        raise Failed(f"the mongo check accepted: {', '.join(missed)}")
+    print(f"  the mongo check rejected all {len(mutations())} deliberate drifts "
+          f"(image, args, resources, probes, volume, PVC, Service, namespace, replicas)")
+
+
+# ---------------------------------------------------------------- app
+
+def sluice_env_names():
+    """The environment variables sluice's configuration reads, or None before it exists."""
+    path = os.path.join("src", "config.rs")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return set(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', f.read()))
+
+
+def cmd_app():
+    docs = load_docs("k8s/app/*.yaml")
+    p = []
+    cm = find(docs, "ConfigMap", "sluice-config")["data"]
+    secret = find(docs, "Secret", "sluice-secrets")
+    secret_keys = set((secret.get("stringData") or {}) | (secret.get("data") or {}))
+    dep = find(docs, "Deployment", "sluice")
+    hpa = find(docs, "HorizontalPodAutoscaler", "sluice")
+    svc = find(docs, "Service", "sluice")
+    ing = find(docs, "Ingress", "sluice")
+    pdb = find(docs, "PodDisruptionBudget", "sluice")
+
+    for d in docs:
+        expect(p, f"{d['kind']} {d['metadata']['name']} namespace", d["metadata"].get("namespace"), NAMESPACE)
+
+    # Settings: where each comes from, and that sluice reads them.
+    expect(p, "Secret keys", secret_keys, SECRET_KEYS)
+    missing = CONFIG_KEYS - set(cm)
+    if missing:
+        p.append(f"ConfigMap lacks {sorted(missing)}")
+    leaked = SECRET_KEYS & set(cm)
+    if leaked:
+        p.append(f"ConfigMap holds {sorted(leaked)}: connection URIs belong in the Secret")
+    known = sluice_env_names()
+    if known is not None:
+        unknown = (set(cm) | secret_keys | {"POD_NAME"}) - known
+        if unknown:
+            p.append(f"sluice reads no such setting (src/config.rs): {sorted(unknown)}")
+    expect(p, "DB_COMMAND_BUDGET (half the disk's 100 IOPS)", cm.get("DB_COMMAND_BUDGET"), "50")
+    expect(p, "BUDGET_FALLBACK_PODS (= HPA maxReplicas)", cm.get("BUDGET_FALLBACK_PODS"),
+           str(hpa["spec"]["maxReplicas"]))
+    expect(p, "LOG_FORMAT", cm.get("LOG_FORMAT"), "json")
+
+    # Deployment.
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    if spec.get("replicas", 1) < 2:
+        p.append("Deployment sluice: fewer than 2 replicas")
+    if hpa["spec"].get("minReplicas", 1) < 2:
+        p.append("HPA: minReplicas below 2")
+    expect(p, "HPA target", hpa["spec"]["scaleTargetRef"].get("name"), "sluice")
+    expect(p, "HPA apiVersion", hpa["apiVersion"], "autoscaling/v2")
+    envs = {e["name"]: e for e in c.get("env", [])}
+    expect(p, "POD_NAME source", envs.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath"),
+           "metadata.name")
+    refs = {(k, v["name"]) for r in c.get("envFrom", []) for k, v in r.items()}
+    expect(p, "envFrom", refs, {("configMapRef", "sluice-config"), ("secretRef", "sluice-secrets")})
+    expect(p, "readiness path", c.get("readinessProbe", {}).get("httpGet", {}).get("path"), "/readyz")
+    expect(p, "liveness path", c.get("livenessProbe", {}).get("httpGet", {}).get("path"), "/healthz")
+    port = int(cm.get("APP_PORT", "0"))
+    expect(p, "containerPort = APP_PORT", [x["containerPort"] for x in c.get("ports", [])], [port])
+    for kind in ("requests", "limits"):
+        for res in ("cpu", "memory"):
+            if res not in c.get("resources", {}).get(kind, {}):
+                p.append(f"sluice container has no {res} {kind[:-1]}")
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    expect(p, "runAsNonRoot", psc.get("runAsNonRoot") or csc.get("runAsNonRoot"), True)
+    uid = csc.get("runAsUser", psc.get("runAsUser"))
+    if not isinstance(uid, int) or uid == 0:
+        p.append(f"runAsUser must be a numeric non-root uid, is {uid!r}")
+    expect(p, "readOnlyRootFilesystem", csc.get("readOnlyRootFilesystem"), True)
+    expect(p, "allowPrivilegeEscalation", csc.get("allowPrivilegeEscalation"), False)
+    expect(p, "capabilities.drop", csc.get("capabilities", {}).get("drop"), ["ALL"])
+    pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds")
+    if not pre_stop:
+        p.append("sluice has no preStop sleep")
+    drain = int(cm.get("DRAIN_TIMEOUT_SECS", "0"))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace <= (pre_stop or 0) + drain:
+        p.append(f"terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} + drain {drain}")
+    topo = pod.get("topologySpreadConstraints", [])
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname" for t in topo):
+        p.append("sluice pods are not spread over nodes")
+
+    labels = spec["template"]["metadata"]["labels"]
+    for what, sel in (("Service", svc["spec"]["selector"]), ("PDB", pdb["spec"]["selector"]["matchLabels"]),
+                      ("Deployment", spec["selector"]["matchLabels"])):
+        if any(labels.get(k) != v for k, v in sel.items()):
+            p.append(f"{what} selector {sel} does not select the sluice pods")
+
+    rule = ing["spec"]["rules"][0]
+    expect(p, "Ingress host", rule.get("host"), "assessment.local")
+    expect(p, "Ingress class", ing["spec"].get("ingressClassName"), "traefik")
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    expect(p, "Ingress backend service", backend["name"], "sluice")
+    svc_port_names = {x.get("name") for x in svc["spec"]["ports"]} | {x.get("port") for x in svc["spec"]["ports"]}
+    if backend["port"].get("name", backend["port"].get("number")) not in svc_port_names:
+        p.append(f"Ingress backend port {backend['port']} is not a port of Service sluice")
+
+    # NetworkPolicy: MongoDB and Redis take connections from sluice pods only.
+    pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for target, tport in (("mongo", 27017), ("redis", 6379)):
+        mine = [x for x in pols if x["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") == target]
+        if len(mine) != 1:
+            p.append(f"expected one NetworkPolicy selecting {target}, found {len(mine)}")
+            continue
+        rules = mine[0]["spec"].get("ingress", [])
+        sources = [f.get("podSelector", {}).get("matchLabels") for r in rules for f in r.get("from", [])]
+        ports = [x.get("port") for r in rules for x in r.get("ports", [])]
+        if sources != [{"app.kubernetes.io/name": "sluice"}] or ports != [tport]:
+            p.append(f"NetworkPolicy for {target} must admit only sluice pods on {tport} "
+                     f"(sources {sources}, ports {ports})")
+    if not any(x["spec"]["podSelector"] == {} and "ingress" not in x["spec"] for x in pols):
+        p.append("no default-deny ingress NetworkPolicy")
+
+    for prob in p:
+        print(f"  {prob}")
+    if p:
+        raise Failed(f"{len(p)} problem(s) in k8s/app")
+    print(f"  settings: {len(cm)} from the ConfigMap, {len(secret_keys)} from the Secret"
+          + ("" if known is None else ", all read by src/config.rs"))
+    print(f"  replicas {spec['replicas']}, HPA {hpa['spec']['minReplicas']}..{hpa['spec']['maxReplicas']} "
+          f"(= BUDGET_FALLBACK_PODS), grace {grace}s > preStop {pre_stop}s + drain {drain}s, "
+          f"non-root uid {uid}, read-only root, no capabilities")
+
+
+# ---------------------------------------------------------------- dashboard
+
+def cmd_dashboard():
+    path = "k8s/grafana/sluice-dashboard.json"
+    with open(path) as f:
+        dash = json.load(f)
+    exprs = [t["expr"] for panel in dash["panels"] for t in panel.get("targets", [])]
+    if not exprs:
+        raise Failed("the dashboard has no queries")
+    used = set()
+    for e in exprs:
+        for m in re.findall(r"\bsluice_[a-z0-9_]+", e):
+            used.add(re.sub(r"_(bucket|sum|count)$", "", m))
+    src = os.path.join("src", "metrics.rs")
+    if not os.path.exists(src):
+        print(f"  {len(dash['panels'])} panels, {len(used)} metrics (src/metrics.rs absent: names not cross-checked)")
+        return
+    with open(src) as f:
+        defined = set(re.findall(r'"(sluice_[a-z0-9_]+)"', f.read()))
+    unknown = sorted(used - defined)
+    if unknown:
+        raise Failed(f"the dashboard queries metrics src/metrics.rs does not define: {unknown}")
+    print(f"  {len(dash['panels'])} panels over {len(used)} metrics, every one defined in src/metrics.rs")
+
+
+# ---------------------------------------------------------------- traefik
+
+def cmd_traefik():
+    doc = find(load_docs("k8s/traefik/*.yaml"), "HelmChartConfig", "traefik")
+    expect_problems = []
+    expect(expect_problems, "apiVersion", doc["apiVersion"], "helm.cattle.io/v1")
+    expect(expect_problems, "namespace (where k3s' Traefik chart lives)", doc["metadata"].get("namespace"), "kube-system")
+    values = yaml.safe_load(doc["spec"]["valuesContent"])
+    args = values.get("additionalArguments", [])
+    if not any(a.startswith("--serversTransport.maxIdleConnsPerHost=") and int(a.split("=")[1]) >= 10000 for a in args):
+        expect_problems.append("Traefik must keep >= 10000 idle backend connections per host")
+    for prob in expect_problems:
+        print(f"  {prob}")
+    if expect_problems:
+        raise Failed("HelmChartConfig traefik")
+    print(f"  HelmChartConfig kube-system/traefik: values parse, {len(args)} extra argument(s), "
+          f"{values.get('deployment', {}).get('replicas', 1)} replicas")
+
+
+COMMANDS = {
+    "mongo": cmd_mongo,
+    "mongo-selftest": cmd_mongo_selftest,
+    "app": cmd_app,
+    "dashboard": cmd_dashboard,
+    "traefik": cmd_traefik,
+}
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(COMMANDS)}}}")
+    try:
+        COMMANDS[sys.argv[1]]()
+    except Failed as e:
+        print(f"  FAILED: {e}")
+        sys.exit(1)
+    except (KeyError, TypeError, ValueError, IndexError, StopIteration) as e:
+        print(f"  FAILED: unexpected manifest shape: {type(e).__name__}: {e}")
+        sys.exit(1)
