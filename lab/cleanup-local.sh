@@ -70,47 +70,66 @@ if [ -s "$LAB_STATE/pids" ]; then
   rm -f "$LAB_STATE/pids"
 fi
 
-# 2. The mount and the loop device(s) backed by this lab's image.
-if [ -f "$LAB_STATE/mountpoint" ]; then
-  mnt=$(cat "$LAB_STATE/mountpoint")
-  if mountpoint -q "$mnt" 2>/dev/null; then
-    say "    unmounting $(basename "$mnt")"
-    for ((i = 0; i < 20; i++)); do
-      umount "$mnt" 2>/dev/null && break
-      sleep 0.5
-    done
-    if mountpoint -q "$mnt"; then
-      echo "    could not unmount $mnt (busy?): lazy unmount" >&2
-      umount -l "$mnt" || failed=1
-    fi
-  fi
-  rmdir "$mnt" 2>/dev/null
-  rm -f "$LAB_STATE/mountpoint"
-fi
-img=$LAB_STATE/disk.img
-if [ -f "$img" ] && command -v losetup >/dev/null; then
-  for dev in $(losetup -j "$img" -O NAME -n 2>/dev/null); do
-    say "    detaching $dev"
-    losetup -d "$dev" || failed=1
+# The lab's cgroups: those recorded, and any folder of this lab's name in the cgroup v1
+# hierarchies (a state folder lost mid-run must not leave them behind).
+cgroups=()
+if [ -f "$LAB_STATE/cgroups" ]; then mapfile -t cgroups <"$LAB_STATE/cgroups"; fi
+for ctrl in blkio cpu memory; do
+  [ -d "/sys/fs/cgroup/$ctrl" ] || continue
+  while read -r d; do cgroups+=("$d"); done < <(find "/sys/fs/cgroup/$ctrl" -maxdepth 6 -type d -name "$LAB_CGROUP_NAME" 2>/dev/null)
+done
+
+# 2. Whatever still runs inside them was started by the lab (the database): stop it.
+for cg in "${cgroups[@]}"; do
+  [ -f "$cg/cgroup.procs" ] || continue
+  while read -r p; do
+    [ -n "$p" ] || continue
+    say "    stopping pid $p (still in ${cg#/sys/fs/cgroup/})"
+    kill -TERM "$p" 2>/dev/null
+    for ((i = 0; i < 60; i++)); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL "$p" 2>/dev/null
+  done <"$cg/cgroup.procs"
+done
+
+# 3. The mount and the loop device(s) backed by this lab's image.
+mnt=$LAB_STATE/mnt
+[ ! -f "$LAB_STATE/mountpoint" ] || mnt=$(cat "$LAB_STATE/mountpoint")
+if mountpoint -q "$mnt" 2>/dev/null; then
+  say "    unmounting $(basename "$mnt")"
+  for ((i = 0; i < 20; i++)); do
+    umount "$mnt" 2>/dev/null && break
+    sleep 0.5
   done
+  if mountpoint -q "$mnt"; then
+    echo "    could not unmount $mnt (busy?): lazy unmount" >&2
+    umount -l "$mnt" || failed=1
+  fi
+fi
+rm -f "$LAB_STATE/mountpoint"
+img=$LAB_STATE/disk.img
+if command -v losetup >/dev/null; then
+  # Also a loop device whose image was deleted under it ("... (deleted)").
+  while read -r dev back; do
+    case "$back" in
+      "$img" | "$img (deleted)")
+        say "    detaching $dev"
+        losetup -d "$dev" || failed=1
+        ;;
+    esac
+  done < <(losetup -l -n -O NAME,BACK-FILE 2>/dev/null)
 fi
 rm -f "$img" "$LAB_STATE/loopdev"
 
-# 3. The cgroups (empty by now).
-if [ -f "$LAB_STATE/cgroups" ]; then
-  while read -r cg; do
-    [ -d "$cg" ] || continue
-    # Anything still inside (it should not be) goes back to the parent first.
-    while read -r p; do
-      [ -n "$p" ] && echo "$p" >"$(dirname "$cg")/cgroup.procs" 2>/dev/null
-    done <"$cg/cgroup.procs"
-    say "    removing cgroup ${cg#/sys/fs/cgroup/}"
-    rmdir "$cg" 2>/dev/null || { echo "    could not remove cgroup $cg" >&2; failed=1; }
-  done <"$LAB_STATE/cgroups"
-  rm -f "$LAB_STATE/cgroups"
-fi
+# 4. The cgroups (empty by now).
+for cg in "${cgroups[@]}"; do
+  [ -d "$cg" ] || continue
+  say "    removing cgroup ${cg#/sys/fs/cgroup/}"
+  for ((i = 0; i < 20; i++)); do rmdir "$cg" 2>/dev/null && break; sleep 0.25; done
+  [ ! -d "$cg" ] || { echo "    could not remove cgroup $cg" >&2; failed=1; }
+done
+rm -f "$LAB_STATE/cgroups"
 
-# 4. Logs survive in the results folder for a look afterwards; the rest of the state goes.
+# 5. Logs survive in the results folder for a look afterwards; the rest of the state goes.
 if compgen -G "$LAB_STATE/*.log" >/dev/null; then
   logs=$LAB_RESULTS/lab-logs$( [ "$LAB_STATE" = "$LAB_RESULTS/.lab-state" ] || echo "-$LAB_TAG")
   rm -rf "$logs" && mkdir -p "$logs" && cp "$LAB_STATE"/*.log "$logs"/ 2>/dev/null
