@@ -191,9 +191,8 @@ def _cache_ratios(status):
     out = {}
     for path, v in _find_counts(status):
         keys = [p.lower() for p in path]
-        joined = "_".join(keys)
         for level in ("l1", "l2"):
-            if level not in joined:
+            if not any(k == level or k.startswith(level + "_") for k in keys):
                 continue
             last = keys[-1]
             slot = out.setdefault(level, {})
@@ -274,6 +273,8 @@ def cmd_report(a):
             "documents_inserted": after["documents_inserted"] - before["documents_inserted"],
             "docs_per_s": (after["documents_inserted"] - before["documents_inserted"]) / secs,
             "docs_per_s_peak_1s": peak_docs,
+            "docs_per_insert_command": ((after["documents_inserted"] - before["documents_inserted"]) / by_name["insert"])
+            if by_name.get("insert") else None,
         }
 
     stored = expected = lost = None
@@ -357,6 +358,7 @@ def cmd_report(a):
         top = ", ".join(f"{k} {v}" for k, v in list(db["commands_by_name"].items())[:5])
         row("  commands by name (serverStatus: the lab's probe, not in the rate)", top or "none")
         row("MongoDB documents/s (avg / peak 1 s)", f"{_fmt(db['docs_per_s'])} / {_fmt(db['docs_per_s_peak_1s'])}")
+        row("documents per insert command", _fmt(db["docs_per_insert_command"]))
     row("documents stored / 5 × success responses", f"{_fmt(stored)} / {_fmt(expected)}")
     row("LOST documents", _fmt(lost))
     row("disk used by the database", _fmt((meta.get("db_bytes") or 0) / 2**20, " MiB") if meta.get("db_bytes") is not None else "n/a")
