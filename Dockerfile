@@ -10,7 +10,9 @@
 # fails if the two drift apart):
 #   cargo build --release --locked
 
-# Keep in step with the toolchain CI uses (check-deploy compares it with rustc).
+# Keep in step with the toolchain CI uses (check-deploy compares it with rustc). The
+# builder and the runtime must share a Debian release (bookworm = debian12): the binary
+# links against the builder's glibc.
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
