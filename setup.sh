@@ -177,7 +177,7 @@ fi
 k get nodes >/dev/null 2>&1 ||
   die "kubectl cannot reach the cluster (context $CONTEXT)" \
     "kubectl config get-contexts" "k3d cluster list" "./cleanup.sh && ./setup.sh"
-server_minor=$(k version -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | tail -n 1)
+server_minor=$(k version -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | tail -n 1 || true)
 if [ -n "$server_minor" ] && [ "$server_minor" -lt 30 ]; then
   die "the cluster runs Kubernetes 1.$server_minor; sluice's preStop sleep action needs 1.30 or newer" \
     "./cleanup.sh && ./setup.sh   (creates it with $K3S_IMAGE)"
@@ -200,7 +200,15 @@ esac
 # ------------------------------------------------------------------ 3. traefik
 
 step "Traefik tuning for 10,000 connections (k8s/traefik)"
-k apply -f "$ROOT/k8s/traefik/" >/dev/null
+# k3s registers the HelmChartConfig kind shortly after its API answers: retry briefly.
+deadline=$((SECONDS + 120))
+until k apply -f "$ROOT/k8s/traefik/" >/dev/null 2>&1; do
+  [ "$SECONDS" -lt "$deadline" ] ||
+    die "could not apply k8s/traefik/ (is this a k3s cluster?)" \
+      "kubectl --context $CONTEXT apply -f k8s/traefik/   (shows the error)" \
+      "kubectl --context $CONTEXT get crd helmchartconfigs.helm.cattle.io"
+  sleep 3
+done
 ok "HelmChartConfig kube-system/traefik applied"
 info "waiting for k3s to (re)deploy Traefik with it..."
 deadline=$((SECONDS + TIMEOUT))
@@ -304,14 +312,17 @@ fi
 
 # ------------------------------------------------------------------ 8. hosts line, next commands
 
-step "Done in ${SECONDS}s"
+step "Hosts line and next steps"
 hosts_line="127.0.0.1 $HOST"
 if grep -Eq "^[[:space:]]*127\.0\.0\.1[[:space:]]+([^#]*[[:space:]])?$HOST([[:space:]]|$)" "$HOSTS_FILE" 2>/dev/null; then
   ok "$HOSTS_FILE already maps $HOST"
 elif [ "$ADD_HOSTS" = 1 ]; then
-  info "adding '$hosts_line' to $HOSTS_FILE (sudo)"
-  if [ -w "$HOSTS_FILE" ]; then printf '%s\n' "$hosts_line" >>"$HOSTS_FILE"
-  else printf '%s\n' "$hosts_line" | sudo tee -a "$HOSTS_FILE" >/dev/null; fi
+  if [ -w "$HOSTS_FILE" ]; then
+    printf '%s\n' "$hosts_line" >>"$HOSTS_FILE"
+  else
+    info "adding '$hosts_line' to $HOSTS_FILE with sudo"
+    printf '%s\n' "$hosts_line" | sudo tee -a "$HOSTS_FILE" >/dev/null
+  fi
   ok "$HOSTS_FILE maps $HOST"
 else
   printf '\n  Add this line to /etc/hosts (or run ./setup.sh --add-hosts):\n\n    %s\n' "$hosts_line"
@@ -335,3 +346,4 @@ cat <<EOF
 
   Remove it all: ./cleanup.sh
 EOF
+printf '\n%ssetup finished in %ds%s\n' "$G" "$SECONDS" "$N"

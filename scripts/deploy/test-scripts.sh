@@ -15,7 +15,7 @@ set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap '[ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"' EXIT
 BIN=$WORK/bin STATE=$WORK/state LOG=$WORK/calls.log HOSTS=$WORK/hosts
 mkdir -p "$BIN" "$STATE"
 printf '127.0.0.1 localhost\n' >"$HOSTS"
