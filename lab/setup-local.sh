@@ -23,9 +23,10 @@
 # and then, the same-run ceiling, against /healthz through the same HAProxy; report.
 # Without root, loop devices or cgroups it says so and runs unconstrained.
 #
-# Environment: DB_COMMAND_BUDGET (default 50), DRAIN_TIMEOUT_SECS (10), LOG_LEVEL (info),
-# LOG_FORMAT (text) and any other sluice setting (MAX_CONNECTIONS, QUEUE_CAPACITY,
-# BATCH_MAX_DOCS, ...) are passed to the replicas. SLUICE_BIN skips the cargo build.
+# The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
+# settings (DB_COMMAND_BUDGET, MAX_CONNECTIONS, QUEUE_CAPACITY, BATCH_MAX_DOCS,
+# DRAIN_TIMEOUT_SECS, LOG_LEVEL, LOG_FORMAT (text here), ...) override them.
+# SLUICE_BIN skips the cargo build.
 # LAB_STATE_DIR / LAB_RESULTS_DIR move the state and results folders.
 #
 # Exit status: 0 when the report's checks hold (lost == 0, commands/s <= 100), 3 when
@@ -278,20 +279,56 @@ done
 lab_info "ready (pid $REDIS_PID)"
 
 # ---------------------------------------------------------------- 6. the replicas
-lab_step "starting $REPLICAS sluice replica(s)"
+lab_step "starting $REPLICAS sluice replica(s) with the cluster's settings"
+# The cluster's settings: k8s/app/configmap.yaml's data, then what only the lab knows
+# (addresses, ports, names, the replica count as the budget's fallback divisor, readable
+# logs), then whatever the caller exported, which wins.
+APP_ENV=()
+CONFIGMAP=$LAB_ROOT/k8s/app/configmap.yaml
+if [ -f "$CONFIGMAP" ]; then
+  while IFS='=' read -r k v; do
+    [ -n "$k" ] && APP_ENV+=("$k=$v")
+  done < <(python3 - "$CONFIGMAP" <<'PY'
+import re, sys
+in_data = False
+for line in open(sys.argv[1]):
+    if re.match(r"^data:\s*$", line):
+        in_data = True
+        continue
+    if in_data and re.match(r"^\S", line):
+        in_data = False
+    m = in_data and re.match(r"^\s+([A-Z][A-Z0-9_]*):\s*(.*?)\s*$", line)
+    if m:
+        v = m.group(2)
+        if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
+            v = v[1:-1]
+        print(f"{m.group(1)}={v}")
+PY
+  )
+  lab_info "settings from k8s/app/configmap.yaml: ${#APP_ENV[@]}"
+else
+  lab_warn "k8s/app/configmap.yaml not found: sluice runs on its built-in defaults"
+fi
+APP_ENV+=(DB_COMMAND_BUDGET="${DB_COMMAND_BUDGET:-50}" BUDGET_FALLBACK_PODS="$REPLICAS"
+  LOG_FORMAT="${LOG_FORMAT:-text}" LOG_LEVEL="${LOG_LEVEL:-info}")
+for k in MAX_CONNECTIONS QUEUE_CAPACITY BATCH_MAX_DOCS BATCH_LINGER_MS FLUSH_CONCURRENCY \
+  DRAIN_TIMEOUT_SECS WRITE_CONCERN_W WRITE_JOURNAL ENQUEUE_TIMEOUT_MS WRITE_TIMEOUT_MS \
+  CACHE_FRESH_MS CACHE_STALE_MS CACHE_EMPTY_MS DB_TIMEOUT_MS REDIS_TIMEOUT_MS \
+  HEADER_READ_TIMEOUT_MS; do
+  [ -z "${!k+x}" ] || APP_ENV+=("$k=${!k}")
+done
 APP_PORTS=() APP_PIDS=()
 for ((r = 0; r < REPLICAS; r++)); do
   port=$(lab_free_port)
-  MONGO_URI=$MONGO_URI REDIS_URL=$REDIS_URL APP_PORT=$port \
-    DB_COMMAND_BUDGET=${DB_COMMAND_BUDGET:-50} BUDGET_FALLBACK_PODS=$REPLICAS \
-    POD_NAME="sluice-local-$r" LOG_FORMAT=${LOG_FORMAT:-text} LOG_LEVEL=${LOG_LEVEL:-info} \
-    DRAIN_TIMEOUT_SECS=${DRAIN_TIMEOUT_SECS:-10} \
-    "$SLUICE_BIN" >"$LAB_STATE/sluice-$r.log" 2>&1 &
+  env "${APP_ENV[@]}" MONGO_URI="$MONGO_URI" REDIS_URL="$REDIS_URL" APP_PORT="$port" \
+    POD_NAME="sluice-local-$r" "$SLUICE_BIN" >"$LAB_STATE/sluice-$r.log" 2>&1 &
   pid=$!
   lab_record_pid "sluice-$r" "$pid"
   APP_PORTS+=("$port") APP_PIDS+=("$pid")
   lab_info "sluice-local-$r on 127.0.0.1:$port (pid $pid), log $(show "$LAB_STATE/sluice-$r.log")"
 done
+printf '%s\n' "${APP_ENV[@]}" >"$LAB_STATE/sluice.env"
+lab_info "settings: $(show "$LAB_STATE/sluice.env")"
 for ((r = 0; r < REPLICAS; r++)); do
   lab_wait_http "http://127.0.0.1:${APP_PORTS[$r]}/readyz" 60 "${APP_PIDS[$r]}" || {
     tail -n 20 "$LAB_STATE/sluice-$r.log" >&2
@@ -351,10 +388,12 @@ frontend sluice
 
 backend replicas
     balance roundrobin
+    # As the Deployment's readinessProbe: every 5 s, 3 s timeout, out after 2 failures.
     option httpchk
+    timeout check 3s
     http-check send meth GET uri /readyz
     http-check expect status 200
-    default-server inter 2s fastinter 500ms downinter 1s fall 3 rise 2 maxconn $SERVER_MAXCONN
+    default-server inter 5s fall 2 rise 1 maxconn $SERVER_MAXCONN
 EOF
   for ((r = 0; r < REPLICAS; r++)); do
     echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check"
