@@ -273,13 +273,15 @@ done
 
 step "Smoke test through the Ingress ($BASE_URL)"
 RESOLVE=(--resolve "$HOST:$HTTP_PORT:127.0.0.1")
+BODY=$(mktemp)
+trap 'rm -f "$BODY"' EXIT
 # fetch PATH: prints "<status> <body>".
 fetch() {
-  curl -sS -m 10 "${RESOLVE[@]}" -H 'Accept: application/json' -o /tmp/sluice-smoke.$$ \
+  : >"$BODY"
+  curl -sS -m 10 "${RESOLVE[@]}" -H 'Accept: application/json' -o "$BODY" \
     -w '%{http_code}' "$BASE_URL$1" 2>/dev/null || true
   printf ' '
-  head -c 300 /tmp/sluice-smoke.$$ 2>/dev/null || true
-  rm -f /tmp/sluice-smoke.$$
+  head -c 300 "$BODY" 2>/dev/null || true
 }
 if [ "$SMOKE" = 1 ]; then
   # Traefik needs a moment to pick up a new Ingress, readiness a moment to see MongoDB.
