@@ -356,7 +356,7 @@ def cmd_report(a):
     if db:
         row("MongoDB commands/s (avg / peak 1 s)", f"{_fmt(db['commands_per_s'])} / {_fmt(db['commands_per_s_peak_1s'])}")
         top = ", ".join(f"{k} {v}" for k, v in list(db["commands_by_name"].items())[:5])
-        row("  commands by name (serverStatus: the lab's probe, not in the rate)", top or "none")
+        row("  by name (serverStatus = lab probe)", top or "none")
         row("MongoDB documents/s (avg / peak 1 s)", f"{_fmt(db['docs_per_s'])} / {_fmt(db['docs_per_s_peak_1s'])}")
         row("documents per insert command", _fmt(db["docs_per_insert_command"]))
     row("documents stored / 5 × success responses", f"{_fmt(stored)} / {_fmt(expected)}")
