@@ -100,6 +100,20 @@ assert abs(r["cache_hit_ratios"]["all"]["l1"]["hit_ratio"] - 0.9) < 1e-9
 assert r["api_data"]["thresholds"]["http_req_failed rate<0.01"] is False
 assert r["api_data"]["thresholds"]["http_req_duration p(95)<2000"] is True
 PY
+# A database restart mid-run zeroes its counters: the report must add across it.
+printf '%s\n' '{"t": 5, "commands_total": 115, "probe_commands": 55, "documents_inserted": 300}' \
+  '{"t": 6, "commands_total": 3, "probe_commands": 1, "documents_inserted": 0}' >"$T/samples.jsonl"
+echo '{"t": 10, "commands": {"insert": 30, "serverStatus": 21}, "commands_total": 53, "probe_commands": 21, "documents_inserted": 180}' >"$T/after.json"
+python3 "$HERE/labtool.py" report --meta /dev/null --data-summary "$T/k6-data.json" \
+  --healthz-summary "$T/k6-healthz.json" --before "$T/before.json" --after "$T/after.json" \
+  --settled "$T/settled.json" --samples "$T/samples.jsonl" --out "$T/report2.json" >/dev/null 2>&1
+check "report adds serverStatus counters across a database restart" python3 - "$T/report2.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))["database"]
+assert d["commands"] == 82, d            # 50 before the restart, 2 + 30 after it
+assert d["documents_inserted"] == 480, d
+assert d["counters_reset_by_restart"] is True, d
+PY
 
 # 1. Up without load.
 "$HERE/setup-local.sh" --replicas 1 --profile smoke --no-load >>"$LOG" 2>&1

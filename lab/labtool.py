@@ -219,6 +219,8 @@ def _rate_stats(samples, t0, t1):
         dt = b["t"] - a["t"]
         if dt <= 0.2:
             continue
+        if b["commands_total"] < a["commands_total"]:
+            continue  # the database restarted in between
         c = ((b["commands_total"] - b["probe_commands"]) - (a["commands_total"] - a["probe_commands"])) / dt
         d = (b["documents_inserted"] - a["documents_inserted"]) / dt
         peak_cmd = c if peak_cmd is None else max(peak_cmd, c)
@@ -258,10 +260,26 @@ def cmd_report(a):
     db = {}
     if before and after:
         secs = max(1e-9, after["t"] - before["t"])
-        cmds_all = after["commands_total"] - before["commands_total"]
-        probes = after["probe_commands"] - before["probe_commands"]
-        by_name = {k: v - before["commands"].get(k, 0) for k, v in after["commands"].items()
-                   if v - before["commands"].get(k, 0) > 0}
+        # serverStatus counters start from 0 when the database restarts: sum the
+        # increments along before, the samples, after, taking a drop as a restart.
+        chain = [before] + [x for x in samples if before["t"] < x["t"] < after["t"]] + [after]
+
+        def delta(key):
+            total = 0
+            for a_, b_ in zip(chain, chain[1:]):
+                total += b_[key] - a_[key] if b_[key] >= a_[key] else b_[key]
+            return total
+
+        cmds_all = delta("commands_total")
+        probes = delta("probe_commands")
+        inserted = delta("documents_inserted")
+        restarted = any(b_["commands_total"] < a_["commands_total"] for a_, b_ in zip(chain, chain[1:]))
+
+        def name_delta(k, v):
+            b0 = before["commands"].get(k, 0)
+            return v - b0 if v >= b0 and not restarted else v
+
+        by_name = {k: name_delta(k, v) for k, v in after["commands"].items() if name_delta(k, v) > 0}
         peak_cmd, peak_docs = _rate_stats(samples, before["t"], after["t"])
         db = {
             "window_s": secs,
@@ -270,11 +288,12 @@ def cmd_report(a):
             "commands_per_s_incl_probes": cmds_all / secs,
             "commands_per_s_peak_1s": peak_cmd,
             "commands_by_name": dict(sorted(by_name.items(), key=lambda kv: -kv[1])),
-            "documents_inserted": after["documents_inserted"] - before["documents_inserted"],
-            "docs_per_s": (after["documents_inserted"] - before["documents_inserted"]) / secs,
+            "documents_inserted": inserted,
+            "docs_per_s": inserted / secs,
             "docs_per_s_peak_1s": peak_docs,
-            "docs_per_insert_command": ((after["documents_inserted"] - before["documents_inserted"]) / by_name["insert"])
-            if by_name.get("insert") else None,
+            "docs_per_insert_command": (inserted / by_name["insert"])
+            if by_name.get("insert") and not restarted else None,
+            "counters_reset_by_restart": restarted,
         }
 
     stored = expected = lost = None
@@ -324,6 +343,7 @@ def cmd_report(a):
     }
     checks = {
         "lost == 0": lost == 0 if lost is not None else None,
+        "database never restarted": (meta["db_restarts"] == 0) if meta.get("db_restarts") is not None else None,
         "commands/s <= 100": (db["commands_per_s"] <= 100) if db else None,
     }
     report["checks"] = checks
@@ -361,6 +381,8 @@ def cmd_report(a):
         row("documents per insert command", _fmt(db["docs_per_insert_command"]))
     row("documents stored / 5 × success responses", f"{_fmt(stored)} / {_fmt(expected)}")
     row("LOST documents", _fmt(lost))
+    if meta.get("db_restarts") is not None:
+        row("database restarts (OOM kills)", f"{meta['db_restarts']} ({_fmt(meta.get('db_oom_kills'))})")
     row("disk used by the database", _fmt((meta.get("db_bytes") or 0) / 2**20, " MiB") if meta.get("db_bytes") is not None else "n/a")
     for level, slot in sorted(total.items()):
         row(f"cache {level} hit ratio (all replicas)",

@@ -26,7 +26,8 @@
 # The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
 # settings (DB_COMMAND_BUDGET, MAX_CONNECTIONS, QUEUE_CAPACITY, BATCH_MAX_DOCS,
 # DRAIN_TIMEOUT_SECS, LOG_LEVEL, LOG_FORMAT (text here), ...) override them.
-# SLUICE_BIN skips the cargo build.
+# SLUICE_BIN skips the cargo build. LAB_DB_MEMORY_MIB changes the database's memory
+# limit (default 500, the assessment's) for experiments.
 # LAB_STATE_DIR / LAB_RESULTS_DIR move the state and results folders.
 #
 # Exit status: 0 when the report's checks hold (lost == 0, commands/s <= 100), 3 when
@@ -174,6 +175,7 @@ AVAIL=$(df -B1G --output=avail "$LAB_STATE" | tail -n1 | tr -d ' ')
 lab_step "cgroups for the database: 100/100 IOPS on its disk, 0.5 CPU, 500 MiB"
 CGROUPS=()
 CPU_DESC=unlimited MEM_DESC=unlimited IOPS_DESC=""
+DB_MEMORY_MIB=${LAB_DB_MEMORY_MIB:-500}
 make_cgroup() { # CONTROLLER: creates the lab's cgroup there, prints its folder
   local dir
   dir=$(lab_cgroup_dir "$1") || return 1
@@ -209,10 +211,10 @@ if lab_is_root; then
   else
     lab_warn "no cpu cgroup (v1) here: the database's CPU is UNLIMITED"
   fi
-  if MEM=$(make_cgroup memory) && echo $((500 * 1024 * 1024)) >"$MEM/memory.limit_in_bytes"; then
+  if MEM=$(make_cgroup memory) && echo $((DB_MEMORY_MIB * 1024 * 1024)) >"$MEM/memory.limit_in_bytes"; then
     CGROUPS+=("$MEM")
-    MEM_DESC="500 MiB"
-    lab_info "memory: limit 500 MiB"
+    MEM_DESC="$DB_MEMORY_MIB MiB"
+    lab_info "memory: limit $DB_MEMORY_MIB MiB"
   else
     lab_warn "no memory cgroup (v1) here: the database's memory is UNLIMITED"
   fi
@@ -239,12 +241,40 @@ else
 fi
 lab_step "starting $DB_KIND on 127.0.0.1:$DB_PORT ($([ ${#CGROUPS[@]} -gt 0 ] && echo 'in the lab cgroups' || echo UNCONSTRAINED))"
 lab_info "$DB_KIND ${DB_ARGS[*]}"
-(
-  for cg in "${CGROUPS[@]}"; do echo "$BASHPID" >"$cg/cgroup.procs"; done
-  exec "$DB_BIN" "${DB_ARGS[@]}"
-) >"$LAB_STATE/mongo.log" 2>&1 &
-DB_PID=$!
-lab_record_pid mongo "$DB_PID"
+# The database runs under a small supervisor that starts it again whenever it dies, as
+# the kubelet restarts the mongo container (after an OOM kill at the memory limit, say).
+# Every restart is logged and counted in the report: a restart is a failure of the run.
+# shellcheck disable=SC2317  # run in the background
+db_supervisor() {
+  set +e
+  trap 'exit 0' TERM INT
+  local n=0 rc pid
+  while :; do
+    (
+      for cg in "${CGROUPS[@]}"; do echo "$BASHPID" >"$cg/cgroup.procs"; done
+      exec "$DB_BIN" "${DB_ARGS[@]}"
+    ) >>"$LAB_STATE/mongo.log" 2>&1 &
+    pid=$!
+    lab_record_pid mongo "$pid"
+    echo "$pid" >"$LAB_STATE/mongo.pid.new" && mv "$LAB_STATE/mongo.pid.new" "$LAB_STATE/mongo.pid"
+    wait "$pid"
+    rc=$?
+    n=$((n + 1))
+    echo "$n" >"$LAB_STATE/db-restarts"
+    printf '%s the database (pid %s) exited with status %s; starting it again (restart %s)\n' \
+      "$(date -u +%H:%M:%S)" "$pid" "$rc" "$n" | tee -a "$LAB_STATE/db-restarts.log" >&2
+    [ "$n" -lt 50 ] || exit 1
+    sleep 2
+  done
+}
+rm -f "$LAB_STATE/mongo.pid" "$LAB_STATE/db-restarts"
+db_supervisor &
+lab_record_pid db-supervisor "$!"
+for ((i = 0; i < 50; i++)); do
+  [ -s "$LAB_STATE/mongo.pid" ] && break
+  sleep 0.1
+done
+DB_PID=$(cat "$LAB_STATE/mongo.pid")
 for cg in "${CGROUPS[@]}"; do
   for ((i = 0; i < 50; i++)); do
     grep -qx "$DB_PID" "$cg/cgroup.procs" && break
@@ -255,7 +285,7 @@ for cg in "${CGROUPS[@]}"; do
 done
 ok=0
 for ((i = 0; i < 240; i++)); do
-  kill -0 "$DB_PID" 2>/dev/null || break
+  [ ! -e "$LAB_STATE/db-restarts" ] || break
   if "$PY" "$HERE/labtool.py" ping "$MONGO_URI"; then ok=1; break; fi
   sleep 0.5
 done
@@ -429,6 +459,18 @@ if [ "$NO_LOAD" = 1 ]; then
   exit 0
 fi
 
+# db_snapshot [--count] URI OUT: a serverStatus snapshot, retried while the database is
+# down (the supervisor is bringing it back).
+db_snapshot() {
+  local i
+  for ((i = 0; i < 60; i++)); do
+    "$PY" "$HERE/labtool.py" snapshot "$@" 2>>"$LAB_STATE/snapshot.log" && return 0
+    [ "$i" -gt 0 ] || lab_info "the database does not answer; retrying for up to 3 minutes"
+    sleep 3
+  done
+  lab_die "the database did not answer serverStatus for 3 minutes; see $(show "$LAB_STATE/snapshot.log")"
+}
+
 # ---------------------------------------------------------------- 8. load
 # run_k6 NAME TARGET_PATH EXPECT_STATUS: one k6 run through HAProxy; its summary lands in
 # $LAB_STATE/k6-NAME.json. k6 exits 99 when thresholds fail: that is a figure, not an error.
@@ -466,9 +508,9 @@ lab_step "load: k6 profile '$PROFILE' against /api/data through HAProxy"
 "$PY" "$HERE/labtool.py" sample "$MONGO_URI" "$LAB_STATE/samples.jsonl" 1 2>"$LAB_STATE/sampler.log" &
 SAMPLER_PID=$!
 lab_record_pid sampler "$SAMPLER_PID"
-"$PY" "$HERE/labtool.py" snapshot --count "$MONGO_URI" "$LAB_STATE/before.json"
+db_snapshot --count "$MONGO_URI" "$LAB_STATE/before.json"
 run_k6 data /api/data success
-"$PY" "$HERE/labtool.py" snapshot "$MONGO_URI" "$LAB_STATE/after.json"
+db_snapshot "$MONGO_URI" "$LAB_STATE/after.json"
 kill -TERM "$SAMPLER_PID" 2>/dev/null || true
 wait "$SAMPLER_PID" 2>/dev/null || true
 
@@ -476,14 +518,14 @@ wait "$SAMPLER_PID" 2>/dev/null || true
 # gave up on) land, watching serverStatus, then count the collection once, exactly.
 prev=-1
 for ((i = 0; i < 30; i++)); do
-  "$PY" "$HERE/labtool.py" snapshot "$MONGO_URI" "$LAB_STATE/settled.json"
+  db_snapshot "$MONGO_URI" "$LAB_STATE/settled.json"
   cur=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$LAB_STATE/settled.json")
   [ "$cur" = "$prev" ] && break
   prev=$cur
   sleep 2
 done
 lab_info "counting the stored documents"
-"$PY" "$HERE/labtool.py" snapshot --count "$MONGO_URI" "$LAB_STATE/settled.json"
+db_snapshot --count "$MONGO_URI" "$LAB_STATE/settled.json"
 lab_info "documents in the collection: $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$LAB_STATE/settled.json")"
 
 lab_step "cache status of each replica"
@@ -509,12 +551,21 @@ run_k6 healthz /healthz ok
 
 # ---------------------------------------------------------------- 9. report
 lab_step "report"
+DB_RESTARTS=0
+[ ! -s "$LAB_STATE/db-restarts" ] || DB_RESTARTS=$(cat "$LAB_STATE/db-restarts")
+DB_OOM_KILLS=null
+if [ -n "${MEM:-}" ] && [ -f "$MEM/memory.oom_control" ]; then
+  DB_OOM_KILLS=$(awk '$1 == "oom_kill" { print $2 }' "$MEM/memory.oom_control")
+  DB_OOM_KILLS=${DB_OOM_KILLS:-null}
+fi
+[ "$DB_RESTARTS" = 0 ] || lab_warn "the database died $DB_RESTARTS time(s) during the run (OOM kills: $DB_OOM_KILLS); see $(show "$LAB_STATE/db-restarts.log")"
 "$PY" "$HERE/labtool.py" meta "$LAB_STATE/meta.json" \
   "time=\"$TS\"" "profile=\"$PROFILE\"" "replicas=$REPLICAS" "max_vus=${MAX_VUS_ARG:-null}" "duration_s=${DURATION:-null}" \
   "db_server=\"$DB_KIND\"" "db_command_budget=${DB_COMMAND_BUDGET:-50}" \
   "constraints.disk=\"$DISK_DESC\"" "constraints.cpu=\"$CPU_DESC\"" "constraints.memory=\"$MEM_DESC\"" \
   "constrained=$([ ${#CGROUPS[@]} -eq 3 ] && echo true || echo false)" \
-  "db_bytes=$DB_BYTES" "fs_used_bytes=$FS_USED" "host=\"$(nproc) cores\""
+  "db_bytes=$DB_BYTES" "fs_used_bytes=$FS_USED" "host=\"$(nproc) cores\"" \
+  "db_restarts=$DB_RESTARTS" "db_oom_kills=$DB_OOM_KILLS" "db_memory_mib=$DB_MEMORY_MIB"
 SETUP_OK=1
 rc=0
 "$PY" "$HERE/labtool.py" report --meta "$LAB_STATE/meta.json" \
@@ -524,7 +575,7 @@ rc=0
   --out "$REPORT" --out-display "$(show "$REPORT")" || rc=$?
 if [ -s "$LAB_STATE/warnings" ]; then
   echo
-  echo "!!! this run was NOT fully constrained:"
+  echo "!!! warnings from this run:"
   sed 's/^/!!!   /' "$LAB_STATE/warnings"
 fi
 
