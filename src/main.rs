@@ -1,0 +1,50 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use sluice::config::{Cli, Command};
+use sluice::startup::StartError;
+
+/// Exit codes: 0 done, 1 runtime failure, 2 bad configuration.
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    sluice::telemetry::init(cli.config.log_format, &cli.config.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => match sluice::startup::run(cli.config).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ StartError::Config(_)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "sluice stopped");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::Check => match sluice::operator::check(&cli.config).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            },
+            Command::Status { url } => match sluice::operator::status(&url).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+        }
+    })
+}
