@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -170,9 +170,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         );
     }
     let (app, tasks) = build(config).await?;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+    let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     if !app.shared.wait_connected(Duration::from_secs(1)).await {
         tracing::warn!(redis = %redact(&app.config.redis_url),
             "redis is not answering; serving from L1 and MongoDB until it is");
@@ -216,6 +214,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         }
         Err(_) => Err(StartError::DrainTimedOut(drain)),
     }
+}
+
+/// Binds with a deep accept backlog: thousands of clients connect at once at the start of
+/// a load test, and the default (1,024) drops their SYNs into second-long retransmits.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    const BACKLOG: u32 = 8192;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 async fn shutdown_signal() -> &'static str {

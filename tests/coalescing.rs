@@ -1,0 +1,156 @@
+//! What the design exists for: many requests share one database command.
+
+mod common;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::doc;
+use common::*;
+
+/// MongoDB commands that sluice pays budget for, summed from `serverStatus`. The
+/// driver's own monitoring (`hello`) and this test's `serverStatus` are not sluice's.
+async fn sluice_commands(mongo: &Mongo) -> i64 {
+    let counts = mongo.command_counts().await;
+    ["insert", "find", "count", "aggregate", "ping", "buildInfo"]
+        .iter()
+        .map(|name| count_of(&counts, name))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_share_insert_commands() {
+    let (_redis, mongo, sluice) = spawn_app(&[]).await;
+    let inserts_before = mongo.command_total("insert").await;
+
+    let outcomes = burst(&sluice.url("/api/data"), 2000).await;
+
+    let ok = outcomes.iter().filter(|o| o.status == 200).count();
+    assert_eq!(
+        ok,
+        2000,
+        "every request stored: {:?}",
+        outcomes.iter().find(|o| o.status != 200)
+    );
+    assert_eq!(assert_nothing_lost(&mongo, &outcomes).await, 10_000);
+    let stored = mongo
+        .records()
+        .await
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert_eq!(stored, 10_000, "no document stored twice or missing");
+    let inserts = mongo.command_total("insert").await - inserts_before;
+    assert!(
+        inserts < 50,
+        "10,000 documents took {inserts} insert commands"
+    );
+    println!("2,000 concurrent requests: 10,000 documents in {inserts} insert commands");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cold_cache_reads_the_database_once() {
+    let redis = Redis::start();
+    let mongo = Mongo::start().await;
+    mongo
+        .records()
+        .await
+        .insert_one(doc! {"type": "write", "index": 0, "payload": "seed"})
+        .await
+        .unwrap();
+    let sluice = Sluice::start(
+        &mongo.uri(),
+        &redis.url(),
+        &[("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")],
+    );
+    sluice.wait_ready().await;
+    let finds_before = mongo.command_total("find").await;
+
+    let outcomes = burst(&sluice.url("/api/data"), 1000).await;
+
+    assert!(outcomes.iter().all(|o| o.status == 200));
+    let seed = outcomes[0].body["reads"][0].as_str().unwrap().to_string();
+    assert!(outcomes.iter().all(|o| o.body["reads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r == &seed)));
+    let finds = mongo.command_total("find").await - finds_before;
+    assert_eq!(
+        finds, 1,
+        "1,000 cold requests (5,000 reads) should cost one query"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_share_one_refresh_through_redis() {
+    let redis = Redis::start();
+    let mongo = Mongo::start().await;
+    mongo
+        .records()
+        .await
+        .insert_one(doc! {"type": "write", "index": 0, "payload": "seed"})
+        .await
+        .unwrap();
+    let env = [("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")];
+    let pods: Vec<Sluice> = (0..3)
+        .map(|_| Sluice::start(&mongo.uri(), &redis.url(), &env))
+        .collect();
+    for pod in &pods {
+        pod.wait_ready().await;
+    }
+    let finds_before = mongo.command_total("find").await;
+
+    let bursts = pods.iter().map(|p| burst_owned(p.url("/api/data"), 300));
+    let outcomes: Vec<Outcome> = futures_util::future::join_all(bursts).await.concat();
+
+    assert!(outcomes.iter().all(|o| o.status == 200));
+    let finds = mongo.command_total("find").await - finds_before;
+    assert_eq!(
+        finds, 1,
+        "three cold pods should share one query through the Redis lock"
+    );
+}
+
+async fn burst_owned(url: String, n: usize) -> Vec<Outcome> {
+    burst(&url, n).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sustained_load_stays_within_the_command_budget() {
+    const BUDGET: i64 = 10;
+    let (_redis, mongo, sluice) = spawn_app(&[
+        ("DB_COMMAND_BUDGET", "10"),
+        ("CACHE_FRESH_MS", "200"),
+        ("CACHE_EMPTY_MS", "50"),
+    ])
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load(&sluice.url("/api/data"), 200, Arc::clone(&stop));
+    // Let the budget settle on its Redis-counted share, then measure a window.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (before, started) = (sluice_commands(&mongo).await, Instant::now());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (after, window) = (sluice_commands(&mongo).await, started.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let outcomes = load.await.unwrap();
+
+    let used = after - before;
+    let allowed = (BUDGET as f64 * window.as_secs_f64()).ceil() as i64 + 1;
+    let ok = outcomes.iter().filter(|o| o.status == 200).count();
+    println!("{used} commands in {window:?} (allowed {allowed}); {ok} requests stored");
+    assert!(
+        used <= allowed,
+        "{used} commands in {window:?} exceed the budget of {BUDGET}/s"
+    );
+    assert!(
+        used >= BUDGET * 3,
+        "the load should have used the budget, used {used}"
+    );
+    assert!(
+        ok > 1000,
+        "requests kept succeeding within the budget: {ok}"
+    );
+    assert_nothing_lost(&mongo, &outcomes).await;
+}
