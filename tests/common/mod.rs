@@ -54,9 +54,17 @@ impl Proc {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
 
-    /// Waits for the process to exit by itself, up to `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        wait_child(&mut self.child, limit)
+    /// Waits for the process to exit by itself, up to `limit`, without blocking the
+    /// runtime that drives the test's clients.
+    pub async fn exited(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 }
 

@@ -1,0 +1,225 @@
+//! Faults a client must survive: a 200 always means stored; a failing dependency makes
+//! sluice degrade, never hang; overload gets a fast 503 with `Retry-After`.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Short timeouts so an outage shows within seconds: a request waits at most about
+/// WRITE_TIMEOUT_MS (+ one DB_TIMEOUT_MS attempt) before its 503.
+const FAST_FAIL: &[(&str, &str)] = &[("DB_TIMEOUT_MS", "1000"), ("WRITE_TIMEOUT_MS", "2000")];
+/// Longest any answer may take in these tests; the client gives up at 10 s.
+const BOUNDED: Duration = Duration::from_secs(5);
+
+fn between(outcomes: &[Outcome], from: Instant, to: Instant) -> Vec<&Outcome> {
+    outcomes
+        .iter()
+        .filter(|o| o.at >= from && o.at < to)
+        .collect()
+}
+
+/// Keeps `users` clients busy until `body` returns, then checks what every client saw.
+async fn under_load<F, Fut>(url: String, users: usize, body: F) -> (Vec<Outcome>, Fut::Output)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load(&url, users, Arc::clone(&stop));
+    let out = body().await;
+    stop.store(true, Ordering::Relaxed);
+    (load.await.unwrap(), out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_never_started_still_serves() {
+    let mongo = Mongo::start().await;
+    let nowhere = format!("redis://127.0.0.1:{}", free_port());
+    let sluice = Sluice::start(&mongo.uri(), &nowhere, &[("BUDGET_FALLBACK_PODS", "3")]);
+    sluice.wait_ready().await;
+
+    let outcomes = burst(&sluice.url("/api/data"), 50).await;
+    assert!(outcomes
+        .iter()
+        .all(|o| o.status == 200 && o.latency < BOUNDED));
+    assert_nothing_lost(&mongo, &outcomes).await;
+    let status = sluice.status().await;
+    assert_eq!(status["l2"]["connected"], false);
+    assert_eq!(status["budget"]["pods_counted_by"], "fallback");
+    assert_eq!(status["budget"]["live_pods"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_crash_degrades_then_recovers() {
+    let (mut redis, mongo, sluice) = spawn_app(&[("CACHE_FRESH_MS", "300")]).await;
+    let (outcomes, ()) = under_load(sluice.url("/api/data"), 20, || async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        redis.stop();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let down = sluice.status().await;
+        assert_eq!(down["l2"]["connected"], false);
+        assert_eq!(down["budget"]["pods_counted_by"], "fallback");
+        redis.restart();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let up = sluice.status().await;
+            if up["l2"]["connected"] == true && up["budget"]["pods_counted_by"] == "redis" {
+                break;
+            }
+            assert!(Instant::now() < until, "tiers did not come back: {up}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "Redis is only a cache; {} requests failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(outcomes.iter().all(|o| o.latency < BOUNDED));
+    assert_nothing_lost(&mongo, &outcomes).await;
+}
+
+/// Takes the database away (crash or stall) under load and brings it back; every client
+/// gets an answer in bounded time, service recovers by itself, and nothing acknowledged
+/// is lost.
+async fn database_outage(stall: bool) {
+    let (_redis, mut mongo, sluice) = spawn_app(FAST_FAIL).await;
+    let (outcomes, (down_at, up_at, recovered_at)) =
+        under_load(sluice.url("/api/data"), 50, || async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let down_at = Instant::now();
+            if stall {
+                mongo.signal(Signal::SIGSTOP);
+            } else {
+                mongo.kill();
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let up_at = Instant::now();
+            if stall {
+                mongo.signal(Signal::SIGCONT);
+            } else {
+                mongo.restart().await;
+            }
+            let client = client();
+            let until = Instant::now() + Duration::from_secs(20);
+            let recovered_at = loop {
+                if get(&client, &sluice.url("/api/data")).await.status == 200 {
+                    break Instant::now();
+                }
+                assert!(Instant::now() < until, "did not recover:\n{}", sluice.log());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            (down_at, up_at, recovered_at)
+        })
+        .await;
+
+    let slowest = outcomes.iter().map(|o| o.latency).max().unwrap();
+    assert!(slowest < BOUNDED, "a request waited {slowest:?}");
+    let during = between(&outcomes, down_at + Duration::from_secs(3), up_at);
+    assert!(
+        !during.is_empty() && during.iter().all(|o| o.status == 503 && o.retry_after),
+        "while the database is away, requests get 503 + Retry-After: {:?}",
+        during.iter().find(|o| o.status != 503)
+    );
+    let after = between(
+        &outcomes,
+        recovered_at + Duration::from_millis(500),
+        Instant::now(),
+    );
+    assert!(
+        after.iter().filter(|o| o.status == 200).count() > after.len() / 2,
+        "service recovered"
+    );
+    let checked = assert_nothing_lost(&mongo, &outcomes).await;
+    println!(
+        "{} outage: {} requests, {} answered 503 fast, {checked} acknowledged documents all stored, recovered {:?} after return",
+        if stall { "stall" } else { "crash" },
+        outcomes.len(),
+        outcomes.iter().filter(|o| o.status == 503).count(),
+        recovered_at - up_at,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_crash_sheds_fast_and_loses_nothing() {
+    database_outage(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_stall_sheds_fast_and_loses_nothing() {
+    database_outage(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_queue_sheds_with_retry_after() {
+    // One request per batch, one batch at a time, two commands a second: the queue of
+    // one fills at once.
+    let (_redis, mongo, sluice) = spawn_app(&[
+        ("QUEUE_CAPACITY", "1"),
+        ("ENQUEUE_TIMEOUT_MS", "10"),
+        ("BATCH_MAX_DOCS", "5"),
+        ("FLUSH_CONCURRENCY", "1"),
+        ("DB_COMMAND_BUDGET", "2"),
+    ])
+    .await;
+    let outcomes = burst(&sluice.url("/api/data"), 60).await;
+    let shed: Vec<_> = outcomes.iter().filter(|o| o.status == 503).collect();
+    assert!(!shed.is_empty(), "a full queue sheds");
+    assert!(shed
+        .iter()
+        .all(|o| o.retry_after && o.latency < Duration::from_secs(1)));
+    assert!(shed[0].body["message"]
+        .as_str()
+        .unwrap()
+        .contains("queue is full"));
+    assert!(outcomes.iter().any(|o| o.status == 200));
+    assert!(outcomes.iter().all(|o| o.status == 200 || o.status == 503));
+    assert_nothing_lost(&mongo, &outcomes).await;
+    let metrics = reqwest::get(sluice.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains(&format!(
+        "sluice_shed_total{{reason=\"queue_full\"}} {}",
+        shed.len()
+    )));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_drains_and_loses_nothing() {
+    let (_redis, mongo, mut sluice) = spawn_app(&[("DRAIN_TIMEOUT_SECS", "10")]).await;
+    let (outcomes, exit) = under_load(sluice.url("/api/data"), 100, || async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let sent = Instant::now();
+        sluice.proc.signal(Signal::SIGTERM);
+        let status = sluice.proc.exited(Duration::from_secs(12)).await;
+        (status, sent.elapsed())
+    })
+    .await;
+    let (status, took) = exit;
+    let status = status.expect("sluice exits after SIGTERM");
+    assert!(
+        status.success(),
+        "clean exit, got {status:?}:\n{}",
+        sluice.log()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "exit within the drain timeout, took {took:?}"
+    );
+    assert!(sluice.log().contains("write queue drained"));
+    let checked = assert_nothing_lost(&mongo, &outcomes).await;
+    assert!(checked > 100, "the load was real: {checked} documents");
+    println!("SIGTERM under load: exited in {took:?}; {checked} acknowledged documents all stored");
+}
