@@ -382,7 +382,9 @@ def cmd_report(a):
     row("documents stored / 5 × success responses", f"{_fmt(stored)} / {_fmt(expected)}")
     row("LOST documents", _fmt(lost))
     if meta.get("db_restarts") is not None:
-        row("database restarts (OOM kills)", f"{meta['db_restarts']} ({_fmt(meta.get('db_oom_kills'))})")
+        peak = meta.get("db_peak_memory_bytes")
+        row("database restarts (OOM kills)", f"{meta['db_restarts']} ({_fmt(meta.get('db_oom_kills'))})"
+            + (f", peak memory incl. page cache {_fmt(peak / 2**20, ' MiB', 0)} of {meta.get('db_memory_mib')} MiB" if peak else ""))
     row("disk used by the database", _fmt((meta.get("db_bytes") or 0) / 2**20, " MiB") if meta.get("db_bytes") is not None else "n/a")
     for level, slot in sorted(total.items()):
         row(f"cache {level} hit ratio (all replicas)",
