@@ -162,6 +162,7 @@ figures = [
     "database.commands_per_s_peak_1s", "documents.stored", "documents.lost", "disk.db_bytes",
     "cache_hit_ratios.all.l1.hit_ratio", "cache_hit_ratios.all.l2.hit_ratio",
     "meta.constraints.disk", "meta.constraints.cpu", "meta.constraints.memory",
+    "meta.db_restarts", "database.docs_per_insert_command",
 ]
 for f in figures:
     v = get(f)
@@ -170,6 +171,7 @@ lost = get("documents.lost")
 print(("ok " if lost == 0 else "fail ") + f"lost == 0 (stored {get('documents.stored')}, 5 x acknowledged {get('documents.expected_5x_acknowledged')})")
 ok_req = (get("api_data.successful_requests") or 0) > 0
 print(("ok " if ok_req else "fail ") + "some /api/data requests succeeded")
+print(("ok " if get("meta.db_restarts") == 0 else "fail ") + f"the database never died (restarts {get('meta.db_restarts')}, OOM kills {get('meta.db_oom_kills')})")
 cps = get("database.commands_per_s")
 print(("ok " if cps is not None and cps <= 100 else "fail ") + f"database commands/s <= 100 ({cps})")
 if allows:

@@ -114,8 +114,8 @@ def cmd_sample(a):
             t0 = time.time()
             try:
                 s = _counters(c)
-                f.write(json.dumps({k: s[k] for k in ("t", "commands_total", "probe_commands",
-                                                      "documents_inserted")}) + "\n")
+                f.write(json.dumps({k: s[k] for k in ("t", "commands", "commands_total",
+                                                      "probe_commands", "documents_inserted")}) + "\n")
                 f.flush()
             except Exception as e:  # noqa: BLE001 - a busy database may time out; keep going
                 print(f"sample: {e}", file=sys.stderr)
@@ -275,11 +275,13 @@ def cmd_report(a):
         inserted = delta("documents_inserted")
         restarted = any(b_["commands_total"] < a_["commands_total"] for a_, b_ in zip(chain, chain[1:]))
 
-        def name_delta(k, v):
-            b0 = before["commands"].get(k, 0)
-            return v - b0 if v >= b0 and not restarted else v
-
-        by_name = {k: name_delta(k, v) for k, v in after["commands"].items() if name_delta(k, v) > 0}
+        by_name = {}
+        named = [x for x in chain if "commands" in x]
+        for a_, b_ in zip(named, named[1:]):
+            for k, v in b_["commands"].items():
+                v0 = a_["commands"].get(k, 0)
+                by_name[k] = by_name.get(k, 0) + (v - v0 if v >= v0 else v)
+        by_name = {k: v for k, v in by_name.items() if v > 0}
         peak_cmd, peak_docs = _rate_stats(samples, before["t"], after["t"])
         db = {
             "window_s": secs,
@@ -291,8 +293,7 @@ def cmd_report(a):
             "documents_inserted": inserted,
             "docs_per_s": inserted / secs,
             "docs_per_s_peak_1s": peak_docs,
-            "docs_per_insert_command": (inserted / by_name["insert"])
-            if by_name.get("insert") and not restarted else None,
+            "docs_per_insert_command": (inserted / by_name["insert"]) if by_name.get("insert") else None,
             "counters_reset_by_restart": restarted,
         }
 
@@ -323,15 +324,20 @@ def cmd_report(a):
         n = slot["hits"] + slot["misses"]
         slot["hit_ratio"] = slot["hits"] / n if n else None
 
-    ratio = None
+    ratio = ok_ratio = None
     if data and ceil and data.get("req_per_s") and ceil.get("req_per_s"):
         ratio = data["req_per_s"] / ceil["req_per_s"]
+        # Fast failures (503s) count as requests too: the same ratio over successes only.
+        ok = data["acknowledged_responses"]
+        if ok is not None and data.get("requests"):
+            ok_ratio = (ok * data["req_per_s"] / data["requests"]) / ceil["req_per_s"]
 
     report = {
         "meta": meta,
         "api_data": data,
         "healthz_ceiling": ceil,
         "ratio_api_to_healthz": ratio,
+        "ratio_api_successes_to_healthz": ok_ratio,
         "database": db,
         "documents": {"stored": stored, "expected_5x_acknowledged": expected, "lost": lost,
                       "extra_from_failed_requests": (stored - expected)
@@ -373,6 +379,7 @@ def cmd_report(a):
         row("/healthz req/s (same-run ceiling)", _fmt(ceil["req_per_s"]))
         row("/healthz p95 / p99", f"{_fmt(ceil['p95_ms'], ' ms', 0)} / {_fmt(ceil['p99_ms'], ' ms', 0)}")
     row("ratio /api/data ÷ /healthz req/s", _fmt(ratio, "", 3))
+    row("  the same, successful responses only", _fmt(ok_ratio, "", 3))
     if db:
         row("MongoDB commands/s (avg / peak 1 s)", f"{_fmt(db['commands_per_s'])} / {_fmt(db['commands_per_s_peak_1s'])}")
         top = ", ".join(f"{k} {v}" for k, v in list(db["commands_by_name"].items())[:5])
