@@ -5,7 +5,7 @@
 # usage: ./setup.sh --local [options]        (or lab/setup-local.sh [options])
 #
 #   --replicas N      sluice replicas behind HAProxy (default 2)
-#   --profile P       k6 profile: lab (default, about 3 minutes), smoke (seconds) or
+#   --profile P       k6 profile: lab (default, about 3 minutes), smoke (100 VUs, 30 s) or
 #                     full (the assessment's 13 minutes)
 #   --max-vus N       scale every k6 stage to at most N VUs (default: the profile's)
 #   --duration S      instead of the profile's stages, a constant load of --max-vus VUs
