@@ -1,0 +1,181 @@
+//! The database's own ceiling for sluice's write pattern: unordered `insert_many` of
+//! stored-shape documents, at sluice's batch sizes, through the same Rust driver and the
+//! same write concern (`w:1, j:true`), as fast as the database acknowledges them.
+//!
+//! No budget, no cache, no HTTP: whatever sluice stores per second can only approach this
+//! figure, so the load report sets sluice's documents/s against it.
+//!
+//!     cargo run --release --example insert_ceiling -- \
+//!         --uri mongodb://127.0.0.1:27017/assessmentdb --batch 1000 --batch 5000 \
+//!         --seconds 15 --out ceiling.json
+//!
+//! It writes into the collection sluice uses, so point it at a lab database, never at one
+//! whose data matters.
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use bson::Document;
+use clap::Parser;
+use mongodb::options::{Acknowledgment, WriteConcern};
+use mongodb::Client;
+use serde::Serialize;
+
+use sluice::record::{self, PER_REQUEST};
+use sluice::store::{COLLECTION, DEFAULT_DATABASE};
+
+#[derive(Debug, Parser)]
+#[command(about = "Raw batched-insert rate of a MongoDB-wire server, in documents per second")]
+struct Args {
+    /// The database to measure; its path names the database (default assessmentdb).
+    #[arg(long, env = "MONGO_URI")]
+    uri: String,
+    /// Documents per insert command; repeat for several sizes (default: 1000 and 5000).
+    #[arg(long = "batch")]
+    batches: Vec<usize>,
+    /// How long to insert at each batch size.
+    #[arg(long, default_value_t = 15)]
+    seconds: u64,
+    /// Insert commands in flight at once; repeat for several (default 1). sluice has at
+    /// most FLUSH_CONCURRENCY per replica in flight.
+    #[arg(long = "concurrency")]
+    concurrencies: Vec<usize>,
+    /// Where to write the JSON result (it is printed either way).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Run {
+    batch_docs: usize,
+    concurrency: usize,
+    seconds: f64,
+    commands: u64,
+    documents: u64,
+    documents_per_second: f64,
+    commands_per_second: f64,
+    command_ms_p50: f64,
+    command_ms_max: f64,
+    errors: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    what: &'static str,
+    write_concern: &'static str,
+    runs: Vec<Run>,
+}
+
+fn batch(docs: usize) -> Vec<Document> {
+    let mut out = Vec::with_capacity(docs + PER_REQUEST);
+    while out.len() < docs {
+        out.extend(record::new_batch().1);
+    }
+    out.truncate(docs);
+    out
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = Args::parse();
+    if args.batches.is_empty() {
+        args.batches = vec![1000, 5000];
+    }
+    if args.concurrencies.is_empty() {
+        args.concurrencies = vec![1];
+    }
+    let client = Client::with_uri_str(&args.uri).await?;
+    let database = client
+        .default_database()
+        .unwrap_or_else(|| client.database(DEFAULT_DATABASE));
+    let records = database.collection_with_options::<Document>(
+        COLLECTION,
+        mongodb::options::CollectionOptions::builder()
+            .write_concern(
+                WriteConcern::builder()
+                    .w(Acknowledgment::Nodes(1))
+                    .journal(true)
+                    .build(),
+            )
+            .build(),
+    );
+    // One untimed command first: connection set-up and the collection's creation are not
+    // part of the rate.
+    records.insert_many(batch(PER_REQUEST)).await?;
+
+    let mut runs = Vec::new();
+    let plan: Vec<(usize, usize)> = args
+        .concurrencies
+        .iter()
+        .flat_map(|&c| args.batches.iter().map(move |&b| (b, c.max(1))))
+        .collect();
+    for (docs, concurrency) in plan {
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        let started = Instant::now();
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..concurrency {
+            let records = records.clone();
+            workers.spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let mut next = batch(docs);
+                while Instant::now() < deadline {
+                    let sending = std::mem::take(&mut next);
+                    let t = Instant::now();
+                    let insert = records.insert_many(sending).ordered(false).into_future();
+                    // The next batch is made while this one is in flight, as sluice's
+                    // requests make theirs while the flusher waits.
+                    let (result, made) = tokio::join!(insert, async { batch(docs) });
+                    next = made;
+                    match result {
+                        Ok(_) => latencies.push(t.elapsed()),
+                        Err(e) => {
+                            errors += 1;
+                            eprintln!("insert of {docs} failed: {e}");
+                        }
+                    }
+                }
+                (latencies, errors)
+            });
+        }
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        while let Some(done) = workers.join_next().await {
+            let (l, e) = done?;
+            latencies.extend(l);
+            errors += e;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        latencies.sort_unstable();
+        let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+        let commands = latencies.len() as u64;
+        let run = Run {
+            batch_docs: docs,
+            concurrency,
+            seconds,
+            commands,
+            documents: commands * docs as u64,
+            documents_per_second: (commands * docs as u64) as f64 / seconds,
+            commands_per_second: commands as f64 / seconds,
+            command_ms_p50: ms(latencies.get(latencies.len() / 2)),
+            command_ms_max: ms(latencies.last()),
+            errors,
+        };
+        eprintln!(
+            "batch {docs} x{concurrency} in flight: {:.0} documents/s, {:.1} commands/s, p50 {:.0} ms per command",
+            run.documents_per_second, run.commands_per_second, run.command_ms_p50
+        );
+        runs.push(run);
+    }
+    let report = Report {
+        what: "unordered insert_many of stored-shape documents, back to back",
+        write_concern: "w:1, j:true",
+        runs,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &json)?;
+    }
+    println!("{json}");
+    Ok(())
+}
