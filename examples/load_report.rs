@@ -1,0 +1,368 @@
+//! Turns one load-report run's raw files into `report.json`, `report.md` (the tables) and
+//! `chart.svg`: req/s and p95 per VU level for sluice, naive mode and the `/healthz`
+//! ceiling, with the database's raw insert ceiling drawn across.
+//!
+//! `bench-report/run.sh` drives the lab and then runs this; run it alone to redraw:
+//!
+//!     cargo run --release --example load_report -- results/report-<time>
+//!
+//! The folder holds, as the script writes them:
+//!
+//! - `meta.json`: when, where, with what command and settings;
+//! - `k6-<target>-<vus>.json`: k6's `--summary-export` of each run (target: sluice,
+//!   naive, healthz);
+//! - `db-<target>-<vus>-before.json` / `-after.json`: serverStatus snapshots around each
+//!   `/api/data` run (`lab/labtool.py snapshot`);
+//! - `insert-ceiling.json`: the `insert_ceiling` example's output.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde_json::{json, Value};
+
+const TARGETS: [&str; 3] = ["sluice", "naive", "healthz"];
+const DOCS_PER_REQUEST: f64 = 5.0;
+
+type Error = Box<dyn std::error::Error>;
+
+fn load(path: &Path) -> Option<Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, k| v.get(*k))?.as_f64()
+}
+
+/// One k6 run's figures, and the database's over the same run where there are snapshots.
+fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
+    let k6 = load(&dir.join(format!("k6-{target}-{vus}.json")))?;
+    let requests = num(&k6, &["metrics", "http_reqs", "count"])?;
+    let rate = num(&k6, &["metrics", "http_reqs", "rate"])?;
+    // The summary export has no run time, but count / rate is exactly it.
+    let seconds = if rate > 0.0 { requests / rate } else { 0.0 };
+    let ok = num(&k6, &["metrics", "successful_requests", "count"]).unwrap_or(0.0);
+    let per_s = |n: f64| if seconds > 0.0 { n / seconds } else { 0.0 };
+    let d = |stat: &str| num(&k6, &["metrics", "http_req_duration", stat]);
+    let mut out = json!({
+        "vus": vus,
+        "seconds": seconds,
+        "requests": requests,
+        "req_per_s": rate,
+        "ok_requests": ok,
+        "ok_req_per_s": per_s(ok),
+        "failed_rate": num(&k6, &["metrics", "http_req_failed", "value"]).unwrap_or(0.0),
+        "error_rate": num(&k6, &["metrics", "error_rate", "value"]).unwrap_or(0.0),
+        "med_ms": d("med"),
+        "p95_ms": d("p(95)"),
+        "p99_ms": d("p(99)"),
+        "max_ms": d("max"),
+    });
+    let before = load(&dir.join(format!("db-{target}-{vus}-before.json")));
+    let after = load(&dir.join(format!("db-{target}-{vus}-after.json")));
+    if let (Some(b), Some(a)) = (before, after) {
+        let delta = |p: &[&str]| Some(num(&a, p)? - num(&b, p)?);
+        let docs = delta(&["documents_inserted"]).unwrap_or(0.0);
+        let inserts = delta(&["commands", "insert"]).unwrap_or(0.0);
+        let finds = delta(&["commands", "find"]).unwrap_or(0.0);
+        let commands =
+            delta(&["commands_total"]).unwrap_or(0.0) - delta(&["probe_commands"]).unwrap_or(0.0);
+        out["db"] = json!({
+            "documents": docs,
+            "documents_per_s": per_s(docs),
+            "commands_per_s": per_s(commands),
+            "insert_commands": inserts,
+            "find_commands": finds,
+            "documents_per_insert": if inserts > 0.0 { docs / inserts } else { 0.0 },
+        });
+    }
+    Some(out)
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(v) => {
+            let s = format!("{v:.digits$}");
+            // Thousands separators make the tables readable at a glance.
+            let (int, frac) = s.split_once('.').map_or((s.as_str(), ""), |(i, f)| (i, f));
+            let (sign, int) = int.strip_prefix('-').map_or(("", int), |i| ("-", i));
+            let mut grouped = String::new();
+            for (i, c) in int.chars().enumerate() {
+                if i > 0 && (int.len() - i) % 3 == 0 {
+                    grouped.push(',');
+                }
+                grouped.push(c);
+            }
+            if frac.is_empty() {
+                format!("{sign}{grouped}")
+            } else {
+                format!("{sign}{grouped}.{frac}")
+            }
+        }
+        None => "n/a".into(),
+    }
+}
+
+fn tables(report: &Value) -> String {
+    let mut md = String::new();
+    let meta = &report["meta"];
+    let _ = writeln!(
+        md,
+        "Command: `{}`  \nDate: {}  \nMachine: {}  \nStages per level: {}  \nDatabase: {}\n",
+        meta["command"].as_str().unwrap_or("?"),
+        meta["date"].as_str().unwrap_or("?"),
+        meta["machine"].as_str().unwrap_or("?"),
+        meta["stages"].as_str().unwrap_or("?"),
+        meta["database"].as_str().unwrap_or("?"),
+    );
+    let _ = writeln!(
+        md,
+        "| target | VUs | req/s | ok req/s | failed | p50 ms | p95 ms | p99 ms | docs/s stored | DB commands/s | docs per insert |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for target in TARGETS {
+        for l in report["series"][target].as_array().into_iter().flatten() {
+            let db = |k: &str| l["db"][k].as_f64();
+            let _ = writeln!(
+                md,
+                "| {target} | {} | {} | {} | {}% | {} | {} | {} | {} | {} | {} |",
+                fmt(l["vus"].as_f64(), 0),
+                fmt(l["req_per_s"].as_f64(), 0),
+                fmt(l["ok_req_per_s"].as_f64(), 0),
+                fmt(l["failed_rate"].as_f64().map(|r| r * 100.0), 1),
+                fmt(l["med_ms"].as_f64(), 0),
+                fmt(l["p95_ms"].as_f64(), 0),
+                fmt(l["p99_ms"].as_f64(), 0),
+                fmt(db("documents_per_s"), 0),
+                fmt(db("commands_per_s"), 1),
+                fmt(db("documents_per_insert"), 0),
+            );
+        }
+    }
+    let _ = writeln!(
+        md,
+        "\n| VUs | sluice ÷ /healthz (req/s) | sluice ÷ naive (ok req/s) |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|");
+    for r in report["ratios"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            fmt(r["vus"].as_f64(), 0),
+            fmt(r["sluice_over_healthz"].as_f64(), 2),
+            fmt(r["sluice_over_naive"].as_f64(), 1),
+        );
+    }
+    let ceiling = &report["insert_ceiling"];
+    let _ = writeln!(
+        md,
+        "\nRaw insert ceiling ({}; {}):\n",
+        ceiling["what"].as_str().unwrap_or("not measured"),
+        ceiling["write_concern"].as_str().unwrap_or("-"),
+    );
+    let _ = writeln!(
+        md,
+        "| docs per insert | in flight | docs/s | commands/s | p50 ms per command |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+    for r in ceiling["runs"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            fmt(r["batch_docs"].as_f64(), 0),
+            fmt(r["concurrency"].as_f64(), 0),
+            fmt(r["documents_per_second"].as_f64(), 0),
+            fmt(r["commands_per_second"].as_f64(), 1),
+            fmt(r["command_ms_p50"].as_f64(), 0),
+        );
+    }
+    md
+}
+
+fn points(report: &Value, target: &str, key: &str) -> Vec<(f64, f64)> {
+    report["series"][target]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| Some((l["vus"].as_f64()?, l[key].as_f64()?)))
+        .collect()
+}
+
+fn chart(report: &Value, out: &Path) -> Result<(), Error> {
+    let colors = [
+        ("sluice", RGBColor(0x1f, 0x77, 0xb4)),
+        ("naive", RGBColor(0xd6, 0x27, 0x28)),
+        ("healthz", RGBColor(0x7f, 0x7f, 0x7f)),
+    ];
+    let label = |t: &str| match t {
+        "healthz" => "/healthz (HTTP ceiling)".to_string(),
+        "naive" => "naive mode".to_string(),
+        t => t.to_string(),
+    };
+    let insert_ceiling = report["insert_ceiling"]["best_documents_per_second"].as_f64();
+    let root = SVGBackend::new(out, (1280, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        &format!(
+            "sluice load report, {} ({})",
+            report["meta"]["date"].as_str().unwrap_or(""),
+            report["meta"]["stages"].as_str().unwrap_or("")
+        ),
+        ("sans-serif", 20),
+    )?;
+    let (left, right) = root.split_horizontally(640);
+    let x_range = || (70f64..14000f64).log_scale();
+
+    let ymax = TARGETS
+        .iter()
+        .flat_map(|t| points(report, t, "ok_req_per_s"))
+        .map(|p| p.1)
+        .chain(insert_ceiling.map(|d| d / DOCS_PER_REQUEST))
+        .fold(100.0, f64::max)
+        * 1.15;
+    let mut rps = ChartBuilder::on(&left)
+        .caption("successful req/s", ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_range(), 0f64..ymax)?;
+    rps.configure_mesh()
+        .x_desc("VUs (log)")
+        .y_desc("req/s")
+        .draw()?;
+    for (t, c) in colors {
+        let pts = points(report, t, "ok_req_per_s");
+        rps.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(label(t))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        rps.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+    }
+    if let Some(docs) = insert_ceiling {
+        let c = RGBColor(0x2c, 0xa0, 0x2c);
+        let y = docs / DOCS_PER_REQUEST;
+        rps.draw_series(LineSeries::new(
+            vec![(70.0, y), (14000.0, y)],
+            c.stroke_width(2),
+        ))?
+        .label("raw insert ceiling ÷ 5 docs")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    rps.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+
+    let mut p95 = ChartBuilder::on(&right)
+        .caption("p95 latency (ms, log)", ("sans-serif", 18))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_range(), (1f64..30000f64).log_scale())?;
+    p95.configure_mesh()
+        .x_desc("VUs (log)")
+        .y_desc("ms")
+        .draw()?;
+    for (t, c) in colors {
+        let pts: Vec<_> = points(report, t, "p95_ms")
+            .into_iter()
+            .map(|(x, y)| (x, y.max(1.0)))
+            .collect();
+        p95.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(label(t))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        p95.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
+    }
+    let threshold = RGBColor(0xff, 0x7f, 0x0e);
+    p95.draw_series(LineSeries::new(
+        vec![(70.0, 2000.0), (14000.0, 2000.0)],
+        threshold.stroke_width(1),
+    ))?
+    .label("k6 threshold p95 < 2 s")
+    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], threshold));
+    p95.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> Result<(), Error> {
+    let dir = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .ok_or("usage: load_report <run folder>")?,
+    );
+    let meta = load(&dir.join("meta.json")).ok_or("no meta.json in the run folder")?;
+    let levels: Vec<u64> = meta["levels"]
+        .as_array()
+        .ok_or("meta.json has no levels")?
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let mut series = BTreeMap::new();
+    for target in TARGETS {
+        let found: Vec<Value> = levels
+            .iter()
+            .filter_map(|&v| level(&dir, target, v))
+            .collect();
+        series.insert(target, found);
+    }
+    let at = |target: &str, vus: u64, key: &str| {
+        series[target]
+            .iter()
+            .find(|l| l["vus"].as_u64() == Some(vus))
+            .and_then(|l| l[key].as_f64())
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let ratios: Vec<Value> = levels
+        .iter()
+        .map(|&v| {
+            json!({
+                "vus": v,
+                "sluice_over_healthz": ratio(at("sluice", v, "req_per_s"), at("healthz", v, "req_per_s")),
+                "sluice_ok_over_healthz": ratio(at("sluice", v, "ok_req_per_s"), at("healthz", v, "ok_req_per_s")),
+                "sluice_over_naive": ratio(at("sluice", v, "ok_req_per_s"), at("naive", v, "ok_req_per_s")),
+            })
+        })
+        .collect();
+    let mut ceiling = load(&dir.join("insert-ceiling.json")).unwrap_or(Value::Null);
+    let best = ceiling["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["documents_per_second"].as_f64())
+        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+    if let Some(obj) = ceiling.as_object_mut() {
+        obj.insert("best_documents_per_second".into(), json!(best));
+    }
+    let report = json!({
+        "meta": meta,
+        "series": series,
+        "ratios": ratios,
+        "insert_ceiling": ceiling,
+    });
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let md = tables(&report);
+    std::fs::write(dir.join("report.md"), &md)?;
+    chart(&report, &dir.join("chart.svg"))?;
+    println!("{md}");
+    println!(
+        "wrote {0}/report.json, {0}/report.md and {0}/chart.svg",
+        dir.display()
+    );
+    Ok(())
+}
