@@ -11,6 +11,11 @@
 //! - **Stale while revalidate.** After warm-up a value older than `CACHE_FRESH_MS` is
 //!   still served, and one background task per pod refreshes it, so no request waits on
 //!   MongoDB for a read. Only past `CACHE_STALE_MS` is a value dropped.
+//! - **Revalidate, don't re-query.** Documents are only appended, so the first
+//!   `type: "write"` document stays first while it exists. A refresh that already knows
+//!   the answer checks that `_id` still exists (an index lookup) instead of running the
+//!   query again; some servers read every match of the query before applying its limit,
+//!   which on a large collection costs more than the disk and memory can give.
 //! - **Empty is brief.** While the collection is empty the answer (nulls) is fresh only
 //!   for `CACHE_EMPTY_MS`, so the first stored document shows up quickly.
 //! - **Redis down.** L2 errors are counted and skipped: L1 and MongoDB still serve,
@@ -158,7 +163,7 @@ impl ReadCache {
             Err(e) => {
                 self.metrics.cache_errors.with_label_values(&["l2"]).inc();
                 tracing::debug!(error = %e, "L2 unavailable; reading MongoDB");
-                return self.query(false).await;
+                return self.query(false, fallback.and_then(|r| r.id)).await;
             }
         };
         if let Some(read) = l2.filter(|r| self.is_fresh(r)) {
@@ -178,7 +183,15 @@ impl ReadCache {
         };
         match self.shared.try_lock(&self.holder, LOCK_TTL).await {
             Ok(true) => {
-                let result = self.query(true).await;
+                // The previous holder may have shared its value between our look and our
+                // lock: look again before paying for a query.
+                let result = match self.shared.get_read().await {
+                    Ok(Some(read)) if self.is_fresh(&read) => {
+                        self.metrics.refreshes.with_label_values(&["shared"]).inc();
+                        Ok(self.entry(read, None))
+                    }
+                    _ => self.query(true, stale.and_then(|r| r.id)).await,
+                };
                 if let Err(e) = self.shared.unlock(&self.holder).await {
                     tracing::debug!(error = %e, "could not release the refresh lock; it expires");
                 }
@@ -190,7 +203,7 @@ impl ReadCache {
             },
             Err(_) => {
                 self.metrics.cache_errors.with_label_values(&["l2"]).inc();
-                self.query(false).await
+                self.query(false, stale.and_then(|r| r.id)).await
             }
         }
     }
@@ -210,13 +223,14 @@ impl ReadCache {
             }
         }
         // The holder died or Redis went away: read it ourselves.
-        self.query(false).await
+        self.query(false, None).await
     }
 
     /// Reads MongoDB (paying from the budget) and, if asked, shares the answer in Redis.
-    async fn query(&self, share: bool) -> Result<Entry, ReadError> {
-        let token = self.budget.acquire().await;
-        let read = match self.store.first_write(token).await {
+    /// A `known` answer is revalidated by its `_id`; only without one (or if it is gone)
+    /// does the query itself run.
+    async fn query(&self, share: bool, known: Option<ObjectId>) -> Result<Entry, ReadError> {
+        let read = match self.ask_store(known).await {
             Ok(id) => CachedRead::now(id),
             Err(e) => {
                 self.metrics.refreshes.with_label_values(&["error"]).inc();
@@ -239,6 +253,19 @@ impl ReadCache {
             }
         }
         Ok(self.entry(read, None))
+    }
+
+    async fn ask_store(&self, known: Option<ObjectId>) -> Result<Option<ObjectId>, StoreError> {
+        if let Some(id) = known {
+            if self
+                .store
+                .still_stored(id, self.budget.acquire().await)
+                .await?
+            {
+                return Ok(Some(id));
+            }
+        }
+        self.store.first_write(self.budget.acquire().await).await
     }
 
     fn fresh_for(&self, read: &CachedRead) -> Duration {

@@ -157,6 +157,18 @@ impl Store {
         Ok(found.and_then(|d| d.get_object_id("_id").ok()))
     }
 
+    /// Whether the document `id` is still stored as `type: "write"`. Documents are only
+    /// ever appended, so the first one stays first while it exists: this revalidates a
+    /// known answer of [`Store::first_write`] by `_id` instead of running the query again,
+    /// which some servers answer by reading every match before applying the limit.
+    pub async fn still_stored(&self, id: ObjectId, _paid: Token) -> Result<bool, StoreError> {
+        let query = self
+            .records
+            .find_one(doc! { "_id": id, "type": "write" })
+            .projection(doc! { "_id": 1 });
+        Ok(self.run("find", self.timeout, query).await?.is_some())
+    }
+
     /// The collection's size from its metadata: no scan, so it costs no disk reads.
     pub async fn estimated_count(&self, _paid: Token) -> Result<u64, StoreError> {
         let count = self.records.estimated_document_count();
