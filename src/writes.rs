@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Token};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -201,20 +201,39 @@ struct Flush {
     metrics: Arc<Metrics>,
 }
 
+/// A request in a batch, until it is answered.
+struct Waiter {
+    /// Its documents not yet stored.
+    left: usize,
+    /// Taken when the request is answered, so it is answered once.
+    ack: Option<oneshot::Sender<Result<(), WriteError>>>,
+    deadline: Instant,
+}
+
+impl Waiter {
+    fn answer(&mut self, result: Result<(), WriteError>) -> bool {
+        self.ack.take().map(|ack| ack.send(result)).is_some()
+    }
+}
+
 impl Flush {
-    async fn run(self, batch: Batch, token: crate::budget::Token, _slot: OwnedSemaphorePermit) {
+    async fn run(self, batch: Batch, token: Token, _slot: OwnedSemaphorePermit) {
         let started = Instant::now();
         self.metrics.batch_documents.observe(batch.docs as f64);
         let mut docs = Vec::with_capacity(batch.docs);
-        // For each document, the job it belongs to.
+        // For each document, the index of its request in `waiters`.
         let mut owner = Vec::with_capacity(batch.docs);
-        // Per job: documents not yet stored, and the channel to answer on.
-        let mut waiting = Vec::with_capacity(batch.jobs.len());
+        let mut waiters = Vec::with_capacity(batch.jobs.len());
         for (j, job) in batch.jobs.into_iter().enumerate() {
             owner.extend(std::iter::repeat_n(j, job.docs.len()));
-            waiting.push((job.docs.len(), Some(job.ack), job.deadline));
+            waiters.push(Waiter {
+                left: job.docs.len(),
+                ack: Some(job.ack),
+                deadline: job.deadline,
+            });
             docs.extend(job.docs);
         }
+        // Positions in `docs` still to be stored, ascending.
         let mut todo: Vec<usize> = (0..docs.len()).collect();
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
@@ -224,44 +243,46 @@ impl Flush {
             .build();
         let mut token = Some(token);
         loop {
-            let deadline = waiting
+            let deadline = waiters
                 .iter()
-                .filter(|(_, ack, _)| ack.is_some())
-                .map(|&(_, _, d)| d)
+                .filter(|w| w.ack.is_some())
+                .map(|w| w.deadline)
                 .min()
                 .unwrap_or(started);
-            let limit = deadline.saturating_duration_since(Instant::now());
             let paid = match token.take() {
                 Some(t) => t,
                 None => self.budget.acquire().await,
             };
-            let result = self
+            let limit = deadline.saturating_duration_since(Instant::now());
+            if limit.is_zero() {
+                self.give_up(
+                    &mut waiters,
+                    "waited longer than WRITE_TIMEOUT_MS before the insert",
+                );
+                break;
+            }
+            let (failed, reason) = match self
                 .store
                 .insert_many(todo.iter().map(|&i| &docs[i]), paid, limit)
-                .await;
-            let (failed, error) = match result {
-                Ok(failed) => {
-                    let first = failed.first().map(|&i| format!("document {i} rejected"));
-                    let mut failed: Vec<usize> = failed.into_iter().map(|i| todo[i]).collect();
+                .await
+            {
+                Ok(rejected) => {
+                    let mut failed: Vec<usize> = rejected.iter().map(|&i| todo[i]).collect();
                     failed.sort_unstable();
-                    (failed, first)
+                    (failed, "the database rejected documents".to_string())
                 }
-                Err(e) => (todo.clone(), Some(e.to_string())),
+                Err(e) => (todo.clone(), e.to_string()),
             };
-            let stored = todo.len() - failed.len();
-            self.metrics.documents_stored.inc_by(stored as u64);
-            // Credit stored documents to their jobs and answer the complete ones.
-            let mut failed_iter = failed.iter().peekable();
+            self.metrics
+                .documents_stored
+                .inc_by((todo.len() - failed.len()) as u64);
+            // Credit stored documents to their requests; answer the complete ones.
             for &i in &todo {
-                if failed_iter.peek() == Some(&&i) {
-                    failed_iter.next();
-                    continue;
-                }
-                let entry = &mut waiting[owner[i]];
-                entry.0 -= 1;
-                if entry.0 == 0 {
-                    if let Some(ack) = entry.1.take() {
-                        let _ = ack.send(Ok(()));
+                if failed.binary_search(&i).is_err() {
+                    let waiter = &mut waiters[owner[i]];
+                    waiter.left -= 1;
+                    if waiter.left == 0 {
+                        waiter.answer(Ok(()));
                     }
                 }
             }
@@ -270,9 +291,8 @@ impl Flush {
                 break;
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(1));
-            let reason = error.unwrap_or_default();
             if Instant::now() + delay >= deadline {
-                self.give_up(&mut waiting, &reason);
+                self.give_up(&mut waiters, &reason);
                 break;
             }
             self.metrics.write_retries.inc();
@@ -284,22 +304,16 @@ impl Flush {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    fn give_up(
-        &self,
-        waiting: &mut [(
-            usize,
-            Option<oneshot::Sender<Result<(), WriteError>>>,
-            Instant,
-        )],
-        reason: &str,
-    ) {
-        let mut failed = 0u64;
-        for (_, ack, _) in waiting.iter_mut() {
-            if let Some(ack) = ack.take() {
-                failed += 1;
-                let _ = ack.send(Err(WriteError::NotStored(reason.to_string())));
-            }
-        }
+    /// Answers every request still waiting with 503: its documents were not stored in
+    /// time (some may have been; none is acknowledged).
+    fn give_up(&self, waiters: &mut [Waiter], reason: &str) {
+        let failed = waiters
+            .iter_mut()
+            .filter_map(|w| {
+                w.answer(Err(WriteError::NotStored(reason.to_string())))
+                    .then_some(())
+            })
+            .count() as u64;
         self.metrics.write_failures.inc_by(failed);
         tracing::warn!(
             requests = failed,
