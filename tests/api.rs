@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Command;
 
 use bson::doc;
 use common::*;
@@ -177,22 +176,8 @@ fn bad_configuration_exits_2_naming_the_setting() {
         ("LOG_FORMAT", "xml", "LOG_FORMAT"),
         ("CACHE_STALE_MS", "10", "CACHE_STALE_MS"),
     ] {
-        let dir = tempfile::TempDir::new().unwrap();
-        let log = dir.path().join("stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .env_clear()
-            .env("APP_PORT", free_port().to_string())
-            .env(key, value)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let exited = wait_child(&mut child, std::time::Duration::from_secs(10));
-        let stderr = std::fs::read_to_string(&log).unwrap();
-        assert_eq!(
-            exited.and_then(|s| s.code()),
-            Some(2),
-            "{key}={value}: {stderr}"
-        );
+        let (code, stderr) = run_to_exit(&[(key, value)]);
+        assert_eq!(code, Some(2), "{key}={value}: {stderr}");
         assert!(
             stderr.contains(named),
             "{key}={value} should name {named}: {stderr}"

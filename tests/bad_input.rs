@@ -150,15 +150,22 @@ async fn slow_headers_are_cut_off() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_over_the_cap_get_503() {
     let (_redis, _mongo, sluice) = spawn_app(&[("MAX_CONNECTIONS", "5")]).await;
+    // Each held connection completes one keep-alive request, so it has surely been
+    // accepted and holds its slot.
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(
-            TcpStream::connect(("127.0.0.1", sluice.port))
-                .await
-                .unwrap(),
-        );
+        let mut stream = TcpStream::connect(("127.0.0.1", sluice.port))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        held.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let response = exchange(
         sluice.port,
         &get_with("", "/healthz"),
@@ -205,18 +212,8 @@ fn malformed_mongo_uri_stops_start_up() {
         "mongodb://host:notaport/db",
         "mongodb://a/b?w=banana&journal=maybe",
     ] {
-        let dir = tempfile::TempDir::new().unwrap();
-        let log = dir.path().join("stderr");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .env_clear()
-            .env("APP_PORT", free_port().to_string())
-            .env("MONGO_URI", uri)
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let status = wait_child(&mut child, Duration::from_secs(10));
-        let stderr = std::fs::read_to_string(&log).unwrap();
-        assert_eq!(status.and_then(|s| s.code()), Some(2), "{uri}: {stderr}");
+        let (code, stderr) = run_to_exit(&[("MONGO_URI", uri)]);
+        assert_eq!(code, Some(2), "{uri}: {stderr}");
         assert!(stderr.contains("MONGO_URI"), "{uri}: {stderr}");
     }
 }

@@ -51,14 +51,7 @@ async fn concurrent_requests_share_insert_commands() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cold_cache_reads_the_database_once() {
-    let redis = Redis::start();
-    let mongo = Mongo::start().await;
-    mongo
-        .records()
-        .await
-        .insert_one(doc! {"type": "write", "index": 0, "payload": "seed"})
-        .await
-        .unwrap();
+    let (redis, mongo) = seeded_servers().await;
     let sluice = Sluice::start(
         &mongo.uri(),
         &redis.url(),
@@ -85,14 +78,7 @@ async fn cold_cache_reads_the_database_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_share_one_refresh_through_redis() {
-    let redis = Redis::start();
-    let mongo = Mongo::start().await;
-    mongo
-        .records()
-        .await
-        .insert_one(doc! {"type": "write", "index": 0, "payload": "seed"})
-        .await
-        .unwrap();
+    let (redis, mongo) = seeded_servers().await;
     let env = [("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")];
     let pods: Vec<Sluice> = (0..3)
         .map(|_| Sluice::start(&mongo.uri(), &redis.url(), &env))

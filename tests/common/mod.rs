@@ -413,6 +413,38 @@ impl Sluice {
     }
 }
 
+/// Runs sluice with only `env` set (plus a free port) and returns its exit code and
+/// stderr; a process still running after 10 s is killed and reported as `None`.
+pub fn run_to_exit(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = TempDir::new().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .env_clear()
+        .env("APP_PORT", free_port().to_string())
+        .envs(env.iter().copied())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(10));
+    (
+        status.and_then(|s| s.code()),
+        std::fs::read_to_string(&log).unwrap(),
+    )
+}
+
+/// A MongoDB holding one `type: "write"` document, and Redis, both cold for sluice.
+pub async fn seeded_servers() -> (Redis, Mongo) {
+    let redis = Redis::start();
+    let mongo = Mongo::start().await;
+    mongo
+        .records()
+        .await
+        .insert_one(doc! {"type": "write", "index": 0, "payload": "seed"})
+        .await
+        .unwrap();
+    (redis, mongo)
+}
+
 /// Starts Redis, MongoDB and one sluice, ready to serve.
 pub async fn spawn_app(env: &[(&str, &str)]) -> (Redis, Mongo, Sluice) {
     let redis = Redis::start();
