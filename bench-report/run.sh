@@ -81,10 +81,19 @@ trap 'lab_down' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# wait_quiet: until no other load or lab setup runs on this machine.
+# wait_quiet: until no other load or lab setup runs on this machine. A lab that is up
+# keeps a database supervisor whose command line is setup-local's; those are recorded in
+# their lab's `pids` file (ours included) and do not count as a setup running.
 wait_quiet() {
-  local said=0
-  while pgrep -f "k6 run" >/dev/null || pgrep -f "setup-local" >/dev/null; do
+  local said=0 p busy recorded
+  while :; do
+    recorded=" $({ cat "$ROOT"/results/*/pids "$ROOT"/results/.*/pids "$LAB_STATE_DIR/pids" 2>/dev/null || true; } |
+      awk '$1 == "db-supervisor" {print $2}' | tr '\n' ' ') "
+    busy=0
+    for p in $(pgrep -f "k6 run"; pgrep -f "setup-local"); do
+      case "$recorded" in *" $p "*) ;; *) busy=1 ;; esac
+    done
+    [ "$busy" = 1 ] || return 0
     [ "$said" = 1 ] || info "another k6 or lab setup is running; waiting for it (checking every 30 s)"
     said=1
     sleep 30
@@ -122,6 +131,21 @@ lab_up() {
 
 snapshot() { "$PY" lab/labtool.py snapshot "$@" 2>>"$RUN/snapshot.log"; }
 
+# cpu_ticks NAME-PATTERN: CPU time (user + system, clock ticks) used so far by this lab's
+# processes whose recorded name matches, from /proc: what a level costs in CPU.
+cpu_ticks() {
+  local total=0 pid t
+  while read -r pid; do
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + t))
+  done < <(awk -v re="$1" '$1 ~ re {print $2}' "$LAB_STATE_DIR/pids")
+  echo "$total"
+}
+cpu_json() {
+  printf '{"clk_tck": %s, "sluice": %s, "database": %s, "haproxy": %s}' "$(getconf CLK_TCK)" \
+    "$(cpu_ticks '^sluice-')" "$(cpu_ticks '^mongo$')" "$(cpu_ticks '^haproxy$')"
+}
+
 # settle: until the database's inserted count stops moving (requests k6 gave up on may
 # still be storing), at most a minute, so one level's tail does not land in the next.
 settle() {
@@ -142,11 +166,13 @@ level() {
   wait_quiet
   info "$target at $vus VUs: k6 --stage ${RAMP}s:$vus,${HOLD}s:$vus against $path"
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-before.json"
+  cpu_json >"$RUN/cpu-$target-$vus-before.json"
   "$K6" run --summary-export "$RUN/k6-$target-$vus.json" \
     --summary-trend-stats 'avg,min,med,max,p(90),p(95),p(99)' \
     -e BASE_URL="$BASE_URL" -e TARGET_PATH="$path" -e EXPECT_STATUS="$expect" \
     --stage "${RAMP}s:$vus,${HOLD}s:$vus" \
     stress-test/stress-test.js >"$RUN/k6-$target-$vus.log" 2>&1 || rc=$?
+  cpu_json >"$RUN/cpu-$target-$vus-after.json"
   # 99: thresholds failed, which is a result, not an error.
   if [ "$rc" != 0 ] && [ "$rc" != 99 ]; then
     tail -n 20 "$RUN/k6-$target-$vus.log" >&2

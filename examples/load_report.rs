@@ -60,6 +60,21 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
         "p99_ms": d("p(99)"),
         "max_ms": d("max"),
     });
+    let cpu_before = load(&dir.join(format!("cpu-{target}-{vus}-before.json")));
+    let cpu_after = load(&dir.join(format!("cpu-{target}-{vus}-after.json")));
+    if let (Some(b), Some(a)) = (cpu_before, cpu_after) {
+        let tck = num(&a, &["clk_tck"]).unwrap_or(100.0);
+        let cpu_s = |k: &str| Some((num(&a, &[k])? - num(&b, &[k])?) / tck);
+        let cores = |k: &str| cpu_s(k).map(per_s);
+        out["cpu"] = json!({
+            "sluice_cores": cores("sluice"),
+            "database_cores": cores("database"),
+            "haproxy_cores": cores("haproxy"),
+            "sluice_us_per_request": cpu_s("sluice")
+                .filter(|_| requests > 0.0)
+                .map(|s| s * 1e6 / requests),
+        });
+    }
     let before = load(&dir.join(format!("db-{target}-{vus}-before.json")));
     let after = load(&dir.join(format!("db-{target}-{vus}-after.json")));
     if let (Some(b), Some(a)) = (before, after) {
@@ -128,9 +143,10 @@ fn tables(report: &Value) -> String {
     for target in TARGETS {
         for l in report["series"][target].as_array().into_iter().flatten() {
             let db = |k: &str| l["db"][k].as_f64();
+            let cpu = |k: &str| l["cpu"][k].as_f64();
             let _ = writeln!(
                 md,
-                "| {target} | {} | {} | {} | {}% | {} | {} | {} | {} | {} | {} |",
+                "| {target} | {} | {} | {} | {}% | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
                 fmt(l["vus"].as_f64(), 0),
                 fmt(l["req_per_s"].as_f64(), 0),
                 fmt(l["ok_req_per_s"].as_f64(), 0),
@@ -141,6 +157,9 @@ fn tables(report: &Value) -> String {
                 fmt(db("documents_per_s"), 0),
                 fmt(db("commands_per_s"), 1),
                 fmt(db("documents_per_insert"), 0),
+                fmt(cpu("sluice_us_per_request"), 0),
+                fmt(cpu("sluice_cores"), 2),
+                fmt(cpu("database_cores"), 2),
             );
         }
     }
