@@ -184,3 +184,31 @@ fn bad_configuration_exits_2_naming_the_setting() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_are_never_logged_or_shown() {
+    let redis = Redis::start();
+    let mongo = Mongo::start().await;
+    let mongo_uri = format!(
+        "mongodb://admin:Mongo-S3cret@127.0.0.1:{}/assessmentdb?authSource=admin",
+        mongo.port
+    );
+    let redis_url = format!("redis://:Redis-S3cret@127.0.0.1:{}", redis.port);
+    let sluice = Sluice::start(&mongo_uri, &redis_url, &[("LOG_LEVEL", "debug")]);
+    let client = client();
+    // Neither server has these users, so both connections fail: the paths that log URLs.
+    for path in ["/healthz", "/readyz", "/api/data", "/api/stats", "/metrics"] {
+        let _ = get(&client, &sluice.url(path)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let status = sluice.status().await.to_string();
+    assert!(
+        status.contains("admin:***@"),
+        "the URI is shown redacted: {status}"
+    );
+    let log = sluice.log();
+    for secret in ["Mongo-S3cret", "Redis-S3cret"] {
+        assert!(!status.contains(secret), "status shows {secret}: {status}");
+        assert!(!log.contains(secret), "log shows {secret}:\n{log}");
+    }
+}
