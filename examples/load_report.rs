@@ -134,11 +134,11 @@ fn tables(report: &Value) -> String {
     );
     let _ = writeln!(
         md,
-        "| target | VUs | req/s | ok req/s | failed | p50 ms | p95 ms | p99 ms | docs/s stored | DB commands/s | docs per insert |"
+        "| target | VUs | req/s | ok req/s | failed | p50 ms | p95 ms | p99 ms | docs/s stored | DB commands/s | docs per insert | sluice µs CPU per request | sluice / DB cores |"
     );
     let _ = writeln!(
         md,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for target in TARGETS {
         for l in report["series"][target].as_array().into_iter().flatten() {
