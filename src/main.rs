@@ -11,7 +11,12 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    sluice::telemetry::init(cli.config.log_format, &cli.config.log_level);
+    // The operator subcommands print for a person; only problems should interleave.
+    let level = match cli.command {
+        None | Some(Command::Serve) => cli.config.log_level.as_str(),
+        Some(_) => "warn",
+    };
+    sluice::telemetry::init(cli.config.log_format, level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

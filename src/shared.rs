@@ -181,6 +181,8 @@ impl Shared {
     }
 
     pub async fn quit(&self) {
-        let _ = self.client.quit().await;
+        if self.client.is_connected() {
+            let _ = self.client.quit().await;
+        }
     }
 }

@@ -4,6 +4,8 @@
 //! logs per request at info level: at 5,000 requests a second that alone would cost a
 //! core. Per-request facts go to `/metrics` instead.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -12,6 +14,7 @@ pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests, subcommands) keeps the first subscriber.
     let _ = match format {
