@@ -13,6 +13,8 @@
 #   --hold S           seconds held at each level
 #   --ceiling S        seconds per raw-insert measurement
 #   --replicas N       sluice replicas behind HAProxy (default 2, as ./setup.sh --local)
+#   --resume DIR       finish an interrupted run in DIR (results/report-<time>): what it
+#                      measured already is kept, the rest is run, then the report is made
 #   -h, --help         this text
 #
 # What it does, in order:
@@ -37,7 +39,7 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2
+QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2 RESUME=""
 ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -47,6 +49,7 @@ while [ $# -gt 0 ]; do
     --hold) HOLD=${2:?--hold needs seconds}; shift 2 ;;
     --ceiling) CEILING=${2:?--ceiling needs seconds}; shift 2 ;;
     --replicas) REPLICAS=${2:?--replicas needs a number}; shift 2 ;;
+    --resume) RESUME=${2:?--resume needs a run folder}; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -64,9 +67,14 @@ done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-TS=$(date -u +%Y%m%dT%H%M%SZ)
-RUN=$ROOT/results/report-$TS
-mkdir -p "$RUN"
+if [ -n "$RESUME" ]; then
+  RUN=$(cd "$RESUME" && pwd) || exit 2
+  TS=${RUN##*/report-}
+else
+  TS=$(date -u +%Y%m%dT%H%M%SZ)
+  RUN=$ROOT/results/report-$TS
+  mkdir -p "$RUN"
+fi
 # A lab of our own: another lab's setup or cleanup never touches this one, and back.
 export LAB_STATE_DIR=${REPORT_STATE_DIR:-$ROOT/results/.report-state}
 step() { printf '\n==> %s\n' "$*"; }
@@ -104,7 +112,9 @@ step "building sluice and the report's tools (cargo build --release --locked)"
 cargo build --release --locked --bin sluice --example insert_ceiling --example load_report \
   >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
 mkdir -p "$RUN/bin"
-cp target/release/sluice target/release/examples/insert_ceiling target/release/examples/load_report "$RUN/bin/"
+# A resumed run keeps the binaries it was measured with; the report tool is always fresh.
+[ -x "$RUN/bin/sluice" ] || cp target/release/sluice target/release/examples/insert_ceiling "$RUN/bin/"
+cp target/release/examples/load_report "$RUN/bin/"
 export SLUICE_BIN=$RUN/bin/sluice
 # shellcheck source=scripts/tools.sh
 . scripts/tools.sh
@@ -163,6 +173,10 @@ settle() {
 level() {
   local target=$1 vus=$2 path=/api/data expect=success rc=0
   [ "$target" = healthz ] && path=/healthz expect=ok
+  if [ -s "$RUN/k6-$target-$vus.json" ]; then
+    info "$target at $vus VUs: measured already ($(rel "$RUN/k6-$target-$vus.json"))"
+    return 0
+  fi
   wait_quiet
   info "$target at $vus VUs: k6 --stage ${RAMP}s:$vus,${HOLD}s:$vus against $path"
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-before.json"
@@ -191,7 +205,7 @@ EOF
 }
 
 CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
-{
+[ -s "$RUN/meta.json.part" ] || {
   printf '{\n'
   printf '  "command": "%s",\n' "$CMD"
   printf '  "date": "%s",\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -205,10 +219,17 @@ CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
 } >"$RUN/meta.json.part"
 
 # ------------------------------------------------------------------ sluice
+# done_phase TARGET...: every level of these targets is in the run folder (--resume).
+done_phase() {
+  local v t
+  for v in $LEVELS; do
+    for t in "$@"; do [ -s "$RUN/k6-$t-$v.json" ] || return 1; done
+  done
+}
+if done_phase sluice healthz && [ -s "$RUN/insert-ceiling.json" ]; then
+  info "sluice, /healthz and the insert ceiling: measured already"
+else
 lab_up sluice
-DB_LINE=$(grep -m1 'database:' "$RUN/setup-sluice.log" | sed 's/.*database: *//; s#.*/##')
-CONSTRAINED="0.5 CPU, 500 MiB, 100 read + 100 write IOPS"
-grep -qE 'UNCONSTRAINED|UNTHROTTLED|refused' "$RUN/setup-sluice.log" && CONSTRAINED="NOT fully constrained (see setup-sluice.log)"
 step "sluice: /api/data at $LEVELS VUs"
 for v in $LEVELS; do level sluice "$v"; done
 i=0
@@ -220,27 +241,37 @@ step "the HTTP ceiling: /healthz at $LEVELS VUs, same stages, same HAProxy"
 for v in $LEVELS; do level healthz "$v"; done
 step "the database ceiling: raw insert_many through the Rust driver, ${CEILING}s per size"
 wait_quiet
-"$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 1000 --batch 5000 "${CONCURRENCY[@]}" \
+[ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 1000 --batch 5000 "${CONCURRENCY[@]}" \
   --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
 step "storage: bytes on disk per stored document"
 settle
-snapshot --count "$MONGO_URI" "$RUN/db-final.json"
+# serverStatus's inserted count, not an exact count: counting millions of documents on
+# the constrained database can cost it more memory than it has.
+DOCS=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$RUN/.settle.json" || echo 0)
 DB_BYTES=$(du -sb "$LAB_STATE_DIR/mnt" 2>/dev/null | cut -f1 || echo 0)
-DOCS=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$RUN/db-final.json")
-info "$DOCS documents, $DB_BYTES bytes of database files"
+info "$DOCS documents inserted, $DB_BYTES bytes of database files"
+echo "{\"documents\": ${DOCS:-0}, \"bytes\": ${DB_BYTES:-0}}" >"$RUN/storage.json"
 lab_down
+fi
 
 # ------------------------------------------------------------------ naive
-lab_up naive
-step "naive mode: /api/data at $LEVELS VUs"
-for v in $LEVELS; do level naive "$v"; done
-lab_down
+if done_phase naive; then
+  info "naive mode: measured already"
+else
+  lab_up naive
+  step "naive mode: /api/data at $LEVELS VUs"
+  for v in $LEVELS; do level naive "$v"; done
+  lab_down
+fi
 
 # ------------------------------------------------------------------ report
+DB_LINE=$(grep -m1 'database:' "$RUN/setup-sluice.log" | sed 's/.*database: *//; s#.*/##' || true)
+CONSTRAINED="0.5 CPU, 500 MiB, 100 read + 100 write IOPS"
+! grep -qE 'UNCONSTRAINED|UNTHROTTLED|refused' "$RUN/setup-sluice.log" || CONSTRAINED="NOT fully constrained (see setup-sluice.log)"
 {
   cat "$RUN/meta.json.part"
   printf '  "database": "%s, %s",\n' "${DB_LINE:-unknown}" "$CONSTRAINED"
-  printf '  "storage": {"documents": %s, "bytes": %s}\n}\n' "${DOCS:-0}" "${DB_BYTES:-0}"
+  printf '  "storage": %s\n}\n' "$(cat "$RUN/storage.json" 2>/dev/null || echo null)"
 } >"$RUN/meta.json"
 rm -f "$RUN/meta.json.part" "$RUN/.settle.json"
 step "report"
