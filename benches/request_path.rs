@@ -76,6 +76,15 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .ok()?;
+        // Connect only once it listens: the client's first failed attempt is not retried
+        // at once.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return Some(Redis(child));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Some(Redis(child))
     }
 }
@@ -110,19 +119,25 @@ fn reads(c: &mut Criterion) {
     let port = free_port();
     let redis_url = format!("redis://127.0.0.1:{port}");
     let redis = Redis::start(port);
-    let cache = rt.block_on(async {
-        redis.as_ref()?;
+    let cache: Result<Arc<ReadCache>, String> = rt.block_on(async {
+        if redis.is_none() {
+            return Err("redis-server could not be started (apt-get install redis-server)".into());
+        }
         let metrics = Arc::new(Metrics::new());
-        let shared = Arc::new(Shared::connect(&redis_url, Duration::from_secs(1)).ok()?);
+        let shared = Arc::new(
+            Shared::connect(&redis_url, Duration::from_secs(1)).map_err(|e| e.to_string())?,
+        );
         if !shared.wait_connected(Duration::from_secs(5)).await {
-            return None;
+            return Err(format!(
+                "redis-server on port {port} did not answer within 5 s"
+            ));
         }
         // What another pod's refresh leaves in L2; this pod's first read copies it to L1.
         let id = ObjectId::new();
         shared
             .put_read(&CachedRead::now(Some(id)), LONG)
             .await
-            .ok()?;
+            .map_err(|e| e.to_string())?;
         let cache = Arc::new(ReadCache::new(
             ReadSettings {
                 fresh: LONG,
@@ -135,12 +150,14 @@ fn reads(c: &mut Criterion) {
             "bench".into(),
             metrics,
         ));
-        let first = cache.first_write().await.ok()?;
-        assert_eq!(first, Some(id), "L1 is filled from L2");
-        Some(cache)
+        let first = cache.first_write().await.map_err(|e| e.to_string())?;
+        if first != Some(id) {
+            return Err(format!("L1 was not filled from L2: got {first:?}"));
+        }
+        Ok(cache)
     });
     match cache {
-        Some(cache) => {
+        Ok(cache) => {
             group.bench_function("5_l1_hits", |b| {
                 b.iter_custom(|iters| {
                     rt.block_on(async {
@@ -155,10 +172,9 @@ fn reads(c: &mut Criterion) {
                 })
             });
         }
-        None => eprintln!(
-            "\n!!! reads/5_l1_hits SKIPPED: no redis-server could be started on port {port} \
-             (apt-get install redis-server). reads/5_moka_gets still runs.\n"
-        ),
+        Err(why) => {
+            eprintln!("\n!!! reads/5_l1_hits SKIPPED: {why}. reads/5_moka_gets still runs.\n")
+        }
     }
     drop(redis);
 
