@@ -173,14 +173,28 @@ async fn full_queue_sheds_with_retry_after() {
     .await;
     let outcomes = burst(&sluice.url("/api/data"), 60).await;
     let shed: Vec<_> = outcomes.iter().filter(|o| o.status == 503).collect();
-    assert!(!shed.is_empty(), "a full queue sheds");
-    assert!(shed
+    assert!(
+        shed.iter().all(|o| o.retry_after),
+        "every 503 carries Retry-After"
+    );
+    // Requests that did get into the queue may still outlive WRITE_TIMEOUT_MS behind
+    // the 2/s budget: those are 503s too, but not the fast queue-full kind.
+    let queue_full: Vec<_> = shed
         .iter()
-        .all(|o| o.retry_after && o.latency < Duration::from_secs(1)));
-    assert!(shed[0].body["message"]
-        .as_str()
-        .unwrap()
-        .contains("queue is full"));
+        .filter(|o| {
+            o.body["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("queue is full")
+        })
+        .collect();
+    assert!(!queue_full.is_empty(), "a full queue sheds");
+    assert!(
+        queue_full
+            .iter()
+            .all(|o| o.latency < Duration::from_secs(1)),
+        "queue-full answers are fast"
+    );
     assert!(outcomes.iter().any(|o| o.status == 200));
     assert!(outcomes.iter().all(|o| o.status == 200 || o.status == 503));
     assert_nothing_lost(&mongo, &outcomes).await;
@@ -192,7 +206,7 @@ async fn full_queue_sheds_with_retry_after() {
         .unwrap();
     assert!(metrics.contains(&format!(
         "sluice_shed_total{{reason=\"queue_full\"}} {}",
-        shed.len()
+        queue_full.len()
     )));
 }
 
