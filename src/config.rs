@@ -128,7 +128,8 @@ pub struct Config {
     #[arg(long, env = "CACHE_EMPTY_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
     pub cache_empty_ms: u64,
 
-    /// Time limit of one MongoDB command, server selection and connecting included.
+    /// Time limit of one MongoDB command, server selection and connecting included; also
+    /// how long a request waits for its reads before it is answered 503.
     #[arg(long, env = "DB_TIMEOUT_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub db_timeout_ms: u64,
 

@@ -15,6 +15,12 @@
 //! without its request being told. The queue is bounded (`QUEUE_CAPACITY` requests):
 //! past `ENQUEUE_TIMEOUT_MS` of waiting for room, the request is shed with 503.
 //!
+//! Deadlines are per request, never per batch. Under overload a batch mixes requests
+//! that waited long in the queue with fresh ones; the expired ones (and those whose
+//! client has gone) are answered and left out before each attempt, and the rest are
+//! still sent. Otherwise one old request would sink the hundreds that share its batch,
+//! and the database's few commands would go to waste exactly when they are scarcest.
+//!
 //! Shutdown: when `stop` fires, the queue is closed (new submissions fail at once), every
 //! request already in it is flushed, and the flusher returns once the last in-flight
 //! insert is answered.
@@ -62,6 +68,7 @@ struct Job {
 pub struct Writer {
     tx: mpsc::Sender<Job>,
     settings: WriteSettings,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -79,20 +86,30 @@ impl Writer {
             rx,
             store,
             budget,
-            metrics,
+            metrics: Arc::clone(&metrics),
             settings,
         };
         let task = tokio::spawn(flusher.run(stop));
-        (Writer { tx, settings }, task)
+        let writer = Writer {
+            tx,
+            settings,
+            metrics,
+        };
+        (writer, task)
     }
 
-    /// Queues the documents and waits until they are stored (or definitely not).
+    /// Queues the documents and waits until they are stored, or until the deadline.
+    ///
+    /// The wait is bounded here, on the request's side, whatever the flusher is doing:
+    /// a request is answered within `WRITE_TIMEOUT_MS` even while its batch is still
+    /// waiting for the budget or for a slow database.
     pub async fn submit(&self, docs: Vec<Document>) -> Result<(), WriteError> {
         let (ack, done) = oneshot::channel();
+        let deadline = Instant::now() + self.settings.write_timeout;
         let job = Job {
             docs,
             ack,
-            deadline: Instant::now() + self.settings.write_timeout,
+            deadline,
         };
         self.tx
             .send_timeout(job, self.settings.enqueue_timeout)
@@ -101,7 +118,16 @@ impl Writer {
                 mpsc::error::SendTimeoutError::Timeout(_) => WriteError::QueueFull,
                 mpsc::error::SendTimeoutError::Closed(_) => WriteError::Closed,
             })?;
-        done.await.unwrap_or(Err(WriteError::Closed))
+        let result = match tokio::time::timeout_at(deadline.into(), done).await {
+            Ok(answer) => answer.unwrap_or(Err(WriteError::Closed)),
+            Err(_) => Err(WriteError::NotStored(
+                "waited longer than WRITE_TIMEOUT_MS for the insert".into(),
+            )),
+        };
+        if matches!(result, Err(WriteError::NotStored(_))) {
+            self.metrics.write_failures.inc();
+        }
+        result
     }
 
     /// Requests waiting in the queue now.
@@ -130,7 +156,13 @@ struct Batch {
 }
 
 impl Batch {
+    /// Adds a request, unless its client stopped waiting: it timed out in the queue
+    /// (its `submit` has answered it) or disconnected. Its documents would only take
+    /// room that live requests need.
     fn push(&mut self, job: Job) {
+        if job.ack.is_closed() || job.deadline <= Instant::now() {
+            return;
+        }
         self.docs += job.docs.len();
         self.jobs.push(job);
     }
@@ -156,6 +188,9 @@ impl Flusher {
             };
             let mut batch = Batch::default();
             batch.push(first);
+            if batch.jobs.is_empty() {
+                continue;
+            }
             self.gather(&mut batch, tokio::time::sleep(self.settings.linger))
                 .await;
             let slot = self
@@ -211,8 +246,16 @@ struct Waiter {
 }
 
 impl Waiter {
-    fn answer(&mut self, result: Result<(), WriteError>) -> bool {
-        self.ack.take().map(|ack| ack.send(result)).is_some()
+    fn answer(&mut self, result: Result<(), WriteError>) {
+        if let Some(ack) = self.ack.take() {
+            // A closed receiver means `submit` already answered the client.
+            let _ = ack.send(result);
+        }
+    }
+
+    /// Still owed an answer by this batch: not answered, not expired, client waiting.
+    fn waiting(&self, now: Instant) -> bool {
+        self.ack.as_ref().is_some_and(|ack| !ack.is_closed()) && self.deadline > now
     }
 }
 
@@ -243,24 +286,19 @@ impl Flush {
             .build();
         let mut token = Some(token);
         loop {
-            let deadline = waiters
-                .iter()
-                .filter(|w| w.ack.is_some())
-                .map(|w| w.deadline)
-                .min()
-                .unwrap_or(started);
             let paid = match token.take() {
                 Some(t) => t,
                 None => self.budget.acquire().await,
             };
-            let limit = deadline.saturating_duration_since(Instant::now());
-            if limit.is_zero() {
-                self.give_up(
-                    &mut waiters,
-                    "waited longer than WRITE_TIMEOUT_MS before the insert",
-                );
+            // Leave out the requests nobody waits for any more, then give the command
+            // until the last deadline among the rest: a request whose own deadline
+            // passes meanwhile has been answered 503 by `submit`.
+            let now = Instant::now();
+            todo.retain(|&i| waiters[owner[i]].waiting(now));
+            let Some(deadline) = todo.iter().map(|&i| waiters[owner[i]].deadline).max() else {
                 break;
-            }
+            };
+            let limit = deadline.saturating_duration_since(now);
             let (failed, reason) = match self
                 .store
                 .insert_many(todo.iter().map(|&i| &docs[i]), paid, limit)
@@ -292,7 +330,7 @@ impl Flush {
             }
             let delay = delays.next().unwrap_or(Duration::from_secs(1));
             if Instant::now() + delay >= deadline {
-                self.give_up(&mut waiters, &reason);
+                give_up(&mut waiters, &reason);
                 break;
             }
             self.metrics.write_retries.inc();
@@ -303,22 +341,20 @@ impl Flush {
             .flush_seconds
             .observe(started.elapsed().as_secs_f64());
     }
+}
 
-    /// Answers every request still waiting with 503: its documents were not stored in
-    /// time (some may have been; none is acknowledged).
-    fn give_up(&self, waiters: &mut [Waiter], reason: &str) {
-        let failed = waiters
-            .iter_mut()
-            .filter_map(|w| {
-                w.answer(Err(WriteError::NotStored(reason.to_string())))
-                    .then_some(())
-            })
-            .count() as u64;
-        self.metrics.write_failures.inc_by(failed);
-        tracing::warn!(
-            requests = failed,
-            reason,
-            "documents not stored before their deadline; answered 503"
-        );
+/// Answers every request still waiting with 503: its documents were not stored in time
+/// (some may have been; none is acknowledged).
+fn give_up(waiters: &mut [Waiter], reason: &str) {
+    let now = Instant::now();
+    let mut answered = 0;
+    for waiter in waiters.iter_mut().filter(|w| w.waiting(now)) {
+        waiter.answer(Err(WriteError::NotStored(reason.to_string())));
+        answered += 1;
     }
+    tracing::warn!(
+        requests = answered,
+        reason,
+        "documents not stored before their deadline; answered 503"
+    );
 }

@@ -37,6 +37,10 @@ pub async fn handle(app: &Arc<App>) -> Result<Response, ApiError> {
 }
 
 /// The real path: reads from the cache tiers while the writes wait for their batch.
+///
+/// Both halves are bounded, so a request is answered (503 at worst) within
+/// `WRITE_TIMEOUT_MS` or `DB_TIMEOUT_MS`, whichever is longer, even when a cold cache's
+/// loader is queued behind the writer for the database budget.
 async fn coalesced(app: &Arc<App>, docs: Vec<Document>) -> Result<Reads, ApiError> {
     let reads = async {
         let mut out = [None; PER_REQUEST];
@@ -44,6 +48,11 @@ async fn coalesced(app: &Arc<App>, docs: Vec<Document>) -> Result<Reads, ApiErro
             *slot = app.reads.first_write().await?;
         }
         Ok::<_, ApiError>(out)
+    };
+    let reads = async {
+        tokio::time::timeout(app.config.db_timeout(), reads)
+            .await
+            .map_err(|_| ApiError::DatabaseDown)?
     };
     let writes = async { Ok(app.writer.submit(docs).await?) };
     // A shed write answers at once, without waiting for the reads.
