@@ -74,8 +74,10 @@ async fn data_stores_exactly_what_it_answers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn empty_collection_reads_are_null() {
-    let (_redis, _mongo, sluice) = spawn_app(&[("WRITE_TIMEOUT_MS", "3000")]).await;
-    // Reads run alongside the first request's writes, so they see an empty collection.
+    // The first request's documents wait 2 s for company before their insert, while its
+    // reads run at once: they see the collection still empty.
+    let (_redis, _mongo, sluice) =
+        spawn_app(&[("BATCH_LINGER_MS", "2000"), ("WRITE_TIMEOUT_MS", "6000")]).await;
     let o = get(&client(), &sluice.url("/api/data")).await;
     assert_eq!(o.status, 200);
     assert_eq!(

@@ -32,6 +32,7 @@ async fn overload_sheds_with_bounded_memory_and_live_health() {
         ("BATCH_MAX_DOCS", "500"),
         ("QUEUE_CAPACITY", "500"),
         ("WRITE_TIMEOUT_MS", "3000"),
+        ("DB_TIMEOUT_MS", "3000"),
     ])
     .await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -53,8 +54,9 @@ async fn overload_sheds_with_bounded_memory_and_live_health() {
     let shed: Vec<_> = outcomes.iter().filter(|o| o.status == 503).collect();
     let ok = outcomes.iter().filter(|o| o.status == 200).count();
     let peak = peak_rss_mib(sluice.proc.pid());
+    let slowest = outcomes.iter().map(|o| o.latency).max().unwrap_or_default();
     println!(
-        "overload: {} requests, {ok} stored, {} shed with 503; peak RSS {peak} MiB (cap {RSS_CAP_MIB}); slowest /healthz {slowest_probe:?}",
+        "overload: {} requests, {ok} stored, {} shed with 503; slowest answer {slowest:?}; peak RSS {peak} MiB (cap {RSS_CAP_MIB}); slowest /healthz {slowest_probe:?}",
         outcomes.len(),
         shed.len()
     );
@@ -62,9 +64,20 @@ async fn overload_sheds_with_bounded_memory_and_live_health() {
         !shed.is_empty() && shed.iter().all(|o| o.retry_after),
         "overload is shed with 503 + Retry-After"
     );
+    let mut by_status = std::collections::BTreeMap::new();
+    for o in &outcomes {
+        *by_status.entry(o.status).or_insert(0usize) += 1;
+    }
     assert!(
         outcomes.iter().all(|o| o.status == 200 || o.status == 503),
-        "only 200 or 503"
+        "only 200 or 503, got {by_status:?}; e.g. {:?}",
+        outcomes.iter().find(|o| o.status != 200 && o.status != 503)
+    );
+    // WRITE_TIMEOUT_MS and DB_TIMEOUT_MS are 3 s here: every request is answered by
+    // then, plus scheduling slack on a busy 2-core machine, never at the client's 10 s.
+    assert!(
+        slowest < Duration::from_secs(6),
+        "a request waited {slowest:?} for its answer"
     );
     assert!(ok > 0, "some requests still get through");
     assert!(

@@ -481,7 +481,7 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// One GET, with connection failures reported as status 0.
+/// One GET, with failures to get an answer reported as status 0 and the error as body.
 pub async fn get(client: &reqwest::Client, url: &str) -> Outcome {
     let at = Instant::now();
     match client.get(url).send().await {
@@ -497,11 +497,11 @@ pub async fn get(client: &reqwest::Client, url: &str) -> Outcome {
                 at,
             }
         }
-        Err(_) => Outcome {
+        Err(e) => Outcome {
             status: 0,
             latency: at.elapsed(),
             retry_after: false,
-            body: Value::Null,
+            body: Value::String(format!("{e:?}")),
             at,
         },
     }
