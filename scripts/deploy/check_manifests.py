@@ -418,6 +418,13 @@ def cmd_traefik():
     args = values.get("additionalArguments", [])
     if not any(a.startswith("--serversTransport.maxIdleConnsPerHost=") and int(a.split("=")[1]) >= 10000 for a in args):
         expect_problems.append("Traefik must keep >= 10000 idle backend connections per host")
+    # sluice closes a connection idle for HEADER_READ_TIMEOUT_MS; Traefik must let go first.
+    idle = [a.split("=", 1)[1] for a in args
+            if a.startswith("--serversTransport.forwardingTimeouts.idleConnTimeout=")]
+    sluice_idle_ms = int(find(load_docs("k8s/app/*.yaml"), "ConfigMap", "sluice-config")["data"]["HEADER_READ_TIMEOUT_MS"])
+    if not idle or not re.fullmatch(r"\d+s", idle[0]) or int(idle[0][:-1]) * 1000 >= sluice_idle_ms:
+        expect_problems.append(
+            f"Traefik's idleConnTimeout must be set in whole seconds below sluice's HEADER_READ_TIMEOUT_MS ({sluice_idle_ms} ms)")
     for prob in expect_problems:
         print(f"  {prob}")
     if expect_problems:
