@@ -162,7 +162,8 @@ figures = [
     "database.commands_per_s_peak_1s", "documents.stored", "documents.lost", "disk.db_bytes",
     "cache_hit_ratios.all.l1.hit_ratio", "cache_hit_ratios.all.l2.hit_ratio",
     "meta.constraints.disk", "meta.constraints.cpu", "meta.constraints.memory",
-    "meta.db_restarts", "database.docs_per_insert_command",
+    "meta.db_restarts", "database.docs_per_insert_command", "meta.sluice_peak_rss_mib",
+    "meta.sluice_rss_cap_mib",
 ]
 for f in figures:
     v = get(f)
@@ -172,6 +173,7 @@ print(("ok " if lost == 0 else "fail ") + f"lost == 0 (stored {get('documents.st
 ok_req = (get("api_data.successful_requests") or 0) > 0
 print(("ok " if ok_req else "fail ") + "some /api/data requests succeeded")
 print(("ok " if get("meta.db_restarts") == 0 else "fail ") + f"the database never died (restarts {get('meta.db_restarts')}, OOM kills {get('meta.db_oom_kills')})")
+print(("ok " if get("checks")["sluice peak RSS < cap"] else "fail ") + f"sluice peak RSS {get('meta.sluice_peak_rss_mib')} MiB under the cap of {get('meta.sluice_rss_cap_mib')} MiB")
 cps = get("database.commands_per_s")
 print(("ok " if cps is not None and cps <= 100 else "fail ") + f"database commands/s <= 100 ({cps})")
 if allows:

@@ -347,8 +347,11 @@ def cmd_report(a):
         "cache_hit_ratios": {"replicas": caches, "all": total},
         "cache_status_raw": cache_raw,
     }
+    rss, rss_cap = meta.get("sluice_peak_rss_mib") or [], meta.get("sluice_rss_cap_mib")
     checks = {
         "lost == 0": lost == 0 if lost is not None else None,
+        "sluice peak RSS < cap": (all(isinstance(x, int) and x < rss_cap for x in rss))
+        if rss and rss_cap else None,
         "database never restarted": (meta["db_restarts"] == 0) if meta.get("db_restarts") is not None else None,
         "commands/s <= 100": (db["commands_per_s"] <= 100) if db else None,
     }
@@ -392,6 +395,9 @@ def cmd_report(a):
         peak = meta.get("db_peak_memory_bytes")
         row("database restarts (OOM kills)", f"{meta['db_restarts']} ({_fmt(meta.get('db_oom_kills'))})"
             + (f", peak memory incl. page cache {_fmt(peak / 2**20, ' MiB', 0)} of {meta.get('db_memory_mib')} MiB" if peak else ""))
+    if rss:
+        row("sluice peak RSS per replica", ", ".join(f"{x} MiB" for x in rss)
+            + f"  (cap {_fmt(rss_cap, ' MiB', 0)}, the pod's memory request)")
     row("disk used by the database", _fmt((meta.get("db_bytes") or 0) / 2**20, " MiB") if meta.get("db_bytes") is not None else "n/a")
     for level, slot in sorted(total.items()):
         row(f"cache {level} hit ratio (all replicas)",

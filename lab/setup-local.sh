@@ -537,6 +537,16 @@ for ((r = 0; r < REPLICAS; r++)); do
   fi
 done
 
+# Each replica's peak resident memory (the kernel's high-water mark), against the
+# Deployment's memory request: the cap sluice's memory must stay under, overload included.
+RSS_CAP_MIB=$(awk '/requests:/ { r = 1 } r && /memory:/ { sub(/Mi$/, "", $2); print $2; exit }' "$LAB_ROOT/k8s/app/deployment.yaml")
+SLUICE_PEAK_RSS=()
+for pid in "${APP_PIDS[@]}"; do
+  SLUICE_PEAK_RSS+=("$(awk '/^VmHWM:/ { print int($2 / 1024) }' "/proc/$pid/status" 2>/dev/null || true)")
+done
+SLUICE_PEAK_RSS_JSON="[$(IFS=,; echo "${SLUICE_PEAK_RSS[*]}")]"
+lab_info "sluice peak RSS (MiB, per replica): ${SLUICE_PEAK_RSS[*]} (cap ${RSS_CAP_MIB:-?} MiB)"
+
 lab_step "disk used by the database"
 DB_BYTES=$(du -sb "$DBPATH" | cut -f1)
 FS_USED=null
@@ -583,7 +593,8 @@ lab_step "report"
   "constrained=$([ ${#CGROUPS[@]} -eq 3 ] && echo true || echo false)" \
   "db_bytes=$DB_BYTES" "fs_used_bytes=$FS_USED" "host=\"$(nproc) cores\"" \
   "db_restarts=$DB_RESTARTS" "db_oom_kills=$DB_OOM_KILLS" "db_memory_mib=$DB_MEMORY_MIB" \
-  "db_peak_memory_bytes=$DB_PEAK_MEM"
+  "db_peak_memory_bytes=$DB_PEAK_MEM" \
+  "sluice_peak_rss_mib=$SLUICE_PEAK_RSS_JSON" "sluice_rss_cap_mib=${RSS_CAP_MIB:-null}"
 SETUP_OK=1
 rc=0
 "$PY" "$HERE/labtool.py" report --meta "$LAB_STATE/meta.json" \
