@@ -15,7 +15,7 @@
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
-use bson::Document;
+use bson::RawDocumentBuf;
 use clap::Parser;
 use mongodb::options::{Acknowledgment, WriteConcern};
 use mongodb::Client;
@@ -66,10 +66,10 @@ struct Report {
     runs: Vec<Run>,
 }
 
-fn batch(docs: usize) -> Vec<Document> {
+fn batch(docs: usize) -> Vec<RawDocumentBuf> {
     let mut out = Vec::with_capacity(docs + PER_REQUEST);
     while out.len() < docs {
-        out.extend(record::new_batch().1);
+        out.extend(record::new_batch(None).1);
     }
     out.truncate(docs);
     out
@@ -88,7 +88,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let database = client
         .default_database()
         .unwrap_or_else(|| client.database(DEFAULT_DATABASE));
-    let records = database.collection_with_options::<Document>(
+    let records = database.collection_with_options::<RawDocumentBuf>(
         COLLECTION,
         mongodb::options::CollectionOptions::builder()
             .write_concern(

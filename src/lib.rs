@@ -5,13 +5,15 @@
 //!
 //! ```text
 //! request → server → http ─┬─ reads:  L1 moka → shared (L2 Redis) → store (MongoDB)
-//!                          └─ writes: channel → batch → store (insert_many)
+//!                          └─ writes: channel → flusher (batch) → sink → store (insert_many)
 //!                                     every store command pays a budget token
 //! ```
 //!
-//! `startup` wires it together and owns shutdown; `config` is the only place settings
-//! come from.
+//! `app` holds the handles the handlers get; `startup` builds it and owns shutdown;
+//! `config` is the only place settings come from, `secret` keeps the URLs' credentials
+//! out of logs, `status` is the status page's shape, `operator` the admin subcommands.
 
+pub mod app;
 pub mod budget;
 pub mod config;
 pub mod http;
@@ -19,9 +21,11 @@ pub mod metrics;
 pub mod operator;
 pub mod reads;
 pub mod record;
+pub mod secret;
 pub mod server;
 pub mod shared;
 pub mod startup;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod writes;

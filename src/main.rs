@@ -13,10 +13,10 @@ fn main() -> ExitCode {
     }
     // The operator subcommands print for a person; only problems should interleave.
     let level = match cli.command {
-        None | Some(Command::Serve) => cli.config.log_level.as_str(),
+        None | Some(Command::Serve) => cli.config.log.log_level.as_str(),
         Some(_) => "warn",
     };
-    sluice::telemetry::init(cli.config.log_format, level);
+    sluice::telemetry::init(cli.config.log.log_format, level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,7 +43,7 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             },
-            Command::Status { url } => match sluice::operator::status(&url).await {
+            Command::Status { url, json } => match sluice::operator::status(&url, json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

@@ -1,13 +1,103 @@
 //! The counters behind both `/metrics` and `/api/cache/status`.
 //!
-//! One registry per [`App`](crate::startup::App), no globals, so a test or benchmark can
+//! One registry per [`App`](crate::app::App), no globals, so a test or benchmark can
 //! build several apps in one process. The status page reads the same counters that
 //! Prometheus scrapes, so the two can never disagree.
+//!
+//! Label values are enums ([`Tier`], [`ShedReason`], ...), never strings at the call
+//! site: a typo cannot quietly start a new series, and every value exists (at zero) from
+//! the first scrape rather than from the first incident. A family with one enum label
+//! keeps one counter per value, so counting costs no label lookup on the request path.
+
+use std::marker::PhantomData;
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// A closed set of label values.
+pub trait Label: Copy + 'static {
+    /// Every value, in declaration order.
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+    fn index(self) -> usize;
+}
+
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+        impl Label for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+labels!(
+    /// A read cache tier.
+    Tier { L1 => "l1", L2 => "l2" }
+);
+labels!(
+    /// Why a request or connection was refused to protect the service.
+    ShedReason {
+        QueueFull => "queue_full",
+        Database => "database",
+        ShuttingDown => "shutting_down",
+        Connections => "connections",
+    }
+);
+labels!(
+    /// Where a refreshed read came from.
+    RefreshSource { Database => "database", Shared => "shared", Error => "error" }
+);
+labels!(
+    /// A MongoDB command sluice sends. Each one sent costs one budget token.
+    DbOp {
+        Insert => "insert",
+        Find => "find",
+        Count => "count",
+        Ping => "ping",
+        BuildInfo => "buildInfo",
+    }
+);
+labels!(
+    /// How a MongoDB command ended.
+    DbOutcome { Ok => "ok", Error => "error", Unavailable => "unavailable" }
+);
+
+/// A counter family with one enum label, one counter per value.
+pub struct Counters<L: Label> {
+    by_value: Vec<IntCounter>,
+    label: PhantomData<L>,
+}
+
+impl<L: Label> Counters<L> {
+    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let family = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        registry
+            .register(Box::new(family.clone()))
+            .expect("unique metric");
+        Counters {
+            by_value: L::ALL
+                .iter()
+                .map(|l| family.with_label_values(&[l.as_str()]))
+                .collect(),
+            label: PhantomData,
+        }
+    }
+
+    pub fn get(&self, label: L) -> &IntCounter {
+        &self.by_value[label.index()]
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -15,17 +105,18 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// Latency by route and status code.
     pub http_duration: HistogramVec,
-    /// Requests refused to protect the service: queue full, database down, connection cap.
-    pub shed: IntCounterVec,
-    /// Read cache lookups by tier (`l1`, `l2`).
-    pub cache_hits: IntCounterVec,
-    pub cache_misses: IntCounterVec,
-    pub cache_errors: IntCounterVec,
-    /// Read refreshes by outcome (`database`, `shared`, `error`).
-    pub refreshes: IntCounterVec,
+    /// Requests refused to protect the service.
+    pub shed: Counters<ShedReason>,
+    pub cache_hits: Counters<Tier>,
+    pub cache_misses: Counters<Tier>,
+    pub cache_errors: Counters<Tier>,
+    pub refreshes: Counters<RefreshSource>,
     /// MongoDB commands by operation and outcome.
-    pub db_commands: IntCounterVec,
+    db_commands: IntCounterVec,
+    /// 1 while MongoDB answers commands, else 0.
+    pub db_up: IntGauge,
     pub queue_depth: IntGauge,
+    pub queue_capacity: IntGauge,
     pub batch_documents: Histogram,
     pub flush_seconds: Histogram,
     pub documents_stored: IntCounter,
@@ -42,13 +133,6 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
-        };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
             let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
                 .expect("valid metric");
@@ -66,6 +150,13 @@ impl Metrics {
         };
         let counter = |name: &str, help: &str| {
             let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -94,39 +185,84 @@ impl Metrics {
         registry
             .register(Box::new(budget_share.clone()))
             .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "sluice_build_info",
+                "The running sluice's version; always 1",
+            ),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // CPU, memory, open files and start time, as every Prometheus client exposes them.
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
 
-        let metrics = Metrics {
+        let db_commands = counter_vec(
+            "sluice_db_commands_total",
+            "MongoDB commands sent, by operation and outcome",
+            &["op", "outcome"],
+        );
+        for op in DbOp::ALL {
+            for outcome in DbOutcome::ALL {
+                db_commands.with_label_values(&[op.as_str(), outcome.as_str()]);
+            }
+        }
+
+        Metrics {
             http_requests: counter_vec(
                 "sluice_http_requests_total",
                 "HTTP requests",
                 &["route", "status"],
             ),
             http_duration,
-            shed: counter_vec(
+            shed: Counters::register(
+                &registry,
                 "sluice_shed_total",
                 "Requests refused to protect the service",
-                &["reason"],
+                "reason",
             ),
-            cache_hits: counter_vec("sluice_cache_hits_total", "Read cache hits", &["tier"]),
-            cache_misses: counter_vec("sluice_cache_misses_total", "Read cache misses", &["tier"]),
-            cache_errors: counter_vec(
+            cache_hits: Counters::register(
+                &registry,
+                "sluice_cache_hits_total",
+                "Read cache hits",
+                "tier",
+            ),
+            cache_misses: Counters::register(
+                &registry,
+                "sluice_cache_misses_total",
+                "Read cache misses",
+                "tier",
+            ),
+            cache_errors: Counters::register(
+                &registry,
                 "sluice_cache_errors_total",
                 "Read cache tier errors",
-                &["tier"],
+                "tier",
             ),
-            refreshes: counter_vec(
+            refreshes: Counters::register(
+                &registry,
                 "sluice_cache_refreshes_total",
                 "Read refreshes by where the value came from",
-                &["source"],
+                "source",
             ),
-            db_commands: counter_vec(
-                "sluice_db_commands_total",
-                "MongoDB commands sent",
-                &["op", "outcome"],
-            ),
+            db_commands,
+            db_up: int_gauge("sluice_db_up", "1 while MongoDB answers commands, else 0"),
             queue_depth: int_gauge(
                 "sluice_writer_queue_depth",
                 "Requests waiting in the write queue",
+            ),
+            queue_capacity: int_gauge(
+                "sluice_writer_queue_capacity",
+                "Requests the write queue holds at most",
             ),
             batch_documents: histogram(
                 "sluice_writer_batch_documents",
@@ -156,21 +292,22 @@ impl Metrics {
             ),
             live_pods: int_gauge("sluice_live_pods", "Pods sharing the command budget"),
             registry,
-        };
-        // Known label values start at zero, so dashboards and rate() see them from the
-        // first scrape rather than from the first incident.
-        for reason in ["queue_full", "database", "shutting_down", "connections"] {
-            metrics.shed.with_label_values(&[reason]);
         }
-        for tier in ["l1", "l2"] {
-            metrics.cache_hits.with_label_values(&[tier]);
-            metrics.cache_misses.with_label_values(&[tier]);
-            metrics.cache_errors.with_label_values(&[tier]);
-        }
-        for source in ["database", "shared", "error"] {
-            metrics.refreshes.with_label_values(&[source]);
-        }
-        metrics
+    }
+
+    pub fn db_command(&self, op: DbOp, outcome: DbOutcome) {
+        self.db_commands
+            .with_label_values(&[op.as_str(), outcome.as_str()])
+            .inc();
+    }
+
+    /// The names of every metric family this registry exposes.
+    pub fn family_names(&self) -> Vec<String> {
+        self.registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -186,5 +323,25 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_value_is_exposed_from_the_start() {
+        let metrics = Metrics::new();
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for reason in ShedReason::ALL {
+            let series = format!("sluice_shed_total{{reason=\"{}\"}} 0", reason.as_str());
+            assert!(text.contains(&series), "{series} missing");
+        }
+        assert!(text.contains("sluice_db_commands_total{op=\"insert\",outcome=\"ok\"} 0"));
+        assert!(text.contains("sluice_build_info{version="));
+        metrics.cache_hits.get(Tier::L2).inc();
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(text.contains("sluice_cache_hits_total{tier=\"l2\"} 1"));
     }
 }

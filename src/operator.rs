@@ -1,31 +1,34 @@
 //! The operator subcommands: `sluice check` and `sluice status`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
 
 use crate::budget::Budget;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::shared::Shared;
+use crate::status::Status;
 use crate::store::Store;
-use crate::telemetry::redact;
 
 /// Connects to both dependencies with the given settings and prints what it found.
 /// Returns whether both answered.
-pub async fn check(config: &Config) -> Result<bool, crate::config::ConfigError> {
-    let metrics = std::sync::Arc::new(Metrics::new());
-    let budget = Budget::new(config.db_command_budget, 1, std::sync::Arc::clone(&metrics));
-    let store = Store::connect(config, metrics).await?;
-    println!("MongoDB  {}", redact(&config.mongo_uri));
+pub async fn check(config: &Config) -> Result<bool, ConfigError> {
+    let metrics = Arc::new(Metrics::new());
+    let budget = Budget::standalone(config.budget.db_command_budget, Arc::clone(&metrics));
+    let store = Store::connect(&config.store, metrics).await?;
+    println!("MongoDB  {}", config.store.mongo_uri);
     let mongo_ok = match store.server_version(budget.acquire().await).await {
         Ok(version) => {
             println!("  answered: server version {version}");
-            match store.estimated_count(budget.acquire().await).await {
+            match store
+                .estimated_count(budget.acquire().await, store.timeout())
+                .await
+            {
                 Ok(n) => println!(
                     "  {}.{}: about {n} documents",
                     store.database_name(),
@@ -41,10 +44,14 @@ pub async fn check(config: &Config) -> Result<bool, crate::config::ConfigError> 
         }
     };
 
-    println!("Redis    {}", redact(&config.redis_url));
-    let shared = Shared::connect(&config.redis_url, config.redis_timeout())
-        .map_err(|e| crate::config::ConfigError(format!("REDIS_URL is not usable: {e}")))?;
-    let redis_ok = shared.wait_connected(config.db_timeout()).await;
+    println!("Redis    {}", config.shared.redis_url);
+    let shared = Shared::connect(&config.shared).map_err(|e| {
+        ConfigError(format!(
+            "REDIS_URL ({}) is not usable: {e}",
+            config.shared.redis_url
+        ))
+    })?;
+    let redis_ok = shared.wait_connected(config.store.db_timeout).await;
     if redis_ok {
         match shared.ping().await {
             Ok(pong) => println!("  answered: {pong}"),
@@ -57,8 +64,23 @@ pub async fn check(config: &Config) -> Result<bool, crate::config::ConfigError> 
     Ok(mongo_ok && redis_ok)
 }
 
-/// Fetches `/api/cache/status` from a running instance and prints it readably.
-pub async fn status(url: &str) -> Result<(), String> {
+/// Fetches a running instance's [`Status`] and prints it readably, or as JSON with the
+/// hit ratios added (what the lab's report reads).
+pub async fn status(url: &str, json: bool) -> Result<(), String> {
+    let status = fetch_status(url).await?;
+    if json {
+        let mut value = serde_json::to_value(&status).expect("serializable");
+        value["l1"]["hit_ratio"] = serde_json::json!(status.l1.hit_ratio());
+        value["l2"]["hit_ratio"] = serde_json::json!(status.l2.hit_ratio());
+        println!("{value}");
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}
+
+/// `GET {url}/api/cache/status`, parsed into the one [`Status`] type.
+pub async fn fetch_status(url: &str) -> Result<Status, String> {
     let uri: hyper::Uri = format!("{}/api/cache/status", url.trim_end_matches('/'))
         .parse()
         .map_err(|e| format!("SLUICE_URL ({url}) is not a URL: {e}"))?;
@@ -73,50 +95,104 @@ pub async fn status(url: &str) -> Result<(), String> {
         .await
         .map_err(|e| format!("{uri}: {e}"))?
         .to_bytes();
-    let status: Value =
-        serde_json::from_slice(&body).map_err(|e| format!("{uri} did not answer JSON: {e}"))?;
-    print!("{}", render(&status));
-    Ok(())
+    serde_json::from_slice(&body).map_err(|e| format!("{uri} did not answer a sluice status: {e}"))
 }
 
 /// Sections as headings, fields as aligned `name  value` lines, plus hit ratios.
-fn render(status: &Value) -> String {
+fn render(s: &Status) -> String {
+    let ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{:.2}%", 100.0 * r));
+    let value = s.l1.value.as_ref().map_or("-".to_string(), |v| {
+        format!(
+            "{} ({} ms old)",
+            v.id.as_deref().unwrap_or("empty"),
+            v.age_ms
+        )
+    });
+    let rows: Vec<(&str, Vec<(&str, String)>)> = vec![
+        (
+            "pod",
+            vec![("name", s.pod.clone()), ("mode", s.mode.clone())],
+        ),
+        (
+            "l1",
+            vec![
+                ("hits", s.l1.hits.to_string()),
+                ("misses", s.l1.misses.to_string()),
+                ("hit_ratio", ratio(s.l1.hit_ratio())),
+                ("value", value),
+            ],
+        ),
+        (
+            "l2",
+            vec![
+                ("hits", s.l2.hits.to_string()),
+                ("misses", s.l2.misses.to_string()),
+                ("errors", s.l2.errors.to_string()),
+                ("hit_ratio", ratio(s.l2.hit_ratio())),
+                ("connected", s.l2.connected.to_string()),
+                ("url", s.l2.url.clone()),
+            ],
+        ),
+        (
+            "refreshes",
+            vec![
+                ("from_database", s.refreshes.from_database.to_string()),
+                ("from_shared", s.refreshes.from_shared.to_string()),
+                ("errors", s.refreshes.errors.to_string()),
+            ],
+        ),
+        (
+            "writer",
+            vec![
+                (
+                    "queue",
+                    format!("{} / {}", s.writer.queue_depth, s.writer.queue_capacity),
+                ),
+                ("batches_flushed", s.writer.batches_flushed.to_string()),
+                ("documents_stored", s.writer.documents_stored.to_string()),
+                (
+                    "documents_per_batch_avg",
+                    format!("{:.2}", s.writer.documents_per_batch_avg),
+                ),
+                (
+                    "flush_latency_ms_avg",
+                    format!("{:.2}", s.writer.flush_latency_ms_avg),
+                ),
+                ("retries", s.writer.retries.to_string()),
+                ("failed_requests", s.writer.failed_requests.to_string()),
+            ],
+        ),
+        (
+            "budget",
+            vec![
+                (
+                    "cluster_per_second",
+                    s.budget.cluster_commands_per_second.to_string(),
+                ),
+                (
+                    "pod_share_per_second",
+                    format!("{:.2}", s.budget.pod_share_per_second),
+                ),
+                ("used_last_second", s.budget.used_last_second.to_string()),
+                ("live_pods", s.budget.live_pods.to_string()),
+                ("pods_counted_by", s.budget.pods_counted_by.clone()),
+            ],
+        ),
+        (
+            "database",
+            vec![
+                ("healthy", s.database.healthy.to_string()),
+                ("uri", s.database.uri.clone()),
+            ],
+        ),
+    ];
     let mut out = String::new();
-    let Some(sections) = status.as_object() else {
-        return format!("{status}\n");
-    };
-    for (name, value) in sections {
-        match value.as_object() {
-            Some(fields) => {
-                out.push_str(&format!("{name}\n"));
-                for (field, v) in fields {
-                    out.push_str(&format!("  {field:<28} {}\n", scalar(v)));
-                }
-                if let (Some(h), Some(m)) = (fields.get("hits"), fields.get("misses")) {
-                    let (h, m) = (h.as_f64().unwrap_or(0.0), m.as_f64().unwrap_or(0.0));
-                    if h + m > 0.0 {
-                        out.push_str(&format!(
-                            "  {:<28} {:.2}%\n",
-                            "hit_ratio",
-                            100.0 * h / (h + m)
-                        ));
-                    }
-                }
-            }
-            None => out.push_str(&format!("{name:<30} {}\n", scalar(value))),
+    for (section, fields) in rows {
+        out.push_str(section);
+        out.push('\n');
+        for (name, value) in fields {
+            out.push_str(&format!("  {name:<28} {value}\n"));
         }
     }
     out
-}
-
-fn scalar(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() => format!("{f:.2}"),
-            _ => n.to_string(),
-        },
-        other => other.to_string(),
-    }
 }

@@ -2,25 +2,99 @@
 //!
 //! Ids are made here, in-process, before anything is sent. That is what makes retries
 //! safe: a document sent twice collides on its own `_id` instead of being stored twice.
+//! With an `Idempotency-Key`, the ids derive from the key, so a client's replay of the
+//! same request collides too, and is answered with the same ids.
+//!
+//! Documents are encoded to BSON once, here: a retried insert sends the same bytes
+//! without encoding them again, and the writer knows each batch's size in bytes.
 
 use bson::oid::ObjectId;
-use bson::{doc, DateTime, Document};
+use bson::{rawdoc, DateTime, RawDocumentBuf};
 use rand::distr::{Alphanumeric, SampleString};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
 
 pub const PER_REQUEST: usize = 5;
 const PAYLOAD_LEN: usize = 512;
 
+/// A client's `Idempotency-Key` (the IETF httpapi draft of that name): 8 to 128
+/// characters from `A-Z a-z 0-9 . _ : ~ -`, sent as a structured-field string
+/// (`"..."`) or bare. Keys are not secrets: sluice has no authentication, so anyone who
+/// knows a key can replay it and see its ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MIN_LEN: usize = 8;
+    pub const MAX_LEN: usize = 128;
+
+    pub fn parse(header: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(header).map_err(|_| "is not ASCII".to_string())?;
+        let text = text.trim();
+        let key = match text.strip_prefix('"') {
+            Some(rest) => rest
+                .strip_suffix('"')
+                .ok_or_else(|| "opens a quote it does not close".to_string())?,
+            None => text,
+        };
+        if !(Self::MIN_LEN..=Self::MAX_LEN).contains(&key.len()) {
+            return Err(format!(
+                "must be {} to {} characters long",
+                Self::MIN_LEN,
+                Self::MAX_LEN
+            ));
+        }
+        if !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:~-".contains(&b))
+        {
+            return Err("may hold only A-Z a-z 0-9 . _ : ~ -".into());
+        }
+        Ok(IdempotencyKey(key.to_string()))
+    }
+
+    /// The request's ids, the same on every pod and every run. They are hashes, so they
+    /// carry no meaningful ObjectId time and land in random places of the `_id` index.
+    fn ids(&self) -> [ObjectId; PER_REQUEST] {
+        std::array::from_fn(|i| {
+            let (a, b) = (
+                fnv1a(self.0.as_bytes(), 2 * i as u64),
+                fnv1a(self.0.as_bytes(), 2 * i as u64 + 1),
+            );
+            let mut bytes = [0u8; 12];
+            bytes[..8].copy_from_slice(&a.to_be_bytes());
+            bytes[8..].copy_from_slice(&b.to_be_bytes()[..4]);
+            ObjectId::from_bytes(bytes)
+        })
+    }
+}
+
+/// FNV-1a, 64 bits, with a seed folded in first: stable across builds and platforms,
+/// unlike the standard library's hasher.
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.to_le_bytes().iter().chain(bytes) {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
 /// The 5 documents one `/api/data` request stores, and their ids.
-pub fn new_batch() -> ([ObjectId; PER_REQUEST], Vec<Document>) {
-    let mut rng = rand::rng();
+pub fn new_batch(key: Option<&IdempotencyKey>) -> ([ObjectId; PER_REQUEST], Vec<RawDocumentBuf>) {
+    // A small, fast generator per request: the payload is filler, not a secret.
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
     let now = DateTime::now();
-    let ids = std::array::from_fn(|_| ObjectId::new());
+    let ids = key.map_or_else(
+        || std::array::from_fn(|_| ObjectId::new()),
+        IdempotencyKey::ids,
+    );
     let docs = ids
         .iter()
         .zip(0i32..)
         .map(|(id, index)| {
-            doc! {
-                "_id": id,
+            rawdoc! {
+                "_id": *id,
                 "type": "write",
                 "index": index,
                 "payload": Alphanumeric.sample_string(&mut rng, PAYLOAD_LEN),
@@ -44,9 +118,10 @@ mod tests {
 
     #[test]
     fn documents_have_the_stored_shape() {
-        let (ids, docs) = new_batch();
+        let (ids, docs) = new_batch(None);
         assert_eq!(docs.len(), PER_REQUEST);
-        for (i, d) in docs.iter().enumerate() {
+        for (i, raw) in docs.iter().enumerate() {
+            let d = raw.to_document().unwrap();
             assert_eq!(d.get_object_id("_id").unwrap(), ids[i]);
             assert_eq!(d.get_str("type").unwrap(), "write");
             assert_eq!(d.get_i32("index").unwrap(), i as i32);
@@ -55,5 +130,34 @@ mod tests {
             assert!(payload.bytes().all(|b| b.is_ascii_alphanumeric()));
             assert!(d.get_datetime("timestamp").is_ok());
         }
+    }
+
+    #[test]
+    fn a_key_always_gives_the_same_distinct_ids() {
+        let key = IdempotencyKey::parse(b"\"order-2026-11-23:0001\"").unwrap();
+        let (a, _) = new_batch(Some(&key));
+        let (b, _) = new_batch(Some(
+            &IdempotencyKey::parse(b"order-2026-11-23:0001").unwrap(),
+        ));
+        assert_eq!(a, b);
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert_eq!(distinct.len(), PER_REQUEST);
+        let (c, _) = new_batch(Some(
+            &IdempotencyKey::parse(b"order-2026-11-23:0002").unwrap(),
+        ));
+        assert!(a.iter().all(|id| !c.contains(id)));
+    }
+
+    #[test]
+    fn bad_keys_say_why() {
+        for bad in [
+            &b"short"[..],
+            b"\"unclosed-key",
+            b"spaces are bad",
+            b"caf\xc3\xa9-latte-key",
+        ] {
+            assert!(IdempotencyKey::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(IdempotencyKey::parse(&[b'k'; 129]).is_err());
     }
 }

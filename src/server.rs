@@ -3,41 +3,62 @@
 //! A semaphore caps open connections (`MAX_CONNECTIONS`): past the cap a connection gets
 //! a 503 with `Retry-After` and is closed, so an overload costs a few bytes instead of
 //! unbounded memory. Every connection has a header-read timeout, so a client dribbling
-//! its head a byte at a time is cut off. On `stop` the loop stops accepting and hyper's
-//! graceful shutdown lets in-flight requests finish while idle keep-alive connections
-//! close.
+//! its head a byte at a time is cut off, and a write-progress timeout, so a client that
+//! sends requests but never reads the answers cannot hold its slot (and shutdown) for
+//! ever: hyper has no write timeout of its own.
+//!
+//! When `shutdown` completes the loop stops accepting and hyper's graceful shutdown lets
+//! in-flight requests finish while idle keep-alive connections close. That phase has its
+//! own limit (`drain`); connections still open after it are cut, so the writer's own
+//! drain always gets its turn.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinSet;
 
-use crate::startup::App;
+use crate::app::App;
+use crate::config::ServerSettings;
+use crate::metrics::ShedReason;
 
 /// Request heads larger than this are refused by hyper with 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// Serves until `stop`, then waits for open connections to finish their requests.
-pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(app.config.max_connections as usize));
+/// Serves until `shutdown`, then waits up to `drain` for open connections to finish
+/// their requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    settings: &ServerSettings,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections as usize));
     let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(app.config.header_read_timeout_ms))
+        .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
         .max_buf_size(MAX_HEAD_BYTES);
+    let write_timeout = settings.write_progress_timeout;
+    tokio::pin!(shutdown);
 
     loop {
         let stream = tokio::select! {
-            _ = stop.cancelled() => break,
+            () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -48,8 +69,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
                 }
             },
         };
+        while connections.try_join_next().is_some() {}
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            app.metrics.shed.with_label_values(&["connections"]).inc();
+            app.metrics.shed.get(ShedReason::Connections).inc();
             tokio::spawn(refuse(stream));
             continue;
         };
@@ -59,8 +81,9 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
             let app = Arc::clone(&app);
             async move { Ok::<_, Infallible>(crate::http::handle(&app, req).await) }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        let io = TokioIo::new(WriteProgress::new(stream, write_timeout));
+        let connection = graceful.watch(http.serve_connection(io, service));
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -72,7 +95,18 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, stop: CancellationToken
         open = graceful.count(),
         "stopped accepting; finishing open requests"
     );
-    graceful.shutdown().await;
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            ?drain,
+            "connections still open after the connection drain limit; closing them"
+        );
+        connections.abort_all();
+    }
+    while connections.join_next().await.is_some() {}
 }
 
 /// Answers a connection over the cap with a raw 503: no hyper machinery spent on it.
@@ -88,4 +122,95 @@ async fn refuse(mut stream: TcpStream) {
         stream.shutdown().await
     })
     .await;
+}
+
+/// A stream whose writes fail once they have made no progress for `limit`: the client
+/// stopped reading, its socket buffer is full, and waiting longer only holds resources.
+struct WriteProgress<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteProgress<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        WriteProgress {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Called when a write is pending: errors once it has been pending for `limit`.
+    fn check_stall(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of its response within WRITE_PROGRESS_TIMEOUT_MS",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteProgress<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteProgress<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_stall(cx).map(Err),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_stall(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.check_stall(cx).map(Err),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -15,6 +15,8 @@ use fred::types::config::{Config as RedisConfig, ReconnectPolicy};
 use fred::types::{Expiration, SetOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::config::SharedSettings;
+
 const READ_KEY: &str = "sluice:read:first-write";
 const LOCK_KEY: &str = "sluice:lock:first-write";
 const PODS_KEY: &str = "sluice:pods";
@@ -30,6 +32,14 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('ZCARD', KEYS[1])
 ";
 
+/// Deletes the shared read only if it says the collection is empty: once a document is
+/// stored, no pod may go on serving "empty" from L2.
+const FORGET_EMPTY_SCRIPT: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v and string.find(v, '"id":null', 1, true) then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// Deletes the lock only if this pod still holds it, so a slow pod whose lock expired
 /// cannot release another pod's.
 const UNLOCK_SCRIPT: &str = r"
@@ -39,13 +49,7 @@ return 0
 
 #[derive(Debug, thiserror::Error)]
 #[error("redis: {0}")]
-pub struct SharedError(String);
-
-impl From<fred::error::Error> for SharedError {
-    fn from(e: fred::error::Error) -> Self {
-        SharedError(e.details().to_string())
-    }
-}
+pub struct SharedError(#[from] fred::error::Error);
 
 /// The result of the read query, as cached in both tiers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,23 +61,43 @@ pub struct CachedRead {
 }
 
 impl CachedRead {
-    pub fn now(id: Option<ObjectId>) -> Self {
-        CachedRead {
-            id,
-            fetched_at_ms: epoch_ms(),
-        }
-    }
-
-    pub fn age(&self) -> Duration {
-        Duration::from_millis(epoch_ms().saturating_sub(self.fetched_at_ms))
+    /// How old the answer is at `now_ms` (a [`Clock`] reading).
+    pub fn age(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(now_ms.saturating_sub(self.fetched_at_ms))
     }
 }
 
-fn epoch_ms() -> u64 {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+/// Wall-clock milliseconds, as the pods stamp shared answers with, advancing with tokio's
+/// clock: read once from the system at start, then moved on by tokio's monotonic time.
+/// So ages never jump with a clock step, and the read cache's rules run under tokio's
+/// paused time in tests.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch_ms_at_start: u64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Clock {
+            epoch_ms_at_start: u64::try_from(since.as_millis()).unwrap_or(u64::MAX),
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.epoch_ms_at_start.saturating_add(elapsed)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 pub struct Shared {
@@ -84,8 +108,9 @@ pub struct Shared {
 impl Shared {
     /// Builds the client and starts connecting in the background. Start-up does not wait
     /// for Redis: sluice serves without it.
-    pub fn connect(url: &str, timeout: Duration) -> Result<Self, SharedError> {
-        let config = RedisConfig::from_url(url)?;
+    pub fn connect(settings: &SharedSettings) -> Result<Self, SharedError> {
+        let timeout = settings.redis_timeout;
+        let config = RedisConfig::from_url(settings.redis_url.expose())?;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = timeout.max(Duration::from_millis(500));
@@ -132,6 +157,15 @@ impl Shared {
         let _: () = self
             .call()
             .set(READ_KEY, json, Some(Expiration::PX(px)), None, false)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the shared read if it is an empty answer.
+    pub async fn forget_empty_read(&self) -> Result<(), SharedError> {
+        let _: i64 = self
+            .call()
+            .eval(FORGET_EMPTY_SCRIPT, vec![READ_KEY], Vec::<String>::new())
             .await?;
         Ok(())
     }

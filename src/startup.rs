@@ -1,61 +1,61 @@
 //! Builds the [`App`], starts its tasks, and owns the shutdown order.
 //!
+//! [`build`] binds the port and starts every task, and returns an [`Application`] that
+//! serves once [`Application::run_until`] is given a shutdown future: the binary passes
+//! SIGTERM/SIGINT, tests pass a token of their own and start sluice in-process on port 0.
+//!
 //! Every long-lived task has one owner here and one way to stop. Shutdown runs in this
 //! order, all of it bounded by `DRAIN_TIMEOUT_SECS` (under Kubernetes' grace period):
 //!
-//! 1. SIGTERM or SIGINT: `/readyz` turns 503, so the load balancer stops sending.
+//! 1. The shutdown future completes: `/readyz` turns 503, so the load balancer stops
+//!    sending.
 //! 2. The listener closes; open connections finish their in-flight requests (their
-//!    writes still go through, because the writer is still running).
+//!    writes still go through, because the writer is still running). This phase gets
+//!    half of the drain time; connections still open then are cut.
 //! 3. The writer closes its queue, flushes everything in it and waits for the last
 //!    insert to be acknowledged.
 //! 4. Heartbeats stop and the pod leaves the shared pod set, so the others take its
 //!    share of the budget at once; the health checker stops.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use crate::app::{App, Health, InFlight, Naive, Stats, Urls};
 use crate::budget::Budget;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, ServerSettings};
 use crate::metrics::Metrics;
-use crate::reads::{ReadCache, ReadSettings};
+use crate::reads::{ReadCache, StoreSource};
 use crate::shared::Shared;
 use crate::store::Store;
-use crate::telemetry::redact;
-use crate::writes::{WriteSettings, Writer};
-
-/// Everything a request handler can reach, shared by `Arc`.
-pub struct App {
-    pub config: Config,
-    pub pod: String,
-    pub metrics: Arc<Metrics>,
-    pub store: Arc<Store>,
-    pub shared: Arc<Shared>,
-    pub budget: Arc<Budget>,
-    pub reads: Arc<ReadCache>,
-    pub writer: Writer,
-    /// The last `/api/stats` count and when it was taken.
-    pub stats: Mutex<Option<(Instant, u64)>>,
-    /// Set once shutdown begins; `/readyz` reports it.
-    pub draining: AtomicBool,
-}
+use crate::writes::{StoreSink, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr} (APP_HOST/APP_PORT): {source}")]
+    #[error("cannot listen on {addr} (APP_HOST/APP_PORT)")]
     Bind {
         addr: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
     #[error("shutdown did not finish within DRAIN_TIMEOUT_SECS ({0:?})")]
     DrainTimedOut(Duration),
+}
+
+/// A built sluice: bound, its tasks running, not yet serving.
+pub struct Application {
+    app: Arc<App>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    server: ServerSettings,
+    shared: Arc<Shared>,
+    tasks: Tasks,
 }
 
 /// The tasks an [`App`] runs besides serving, and the tokens that stop them.
@@ -66,57 +66,52 @@ struct Tasks {
     background: tokio::task::JoinSet<()>,
 }
 
-/// Builds the app and starts its writer, heartbeats and health checks. Fails only on
-/// settings that cannot work; unreachable dependencies are waited out while serving.
-async fn build(config: Config) -> Result<(Arc<App>, Tasks), ConfigError> {
+/// Builds the app, binds its port and starts its writer, heartbeats and health checks.
+/// Fails only on settings that cannot work; unreachable dependencies are waited out
+/// while serving.
+pub async fn build(config: Config) -> Result<Application, StartError> {
+    config.validate()?;
+    raise_open_files_limit();
     let metrics = Arc::new(Metrics::new());
     let pod = config.pod_name();
-    let store = Arc::new(Store::connect(&config, Arc::clone(&metrics)).await?);
-    let shared = Arc::new(
-        Shared::connect(&config.redis_url, config.redis_timeout()).map_err(|e| {
-            ConfigError(format!(
-                "REDIS_URL ({}) is not usable: {e}",
-                redact(&config.redis_url)
-            ))
-        })?,
-    );
-    // The naive comparison mode has no budget, like the service it imitates.
+    let store = Arc::new(Store::connect(&config.store, Arc::clone(&metrics)).await?);
+    let shared = Arc::new(Shared::connect(&config.shared).map_err(|e| {
+        ConfigError(format!(
+            "REDIS_URL ({}) is not usable: {e}",
+            config.shared.redis_url
+        ))
+    })?);
+    // The naive comparison mode has no budget worth the name, like the service it
+    // imitates.
     let rate = if config.naive_mode {
         1_000_000
     } else {
-        config.db_command_budget
+        config.budget.db_command_budget
     };
     let budget = Arc::new(Budget::new(
         rate,
-        config.budget_fallback_pods,
+        config.budget.budget_fallback_pods,
         Arc::clone(&metrics),
     ));
 
     let stop_writer = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
-        WriteSettings {
-            batch_max_docs: config.batch_max_docs as usize,
-            linger: Duration::from_millis(config.batch_linger_ms),
-            queue_capacity: config.queue_capacity as usize,
-            enqueue_timeout: Duration::from_millis(config.enqueue_timeout_ms),
-            write_timeout: Duration::from_millis(config.write_timeout_ms),
-            flush_concurrency: config.flush_concurrency as usize,
+        config.writes,
+        StoreSink {
+            store: Arc::clone(&store),
+            budget: Arc::clone(&budget),
         },
-        Arc::clone(&store),
-        Arc::clone(&budget),
         Arc::clone(&metrics),
         stop_writer.clone(),
     );
     let reads = Arc::new(ReadCache::new(
-        ReadSettings {
-            fresh: Duration::from_millis(config.cache_fresh_ms),
-            stale: Duration::from_millis(config.cache_stale_ms),
-            empty: Duration::from_millis(config.cache_empty_ms),
+        config.reads,
+        StoreSource {
+            store: Arc::clone(&store),
+            budget: Arc::clone(&budget),
         },
         Arc::clone(&shared),
-        Arc::clone(&store),
-        Arc::clone(&budget),
-        format!("{pod}:{}", bson::oid::ObjectId::new()),
+        pod.clone(),
         Arc::clone(&metrics),
     ));
 
@@ -140,80 +135,118 @@ async fn build(config: Config) -> Result<(Arc<App>, Tasks), ConfigError> {
         background.spawn(async move { store.run_health_checks(&budget, stop).await });
     }
 
-    let app = Arc::new(App {
-        config,
-        pod,
-        metrics,
-        store,
-        shared,
-        budget,
-        reads,
-        writer,
-        stats: Mutex::new(None),
-        draining: AtomicBool::new(false),
-    });
-    let tasks = Tasks {
-        stop_writer,
-        writer: writer_task,
-        stop_background,
-        background,
-    };
-    Ok((app, tasks))
-}
-
-/// Serves until SIGTERM or SIGINT, then shuts down in the order above.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let addr = SocketAddr::new(config.app_host, config.app_port);
     if config.naive_mode {
         tracing::warn!(
             "NAIVE_MODE is on: no cache, no coalescing, no budget. For comparisons only"
         );
     }
-    let (app, tasks) = build(config).await?;
+    let addr = SocketAddr::new(config.server.app_host, config.server.app_port);
     let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
-    if !app.shared.wait_connected(Duration::from_secs(1)).await {
-        tracing::warn!(redis = %redact(&app.config.redis_url),
-            "redis is not answering; serving from L1 and MongoDB until it is");
-    }
-    tracing::info!(
-        %addr,
-        pod = %app.pod,
-        mongodb = %redact(&app.config.mongo_uri),
-        redis = %redact(&app.config.redis_url),
-        budget = app.config.db_command_budget,
-        "sluice listening"
-    );
-
-    let stop_accepting = CancellationToken::new();
-    let server = tokio::spawn(crate::server::serve(
+    let addr = listener.local_addr().unwrap_or(addr);
+    let app = Arc::new(App {
+        pod,
+        health: Health::new(Arc::clone(&store), Arc::clone(&shared), Arc::clone(&budget)),
+        reads,
+        writer,
+        read_timeout: config.store.db_timeout,
+        stats: Stats::new(Arc::clone(&store), Arc::clone(&budget)),
+        in_flight: InFlight::default(),
+        naive: config.naive_mode.then(|| Naive {
+            store: Arc::clone(&store),
+            budget: Arc::clone(&budget),
+        }),
+        budget,
+        urls: Urls {
+            mongo: config.store.mongo_uri.clone(),
+            redis: config.shared.redis_url.clone(),
+        },
+        metrics,
+    });
+    Ok(Application {
+        app,
         listener,
-        Arc::clone(&app),
-        stop_accepting.clone(),
-    ));
-    let signal = shutdown_signal().await;
-
-    let drain = app.config.drain_timeout();
-    tracing::info!(signal, ?drain, "shutting down");
-    app.draining.store(true, Ordering::Relaxed);
-    stop_accepting.cancel();
-    let started = Instant::now();
-    let finished = tokio::time::timeout(drain, async {
-        let _ = server.await;
-        tasks.stop_writer.cancel();
-        let _ = tasks.writer.await;
-        tasks.stop_background.cancel();
-        let mut background = tasks.background;
-        while background.join_next().await.is_some() {}
+        addr,
+        server: config.server,
+        shared,
+        tasks: Tasks {
+            stop_writer,
+            writer: writer_task,
+            stop_background,
+            background,
+        },
     })
-    .await;
-    app.shared.quit().await;
-    match finished {
-        Ok(()) => {
-            tracing::info!(took = ?started.elapsed(), "shutdown complete");
-            Ok(())
-        }
-        Err(_) => Err(StartError::DrainTimedOut(drain)),
+}
+
+impl Application {
+    /// Where it listens (the real port when `APP_PORT` was 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
+
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves until `shutdown` completes, then shuts down in the order above.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        let Application {
+            app,
+            listener,
+            addr,
+            server,
+            shared,
+            tasks,
+        } = self;
+        if !shared.wait_connected(Duration::from_secs(1)).await {
+            tracing::warn!(redis = %app.urls.redis,
+                "redis is not answering; serving from L1 and MongoDB until it is");
+        }
+        tracing::info!(
+            %addr,
+            pod = %app.pod,
+            mongodb = %app.urls.mongo,
+            redis = %app.urls.redis,
+            budget = app.budget.cluster_rate(),
+            "sluice listening"
+        );
+        let stop_accepting = CancellationToken::new();
+        let drain = server.drain_timeout;
+        let server_task = {
+            let (app, stop) = (Arc::clone(&app), stop_accepting.clone());
+            tokio::spawn(async move {
+                crate::server::serve(listener, app, &server, stop.cancelled_owned(), drain / 2)
+                    .await;
+            })
+        };
+        shutdown.await;
+
+        tracing::info!(?drain, "shutting down");
+        app.health.start_draining();
+        stop_accepting.cancel();
+        let started = Instant::now();
+        let finished = tokio::time::timeout(drain, async {
+            let _ = server_task.await;
+            tasks.stop_writer.cancel();
+            let _ = tasks.writer.await;
+            tasks.stop_background.cancel();
+            let mut background = tasks.background;
+            while background.join_next().await.is_some() {}
+        })
+        .await;
+        shared.quit().await;
+        match finished {
+            Ok(()) => {
+                tracing::info!(took = ?started.elapsed(), "shutdown complete");
+                Ok(())
+            }
+            Err(_) => Err(StartError::DrainTimedOut(drain)),
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then shuts down in the order above.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    build(config).await?.run_until(shutdown_signal()).await
 }
 
 /// Binds with a deep accept backlog: thousands of clients connect at once at the start of
@@ -230,11 +263,29 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-async fn shutdown_signal() -> &'static str {
+/// Raises the soft open-files limit to the hard one: every connection is a file, and
+/// container runtimes often start processes at a soft limit of 1,024 with a far higher
+/// hard limit, which would fail accepts at about a thousand clients.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
+            }
+        },
+        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
+    }
+}
+
+async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
+    let signal = tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = tokio::signal::ctrl_c() => "SIGINT",
-    }
+    };
+    tracing::info!(signal, "signal received");
 }

@@ -1,15 +1,22 @@
 //! The only module that talks to MongoDB.
 //!
 //! Every method takes a budget [`Token`], so the command cap is enforced by the types
-//! rather than by convention. Every command also runs under a time limit: the driver has
-//! no socket timeout, and a stalled database (SIGSTOP, a saturated disk) must turn into a
-//! fast 503 instead of requests piling up until the client gives up.
+//! rather than by convention. One token buys exactly one command: the driver's retries
+//! are off (`retryReads`, `retryWrites`), a batch is capped by bytes below the size at
+//! which the driver would split it, and the connection pool is small and bounded, so a
+//! reconnect after a timed-out command costs at most one handshake per pooled connection.
 //!
-//! The store keeps one health bit, set by the outcome of every command: a command the
-//! server answered (even with an error) means the database is up; a timeout, a network
-//! error or a failed server selection means it is not. `/readyz` and the fast-fail path
-//! of `/api/data` read that bit, and [`Store::run_health_checks`] keeps it current while
-//! no other command runs.
+//! Every command runs under a time limit: the driver has no socket timeout, and a stalled
+//! database (SIGSTOP, a saturated disk) must turn into a fast 503 instead of requests
+//! piling up until the client gives up.
+//!
+//! The store keeps one health bit. A *slow* database is not a dead one: only a command
+//! that got no answer within the full `DB_TIMEOUT_MS`, an I/O error or a failed server
+//! selection marks it down. A command sent with less time than that (the rest of a
+//! request's deadline) that runs out is [`StoreError::Slow`] and leaves the bit alone, so
+//! a checkpoint stall does not turn every pod unready at once. `/readyz` and the
+//! fast-fail path of `/api/data` read the bit, and [`Store::run_health_checks`] keeps it
+//! current while no other command runs.
 
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,35 +24,71 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bson::oid::ObjectId;
-use bson::{doc, Document};
-use mongodb::error::ErrorKind;
+use bson::{doc, Document, RawDocumentBuf};
+use mongodb::error::{Error as DriverError, ErrorKind};
 use mongodb::options::{Acknowledgment, ClientOptions, CollectionOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Budget, Token};
-use crate::config::{Config, ConfigError, WriteAck};
-use crate::metrics::Metrics;
-use crate::telemetry::redact;
+use crate::config::{ConfigError, StoreSettings, WriteAck};
+use crate::metrics::{DbOp, DbOutcome, Label as _, Metrics};
 
 pub const DEFAULT_DATABASE: &str = "assessmentdb";
 pub const COLLECTION: &str = "records";
 /// MongoDB's error code for a duplicate `_id`: on a retry, proof the document is stored.
 const DUPLICATE_KEY: i32 = 11000;
+/// Connections one pod keeps to the database at most. Each in-flight command holds one;
+/// sluice never has more than a few in flight (flushes, one read refresh, a ping).
+pub const MAX_POOL_SIZE: u32 = 8;
+/// Error codes that no retry can fix: the document or the command is wrong, or the user
+/// may not do it. Retrying them only holds a flush slot until the deadline.
+const PERMANENT: &[i32] = &[
+    2,     // BadValue
+    9,     // FailedToParse
+    13,    // Unauthorized
+    18,    // AuthenticationFailed
+    121,   // DocumentValidationFailure
+    10334, // BSONObjectTooLarge
+];
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The database did not answer: down, unreachable, stalled or timed out.
+    /// No answer within the full `DB_TIMEOUT_MS`, or no connection: the database is down.
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// No answer within a limit shorter than `DB_TIMEOUT_MS`: slow, not known to be down.
+    #[error("database did not answer within the {0:?} left")]
+    Slow(Duration),
     /// The database answered with an error.
     #[error("database refused the command: {0}")]
-    Refused(String),
+    Refused(#[source] DriverError),
+}
+
+impl StoreError {
+    /// Whether sending the same command again can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Refused(e) => error_code(e).is_some_and(|c| PERMANENT.contains(&c)),
+            _ => false,
+        }
+    }
+}
+
+/// What one `insert_many` left undone, as positions among the documents it was given.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rejected {
+    /// Worth sending again (a transient error, such as a full disk).
+    pub retry: Vec<usize>,
+    /// Refused for good (validation, authorization).
+    pub refused: Vec<usize>,
 }
 
 pub struct Store {
     db: Database,
-    records: Collection<Document>,
+    records: Collection<RawDocumentBuf>,
+    /// The same collection, for queries whose answers are read as documents.
+    queries: Collection<Document>,
     timeout: Duration,
     healthy: AtomicBool,
     /// Milliseconds since `started` of the last answered command.
@@ -56,39 +99,44 @@ pub struct Store {
 
 impl Store {
     /// Builds the client. It connects lazily, so this fails only on a bad `MONGO_URI`.
-    pub async fn connect(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
-        let mut options = ClientOptions::parse(&cfg.mongo_uri).await.map_err(|e| {
+    pub async fn connect(
+        settings: &StoreSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ConfigError> {
+        let uri = &settings.mongo_uri;
+        let mut options = ClientOptions::parse(uri.expose()).await.map_err(|e| {
             ConfigError(format!(
-                "MONGO_URI ({}) is not a usable MongoDB URI: {e}",
-                redact(&cfg.mongo_uri)
+                "MONGO_URI ({uri}) is not a usable MongoDB URI: {}",
+                e.kind
             ))
         })?;
+        let timeout = settings.db_timeout;
         // The driver waits 30 s for a server by default; under load that is a hang.
         options.server_selection_timeout = Some(
             options
                 .server_selection_timeout
-                .unwrap_or(cfg.db_timeout())
-                .min(cfg.db_timeout()),
+                .unwrap_or(timeout)
+                .min(timeout),
         );
-        options.connect_timeout = Some(options.connect_timeout.unwrap_or(cfg.db_timeout()));
+        options.connect_timeout = Some(options.connect_timeout.unwrap_or(timeout));
+        // One budget token, one command: a retried read or write would be a second.
+        options.retry_reads = Some(false);
+        options.retry_writes = Some(false);
+        options.max_pool_size = Some(options.max_pool_size.unwrap_or(MAX_POOL_SIZE));
         options.app_name.get_or_insert_with(|| "sluice".into());
         let database = options
             .default_database
             .clone()
             .unwrap_or_else(|| DEFAULT_DATABASE.into());
-        let client = Client::with_options(options).map_err(|e| {
-            ConfigError(format!(
-                "MONGO_URI ({}) is not usable: {e}",
-                redact(&cfg.mongo_uri)
-            ))
-        })?;
-        let w = match &cfg.write_concern_w {
+        let client = Client::with_options(options)
+            .map_err(|e| ConfigError(format!("MONGO_URI ({uri}) is not usable: {}", e.kind)))?;
+        let w = match &settings.write_concern_w {
             WriteAck::Nodes(n) => Acknowledgment::Nodes(*n),
             WriteAck::Majority => Acknowledgment::Majority,
         };
         let write_concern = WriteConcern::builder()
             .w(w)
-            .journal(cfg.write_journal)
+            .journal(settings.write_journal)
             .build();
         let db = client.database(&database);
         let records = db.collection_with_options(
@@ -98,9 +146,10 @@ impl Store {
                 .build(),
         );
         Ok(Store {
+            queries: db.collection(COLLECTION),
             db,
             records,
-            timeout: cfg.db_timeout(),
+            timeout,
             healthy: AtomicBool::new(false),
             last_answer_ms: AtomicU64::new(0),
             started: Instant::now(),
@@ -113,36 +162,46 @@ impl Store {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// The full time limit of one command (`DB_TIMEOUT_MS`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn database_name(&self) -> &str {
         self.db.name()
     }
 
     /// Stores documents with one unordered `insert_many`, within `limit` (capped at the
-    /// store's own timeout). Returns the positions, among `docs`, of documents that were
-    /// not stored and are worth sending again. A duplicate `_id` is not among them: the
-    /// ids are made in-process, so a duplicate means an earlier attempt stored it.
+    /// store's own timeout), and says which were not stored. A duplicate `_id` is not
+    /// among them: ids are made before the first attempt, so a duplicate means an earlier
+    /// attempt (or an earlier request with the same idempotency key) stored it.
     pub async fn insert_many<'a>(
         &self,
-        docs: impl IntoIterator<Item = &'a Document>,
+        docs: impl IntoIterator<Item = &'a RawDocumentBuf>,
         _paid: Token,
         limit: Duration,
-    ) -> Result<Vec<usize>, StoreError> {
+    ) -> Result<Rejected, StoreError> {
         let command = self.records.insert_many(docs).ordered(false);
-        match self.run("insert", limit, command).await {
-            Ok(_) => Ok(Vec::new()),
-            Err(Failure::Driver(e)) => match e.kind.as_ref() {
+        match self.run(DbOp::Insert, limit, command).await {
+            Ok(_) => Ok(Rejected::default()),
+            Err(StoreError::Refused(e)) => match e.kind.as_ref() {
                 ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => {
-                    Ok(failure
-                        .write_errors
-                        .iter()
-                        .flatten()
-                        .filter(|w| w.code != DUPLICATE_KEY)
-                        .map(|w| w.index)
-                        .collect())
+                    let mut rejected = Rejected::default();
+                    for w in failure.write_errors.iter().flatten() {
+                        if w.code == DUPLICATE_KEY {
+                            continue;
+                        }
+                        if PERMANENT.contains(&w.code) {
+                            rejected.refused.push(w.index);
+                        } else {
+                            rejected.retry.push(w.index);
+                        }
+                    }
+                    Ok(rejected)
                 }
-                _ => Err(Failure::Driver(e).into()),
+                _ => Err(StoreError::Refused(e)),
             },
-            Err(timeout) => Err(timeout.into()),
+            Err(other) => Err(other),
         }
     }
 
@@ -150,10 +209,10 @@ impl Store {
     /// Only its id is fetched, since only the id is returned.
     pub async fn first_write(&self, _paid: Token) -> Result<Option<ObjectId>, StoreError> {
         let query = self
-            .records
+            .queries
             .find_one(doc! { "type": "write" })
             .projection(doc! { "_id": 1 });
-        let found = self.run("find", self.timeout, query).await?;
+        let found = self.run(DbOp::Find, self.timeout, query).await?;
         Ok(found.and_then(|d| d.get_object_id("_id").ok()))
     }
 
@@ -163,37 +222,28 @@ impl Store {
     /// which some servers answer by reading every match before applying the limit.
     pub async fn still_stored(&self, id: ObjectId, _paid: Token) -> Result<bool, StoreError> {
         let query = self
-            .records
+            .queries
             .find_one(doc! { "_id": id, "type": "write" })
             .projection(doc! { "_id": 1 });
-        Ok(self.run("find", self.timeout, query).await?.is_some())
+        Ok(self.run(DbOp::Find, self.timeout, query).await?.is_some())
     }
 
     /// The collection's size from its metadata: no scan, so it costs no disk reads.
-    pub async fn estimated_count(&self, _paid: Token) -> Result<u64, StoreError> {
+    pub async fn estimated_count(&self, _paid: Token, limit: Duration) -> Result<u64, StoreError> {
         let count = self.records.estimated_document_count();
-        Ok(self.run("count", self.timeout, count).await?)
+        self.run(DbOp::Count, limit, count).await
     }
 
     pub async fn ping(&self, _paid: Token) -> Result<(), StoreError> {
-        self.run(
-            "ping",
-            self.timeout,
-            self.db.run_command(doc! { "ping": 1 }),
-        )
-        .await?;
+        let ping = self.db.run_command(doc! { "ping": 1 });
+        self.run(DbOp::Ping, self.timeout, ping).await?;
         Ok(())
     }
 
     /// The server's version string, for the `check` subcommand.
     pub async fn server_version(&self, _paid: Token) -> Result<String, StoreError> {
-        let info = self
-            .run(
-                "buildInfo",
-                self.timeout,
-                self.db.run_command(doc! { "buildInfo": 1 }),
-            )
-            .await?;
+        let build_info = self.db.run_command(doc! { "buildInfo": 1 });
+        let info = self.run(DbOp::BuildInfo, self.timeout, build_info).await?;
         Ok(info.get_str("version").unwrap_or("unknown").to_string())
     }
 
@@ -208,7 +258,7 @@ impl Store {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let since_answer = self.since_start().saturating_sub(Duration::from_millis(
+            let since_answer = self.started.elapsed().saturating_sub(Duration::from_millis(
                 self.last_answer_ms.load(Ordering::Relaxed),
             ));
             if self.is_healthy() && since_answer < 2 * EVERY {
@@ -219,7 +269,10 @@ impl Store {
             let token = if self.is_healthy() {
                 budget.try_acquire()
             } else {
-                Some(budget.acquire().await)
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    token = budget.acquire() => Some(token),
+                }
             };
             if let Some(token) = token {
                 let _ = self.ping(token).await;
@@ -227,82 +280,74 @@ impl Store {
         }
     }
 
-    fn since_start(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// Runs one command under `limit`, then records its outcome in the health bit and
-    /// the metrics.
+    /// Runs one command under `limit` (at most the store's timeout), then records its
+    /// outcome in the health bit and the metrics.
     async fn run<T>(
         &self,
-        op: &'static str,
+        op: DbOp,
         limit: Duration,
         command: impl IntoFuture<Output = mongodb::error::Result<T>>,
-    ) -> Result<T, Failure> {
+    ) -> Result<T, StoreError> {
         let limit = limit.min(self.timeout);
         let result = match tokio::time::timeout(limit, command.into_future()).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Failure::Driver(e)),
-            Err(_) => Err(Failure::TimedOut(limit)),
+            Ok(Err(e)) if is_unreachable(&e) => Err(StoreError::Unavailable(e.kind.to_string())),
+            Ok(Err(e)) => Err(StoreError::Refused(e)),
+            Err(_) if limit < self.timeout => Err(StoreError::Slow(limit)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within DB_TIMEOUT_MS ({limit:?})"
+            ))),
         };
-        let answered = match &result {
-            Ok(_) => true,
-            Err(failure) => !failure.is_unavailable(),
-        };
-        let was_healthy = self.healthy.swap(answered, Ordering::Relaxed);
-        if answered {
-            let ms = u64::try_from(self.since_start().as_millis()).unwrap_or(u64::MAX);
-            self.last_answer_ms.store(ms, Ordering::Relaxed);
-            if !was_healthy {
-                tracing::info!("mongodb is answering");
-            }
-        } else if was_healthy {
-            if let Err(e) = &result {
-                tracing::warn!(error = %e, op, "mongodb stopped answering; shedding writes until it is back");
-            }
-        }
         let outcome = match &result {
-            Ok(_) => "ok",
-            Err(f) if f.is_unavailable() => "unavailable",
-            Err(_) => "error",
+            Ok(_) => DbOutcome::Ok,
+            Err(StoreError::Refused(_)) => DbOutcome::Error,
+            Err(_) => DbOutcome::Unavailable,
         };
-        self.metrics
-            .db_commands
-            .with_label_values(&[op, outcome])
-            .inc();
+        self.metrics.db_command(op, outcome);
+        match &result {
+            Ok(_) | Err(StoreError::Refused(_)) => self.answered(),
+            Err(StoreError::Unavailable(e)) => self.unanswered(op, e),
+            Err(StoreError::Slow(_)) => {}
+        }
         result
     }
-}
 
-/// Why a command failed, before it is sorted into a [`StoreError`].
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    #[error("{0}")]
-    Driver(mongodb::error::Error),
-    #[error("no answer within {0:?}")]
-    TimedOut(Duration),
-}
+    fn answered(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_answer_ms.store(ms, Ordering::Relaxed);
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            self.metrics.db_up.set(1);
+            tracing::info!("mongodb is answering");
+        }
+    }
 
-impl Failure {
-    fn is_unavailable(&self) -> bool {
-        match self {
-            Failure::TimedOut(_) => true,
-            Failure::Driver(e) => matches!(
-                e.kind.as_ref(),
-                ErrorKind::Io(_)
-                    | ErrorKind::ConnectionPoolCleared { .. }
-                    | ErrorKind::ServerSelection { .. }
-            ),
+    fn unanswered(&self, op: DbOp, error: &str) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            self.metrics.db_up.set(0);
+            tracing::warn!(
+                error,
+                op = op.as_str(),
+                "mongodb stopped answering; shedding writes until it is back"
+            );
         }
     }
 }
 
-impl From<Failure> for StoreError {
-    fn from(f: Failure) -> Self {
-        if f.is_unavailable() {
-            StoreError::Unavailable(f.to_string())
-        } else {
-            StoreError::Refused(f.to_string())
-        }
+/// Whether a driver error means the server could not be reached at all.
+fn is_unreachable(e: &DriverError) -> bool {
+    matches!(
+        e.kind.as_ref(),
+        ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::ServerSelection { .. }
+    )
+}
+
+/// The server's error code, where the error carries one.
+fn error_code(e: &DriverError) -> Option<i32> {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => Some(c.code),
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => Some(w.code),
+        _ => None,
     }
 }

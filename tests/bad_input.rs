@@ -194,7 +194,7 @@ async fn connections_over_the_cap_get_503() {
 async fn unreachable_database_at_start_degrades_instead_of_hanging() {
     let redis = Redis::start();
     let nowhere = format!("mongodb://127.0.0.1:{}/assessmentdb", free_port());
-    let sluice = Sluice::start(&nowhere, &redis.url(), &[("DB_TIMEOUT_MS", "500")]);
+    let sluice = Sluice::start(&nowhere, &redis.url(), &[("DB_TIMEOUT_MS", "500")]).await;
     let client = client();
     assert_eq!(get(&client, &sluice.url("/healthz")).await.status, 200);
     let ready = get(&client, &sluice.url("/readyz")).await;

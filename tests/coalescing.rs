@@ -56,7 +56,8 @@ async fn cold_cache_reads_the_database_once() {
         &mongo.uri(),
         &redis.url(),
         &[("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")],
-    );
+    )
+    .await;
     sluice.wait_ready().await;
     let finds_before = mongo.command_total("find").await;
 
@@ -80,9 +81,10 @@ async fn cold_cache_reads_the_database_once() {
 async fn pods_share_one_refresh_through_redis() {
     let (redis, mongo) = seeded_servers().await;
     let env = [("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")];
-    let pods: Vec<Sluice> = (0..3)
-        .map(|_| Sluice::start(&mongo.uri(), &redis.url(), &env))
-        .collect();
+    let mut pods = Vec::new();
+    for _ in 0..3 {
+        pods.push(Sluice::start(&mongo.uri(), &redis.url(), &env).await);
+    }
     for pod in &pods {
         pod.wait_ready().await;
     }

@@ -40,7 +40,7 @@ where
 async fn redis_never_started_still_serves() {
     let mongo = Mongo::start().await;
     let nowhere = format!("redis://127.0.0.1:{}", free_port());
-    let sluice = Sluice::start(&mongo.uri(), &nowhere, &[("BUDGET_FALLBACK_PODS", "3")]);
+    let sluice = Sluice::start(&mongo.uri(), &nowhere, &[("BUDGET_FALLBACK_PODS", "3")]).await;
     sluice.wait_ready().await;
 
     let outcomes = burst(&sluice.url("/api/data"), 50).await;
@@ -212,12 +212,12 @@ async fn full_queue_sheds_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_drains_and_loses_nothing() {
-    let (_redis, mongo, mut sluice) = spawn_app(&[("DRAIN_TIMEOUT_SECS", "10")]).await;
+    let (_redis, mongo, mut sluice) = spawn_binary(&[("DRAIN_TIMEOUT_SECS", "10")]).await;
     let (outcomes, exit) = under_load(sluice.url("/api/data"), 100, || async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let sent = Instant::now();
-        sluice.proc.signal(Signal::SIGTERM);
-        let status = sluice.proc.exited(Duration::from_secs(12)).await;
+        sluice.process().signal(Signal::SIGTERM);
+        let status = sluice.process().exited(Duration::from_secs(12)).await;
         (status, sent.elapsed())
     })
     .await;

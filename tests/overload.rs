@@ -27,7 +27,7 @@ fn peak_rss_mib(pid: i32) -> u64 {
 async fn overload_sheds_with_bounded_memory_and_live_health() {
     // Two commands a second for the whole "cluster" and small batches: the database side
     // can store a few hundred requests a second at most, against 2,000 clients.
-    let (_redis, mongo, sluice) = spawn_app(&[
+    let (_redis, mongo, mut sluice) = spawn_binary(&[
         ("DB_COMMAND_BUDGET", "2"),
         ("BATCH_MAX_DOCS", "500"),
         ("QUEUE_CAPACITY", "500"),
@@ -53,7 +53,7 @@ async fn overload_sheds_with_bounded_memory_and_live_health() {
 
     let shed: Vec<_> = outcomes.iter().filter(|o| o.status == 503).collect();
     let ok = outcomes.iter().filter(|o| o.status == 200).count();
-    let peak = peak_rss_mib(sluice.proc.pid());
+    let peak = peak_rss_mib(sluice.process().pid());
     let slowest = outcomes.iter().map(|o| o.latency).max().unwrap_or_default();
     println!(
         "overload: {} requests, {ok} stored, {} shed with 503; slowest answer {slowest:?}; peak RSS {peak} MiB (cap {RSS_CAP_MIB}); slowest /healthz {slowest_probe:?}",

@@ -3,37 +3,32 @@
 use std::sync::Arc;
 
 use bson::oid::ObjectId;
-use bson::Document;
-use hyper::StatusCode;
-use serde_json::json;
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
+use serde::Serialize;
 
 use super::{json_response, ApiError, Response};
-use crate::record::{self, PER_REQUEST};
-use crate::startup::App;
+use crate::app::App;
+use crate::record::{self, IdempotencyKey, PER_REQUEST};
 
-type Reads = [Option<ObjectId>; PER_REQUEST];
+/// The 200 body.
+#[derive(Serialize)]
+pub struct DataAnswer {
+    pub status: &'static str,
+    pub reads: [Option<String>; PER_REQUEST],
+    pub writes: [String; PER_REQUEST],
+    pub timestamp: String,
+}
 
-pub async fn handle(app: &Arc<App>) -> Result<Response, ApiError> {
-    // While the database is known to be away, answer at once instead of queueing
-    // requests that can only time out.
-    if !app.store.is_healthy() {
-        return Err(ApiError::DatabaseDown);
+impl DataAnswer {
+    pub fn new(reads: [Option<ObjectId>; PER_REQUEST], writes: [ObjectId; PER_REQUEST]) -> Self {
+        DataAnswer {
+            status: "success",
+            reads: reads.map(|id| id.map(|id| id.to_hex())),
+            writes: writes.map(|id| id.to_hex()),
+            timestamp: record::timestamp(),
+        }
     }
-    let (ids, docs) = record::new_batch();
-    let reads = if app.config.naive_mode {
-        naive(app, docs).await?
-    } else {
-        coalesced(app, docs).await?
-    };
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "status": "success",
-            "reads": reads.map(|id| id.map(|id| id.to_hex())),
-            "writes": ids.map(|id| id.to_hex()),
-            "timestamp": record::timestamp(),
-        }),
-    ))
 }
 
 /// The real path: reads from the cache tiers while the writes wait for their batch.
@@ -41,7 +36,21 @@ pub async fn handle(app: &Arc<App>) -> Result<Response, ApiError> {
 /// Both halves are bounded, so a request is answered (503 at worst) within
 /// `WRITE_TIMEOUT_MS` or `DB_TIMEOUT_MS`, whichever is longer, even when a cold cache's
 /// loader is queued behind the writer for the database budget.
-async fn coalesced(app: &Arc<App>, docs: Vec<Document>) -> Result<Reads, ApiError> {
+pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response, ApiError> {
+    let key = match req.headers().get("idempotency-key") {
+        Some(v) => Some(IdempotencyKey::parse(v.as_bytes()).map_err(ApiError::BadIdempotencyKey)?),
+        None => None,
+    };
+    let _claim = match &key {
+        Some(k) => Some(app.in_flight.claim(k).ok_or(ApiError::KeyInFlight)?),
+        None => None,
+    };
+    // While the database is known to be away, answer at once instead of queueing
+    // requests that can only time out.
+    if !app.health.database_up() {
+        return Err(ApiError::DatabaseDown);
+    }
+    let (ids, docs) = record::new_batch(key.as_ref());
     let reads = async {
         let mut out = [None; PER_REQUEST];
         for slot in &mut out {
@@ -50,41 +59,16 @@ async fn coalesced(app: &Arc<App>, docs: Vec<Document>) -> Result<Reads, ApiErro
         Ok::<_, ApiError>(out)
     };
     let reads = async {
-        tokio::time::timeout(app.config.db_timeout(), reads)
+        tokio::time::timeout(app.read_timeout, reads)
             .await
             .map_err(|_| ApiError::DatabaseDown)?
     };
-    let writes = async { Ok(app.writer.submit(docs).await?) };
+    let writes = async {
+        app.writer.submit(docs).await?;
+        app.reads.note_stored().await;
+        Ok::<_, ApiError>(())
+    };
     // A shed write answers at once, without waiting for the reads.
     let ((), reads) = tokio::try_join!(writes, reads)?;
-    Ok(reads)
-}
-
-/// The naive service, for before/after comparisons only: 5 single-document inserts and
-/// 5 queries, one after another, straight to MongoDB.
-async fn naive(app: &Arc<App>, docs: Vec<Document>) -> Result<Reads, ApiError> {
-    let timeout = app.config.db_timeout();
-    for doc in &docs {
-        let token = app.budget.acquire().await;
-        let failed = app
-            .store
-            .insert_many([doc], token, timeout)
-            .await
-            .map_err(|e| ApiError::NotStored(e.to_string()))?;
-        if !failed.is_empty() {
-            return Err(ApiError::NotStored(
-                "the database rejected a document".into(),
-            ));
-        }
-    }
-    let mut reads = [None; PER_REQUEST];
-    for slot in &mut reads {
-        let token = app.budget.acquire().await;
-        *slot = app
-            .store
-            .first_write(token)
-            .await
-            .map_err(|_| ApiError::DatabaseDown)?;
-    }
-    Ok(reads)
+    Ok(json_response(StatusCode::OK, &DataAnswer::new(reads, ids)))
 }

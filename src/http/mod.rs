@@ -1,10 +1,13 @@
 //! HTTP: one `match` on method and path, handlers as plain async functions.
 //!
 //! Every request is counted and timed by route and status here, once, so handlers stay
-//! about their own work.
+//! about their own work. Every answer carries an `X-Request-Id`: the client's own when it
+//! sent a usable one, else one made here; warnings logged while serving the request carry
+//! it too (the request runs inside a span that holds it).
 
 mod data;
 mod error;
+mod naive;
 mod ops;
 
 use std::sync::Arc;
@@ -13,17 +16,22 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{header, Method, Request, StatusCode};
 use serde::Serialize;
+use tracing::Instrument;
 
 pub use error::ApiError;
 
-use crate::startup::App;
+use crate::app::App;
 
 pub type Response = hyper::Response<Full<Bytes>>;
 
 /// Longer request targets are refused with 414 (longer heads still: 431, by hyper).
 const MAX_URI_LEN: usize = 8 * 1024;
+const REQUEST_ID: &str = "x-request-id";
+/// A client's request id is kept if it is this long at most and visible ASCII.
+const MAX_REQUEST_ID_LEN: usize = 128;
 
 #[derive(Debug, Clone, Copy)]
 enum Route {
@@ -61,15 +69,28 @@ impl Route {
             Route::Unknown => "other",
         }
     }
+
+    /// The methods the route answers. `/api/data` writes, so it takes no `HEAD`: a
+    /// `HEAD` must not change anything, and answering it without writing would answer
+    /// with ids that were never stored.
+    fn allow(self) -> &'static str {
+        match self {
+            Route::Data => "GET",
+            _ => "GET, HEAD",
+        }
+    }
 }
 
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response {
     let started = Instant::now();
     let route = Route::of(req.uri().path());
-    let response = match dispatch(app, &req, route).await {
+    let request_id = request_id(&req);
+    let span = tracing::info_span!("request", id = %request_id.to_str().unwrap_or("-"));
+    let mut response = match dispatch(app, &req, route).instrument(span).await {
         Ok(response) => response,
-        Err(e) => e.into_response(&app.metrics),
+        Err(e) => e.into_response(app),
     };
+    response.headers_mut().insert(REQUEST_ID, request_id);
     let status = response.status();
     let labels = [route.label(), status.as_str()];
     app.metrics.http_requests.with_label_values(&labels).inc();
@@ -78,6 +99,24 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response {
         .with_label_values(&labels)
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The client's `X-Request-Id` if it is usable (1-128 visible ASCII characters), else a
+/// new one.
+fn request_id(req: &Request<Incoming>) -> HeaderValue {
+    req.headers()
+        .get(REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= MAX_REQUEST_ID_LEN
+                && b.iter().all(|c| (0x21..=0x7e).contains(c))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = format!("{:032x}", rand::random::<u128>());
+            HeaderValue::from_str(&id).expect("hex is a valid header value")
+        })
 }
 
 async fn dispatch(
@@ -92,15 +131,23 @@ async fn dispatch(
     if let Route::Unknown = route {
         return Err(ApiError::NotFound(req.uri().path().to_string()));
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return Err(ApiError::MethodNotAllowed(req.method().to_string()));
+    let allowed = req.method() == Method::GET
+        || (req.method() == Method::HEAD && route.allow().contains("HEAD"));
+    if !allowed {
+        return Err(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allow: route.allow(),
+        });
     }
     match route {
         Route::Health => Ok(ops::healthz()),
         Route::Ready => Ok(ops::readyz(app)),
-        Route::Data => data::handle(app).await,
+        Route::Data => match &app.naive {
+            Some(naive) => naive::handle(naive).await,
+            None => data::handle(app, req).await,
+        },
         Route::Stats => ops::stats(app).await,
-        Route::CacheStatus => Ok(ops::cache_status(app).await),
+        Route::CacheStatus => Ok(json_response(StatusCode::OK, &app.status().await)),
         Route::Metrics => Ok(ops::metrics(app)),
         Route::Unknown => unreachable!("answered above"),
     }
@@ -112,7 +159,7 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
+        HeaderValue::from_static("application/json"),
     );
     response
 }

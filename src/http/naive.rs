@@ -1,0 +1,41 @@
+//! `GET /api/data` as the naive service does it, for before/after comparisons only:
+//! 5 single-document inserts and 5 queries, one after another, straight to MongoDB.
+//! The budget is still paid (at a rate so high it never binds), because the store takes
+//! nothing else.
+
+use hyper::StatusCode;
+
+use super::data::DataAnswer;
+use super::{json_response, ApiError, Response};
+use crate::app::Naive;
+use crate::record::{self, PER_REQUEST};
+use crate::writes::WriteError;
+
+pub async fn handle(naive: &Naive) -> Result<Response, ApiError> {
+    if !naive.store.is_healthy() {
+        return Err(ApiError::DatabaseDown);
+    }
+    let timeout = naive.store.timeout();
+    let (ids, docs) = record::new_batch(None);
+    for doc in &docs {
+        let token = naive.budget.acquire().await;
+        let rejected = naive
+            .store
+            .insert_many([doc], token, timeout)
+            .await
+            .map_err(|e| WriteError::NotStored(e.to_string()))?;
+        if !rejected.retry.is_empty() || !rejected.refused.is_empty() {
+            return Err(WriteError::Refused("the database rejected a document".into()).into());
+        }
+    }
+    let mut reads = [None; PER_REQUEST];
+    for slot in &mut reads {
+        let token = naive.budget.acquire().await;
+        *slot = naive
+            .store
+            .first_write(token)
+            .await
+            .map_err(|_| ApiError::DatabaseDown)?;
+    }
+    Ok(json_response(StatusCode::OK, &DataAnswer::new(reads, ids)))
+}

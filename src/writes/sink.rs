@@ -1,0 +1,48 @@
+//! Where the flusher sends its batches, as a trait: the real one is MongoDB paid from the
+//! budget; the unit tests bring an in-memory one that can fail on cue.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::RawDocumentBuf;
+
+use crate::budget::{Budget, Token};
+use crate::store::{Rejected, Store, StoreError};
+
+pub trait Sink: Send + Sync + 'static {
+    /// The right to send one insert command.
+    type Paid: Send + 'static;
+    /// Waits until one more insert command may be sent.
+    fn pay(&self) -> impl Future<Output = Self::Paid> + Send;
+    /// Sends one unordered insert of `docs` within `limit`; says which were not stored.
+    fn insert(
+        &self,
+        docs: Vec<&RawDocumentBuf>,
+        paid: Self::Paid,
+        limit: Duration,
+    ) -> impl Future<Output = Result<Rejected, StoreError>> + Send;
+}
+
+/// MongoDB, each insert paid from the cluster budget.
+pub struct StoreSink {
+    pub store: Arc<Store>,
+    pub budget: Arc<Budget>,
+}
+
+impl Sink for StoreSink {
+    type Paid = Token;
+
+    async fn pay(&self) -> Token {
+        self.budget.acquire().await
+    }
+
+    async fn insert(
+        &self,
+        docs: Vec<&RawDocumentBuf>,
+        paid: Token,
+        limit: Duration,
+    ) -> Result<Rejected, StoreError> {
+        self.store.insert_many(docs, paid, limit).await
+    }
+}
