@@ -98,7 +98,7 @@ for n in "$AGENTS" "$HTTP_PORT" "$TIMEOUT"; do
   case $n in '' | *[!0-9]*) die_usage "'$n' is not a number" ;; esac
 done
 if [ "$MONITORING" = 1 ] && [ "$NODE_MEMORY_SET" = 0 ]; then NODE_MEMORY=$MONITORING_NODE_MEMORY; fi
-case $NODE_MEMORY in [1-9]*[gm]) ;; *) die_usage "--node-memory '$NODE_MEMORY': use e.g. 3g or 3072m" ;; esac
+[[ $NODE_MEMORY =~ ^[1-9][0-9]*[gm]$ ]] || die_usage "--node-memory '$NODE_MEMORY': use e.g. 3g or 3072m"
 
 CONTEXT=k3d-$CLUSTER
 if [ "$HTTP_PORT" = 80 ]; then BASE_URL=http://$HOST; else BASE_URL=http://$HOST:$HTTP_PORT; fi

