@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Removes what ./setup.sh made: the k3d cluster (with its volumes and MongoDB's data) and
-# the sluice:local image. Succeeds when they are already gone. Touches /etc/hosts, and
-# so needs sudo, only when asked to with --remove-hosts. `./cleanup.sh --help`.
+# the sluice:local image. Succeeds when they are already gone; fails when Docker does not
+# answer, since then it cannot know. Touches /etc/hosts, and so needs sudo, only when
+# asked to with --remove-hosts. `./cleanup.sh --help`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,8 +26,9 @@ Usage: ./cleanup.sh [options]
        ./cleanup.sh --local [lab options]   stop the local lab instead (lab/cleanup-local.sh)
 
 Deletes the k3d cluster '$CLUSTER' (its nodes, load balancer, volumes and kubeconfig
-entry) and the $IMAGE image. Whatever is already gone is skipped, so it always ends
-successfully when nothing is left.
+entry) and the $IMAGE image. Whatever is already gone is skipped, so it ends
+successfully when nothing is left; when Docker does not answer it says what it could
+not check and exits 1.
 
 Options:
   -n, --name NAME    cluster name (default: $CLUSTER; env SLUICE_CLUSTER)
@@ -53,9 +55,22 @@ step() { printf '==> %s  (%ds)\n' "$*" "$SECONDS"; }
 info() { printf '    %s\n' "$*"; }
 fail() { printf 'failed: %s\nnext:\n    %s\n' "$1" "$2" >&2; exit 1; }
 
+# Without a Docker daemon nothing can be checked: k3d would report every cluster as
+# missing, and "already gone" would be a guess. Say so and fail instead.
+docker_up=1
+if ! command -v docker >/dev/null 2>&1; then
+  docker_up=0
+elif ! docker info >/dev/null 2>&1; then
+  docker_up=down
+fi
+unchecked=()
+
 step "Cluster '$CLUSTER'"
 if ! command -v k3d >/dev/null 2>&1; then
   info "k3d is not installed: no cluster to remove"
+elif [ "$docker_up" = down ]; then
+  info "the docker daemon does not answer: cannot tell whether '$CLUSTER' exists"
+  unchecked+=("the cluster '$CLUSTER'")
 elif k3d cluster get "$CLUSTER" >/dev/null 2>&1; then
   k3d cluster delete "$CLUSTER" ||
     fail "k3d could not delete '$CLUSTER'" "docker ps -a --filter name=k3d-$CLUSTER, then docker rm -f those containers"
@@ -67,16 +82,22 @@ fi
 step "Image $IMAGE"
 if [ "$KEEP_IMAGE" = 1 ]; then
   info "kept (--keep-image)"
-elif ! command -v docker >/dev/null 2>&1; then
+elif [ "$docker_up" = 0 ]; then
   info "docker is not installed: no image to remove"
-elif ! docker info >/dev/null 2>&1; then
-  info "the docker daemon does not answer: cannot check for the image (start Docker and run this again to remove it)"
-elif docker image inspect "$IMAGE" >/dev/null 2>&1; then
-  docker image rm "$IMAGE" >/dev/null ||
-    fail "docker could not remove $IMAGE" "docker ps -a --filter ancestor=$IMAGE (a container still using it?)"
-  info "removed (build cache kept; 'docker builder prune' frees it)"
+elif [ "$docker_up" = down ]; then
+  info "the docker daemon does not answer: cannot check for the image"
+  unchecked+=("the $IMAGE image")
 else
-  info "already gone"
+  # setup.sh also tags each build sluice:build-<id> (to prove the import per node).
+  tags=$(docker image ls sluice --format '{{.Repository}}:{{.Tag}}' 2>/dev/null | grep -E '^sluice:(local|build-[0-9a-f]+)$' || true)
+  if [ -n "$tags" ]; then
+    # shellcheck disable=SC2086 # one word per tag
+    docker image rm $tags >/dev/null ||
+      fail "docker could not remove $IMAGE" "docker ps -a --filter ancestor=$IMAGE (a container still using it?)"
+    info "removed $(wc -w <<<"$tags" | tr -d ' ') tag(s) (build cache kept; 'docker builder prune' frees it)"
+  else
+    info "already gone"
+  fi
 fi
 
 step "$HOSTS_FILE entry for $HOST"
@@ -98,4 +119,9 @@ else
   fi
 fi
 
+if [ ${#unchecked[@]} -gt 0 ]; then
+  printf 'failed: could not check %s: Docker does not answer\nnext:\n    start Docker, then run ./cleanup.sh again\n' \
+    "$(printf '%s and ' "${unchecked[@]}" | sed 's/ and $//')" >&2
+  exit 1
+fi
 printf 'cleanup done in %ds\n' "$SECONDS"

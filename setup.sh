@@ -14,8 +14,20 @@ fi
 
 CLUSTER=${SLUICE_CLUSTER:-sluice}
 IMAGE=sluice:local # k8s/app/deployment.yaml names this tag
-K3S_IMAGE=${SLUICE_K3S_IMAGE:-rancher/k3s:v1.30.11-k3s1}
+# Kubernetes 1.36 (1.30, the line this used before, is out of support). 1.35 and newer
+# refuse cgroup v1 hosts unless told otherwise: the preflight handles that.
+K3S_IMAGE=${SLUICE_K3S_IMAGE:-rancher/k3s:v1.36.4-k3s1}
 AGENTS=2
+# Memory each k3d node advertises (k3d --servers-memory/--agents-memory). Without it
+# every node claims the whole Docker VM and the scheduler overcommits it three times.
+# docs/deploy.md sums the pods' requests and limits against it;
+# scripts/deploy/check_manifests.py sizing checks the sum.
+NODE_MEMORY=${SLUICE_NODE_MEMORY:-3g}
+MONITORING_NODE_MEMORY=4g # the default instead, when --monitoring creates the cluster
+NODE_MEMORY_SET=0
+[ -z "${SLUICE_NODE_MEMORY:-}" ] || NODE_MEMORY_SET=1
+MONITORING=0
+RESET_DATA=0
 HTTP_PORT=80
 TIMEOUT=300
 BUILD=1
@@ -35,20 +47,27 @@ Usage: ./setup.sh [options]
                                           (hands over to lab/setup-local.sh)
 
 Creates (or reuses) a k3d cluster with 2 agents and host port 80 on its load balancer,
-builds the sluice image and imports it, applies k8s/ (namespace, MongoDB, Redis, sluice,
-Traefik tuning), waits for every rollout, then smoke-tests http://$HOST through the
-Ingress. Needs docker, k3d (v5.5 or newer), kubectl and curl.
+builds the sluice image and imports it into every node, applies k8s/ (namespace,
+MongoDB, Redis, sluice, Traefik tuning), waits for every rollout and for Traefik to run
+with its tuning, then smoke-tests http://$HOST through the Ingress. Needs docker, k3d
+(v5.5 or newer), kubectl and curl.
 
 Options:
   -n, --name NAME       cluster name (default: $CLUSTER; env SLUICE_CLUSTER)
       --agents N        agent nodes when creating the cluster (default: $AGENTS)
       --k3s-image IMG   k3s node image, Kubernetes 1.30 or newer
                         (default: $K3S_IMAGE; env SLUICE_K3S_IMAGE)
+      --node-memory M   memory per node when creating the cluster, e.g. 3g
+                        (default: $NODE_MEMORY, $MONITORING_NODE_MEMORY with --monitoring; env SLUICE_NODE_MEMORY)
       --http-port PORT  host port for the load balancer's port 80 (default: $HTTP_PORT)
       --timeout SECS    how long to wait for each rollout (default: $TIMEOUT)
       --skip-build      reuse the existing $IMAGE image instead of running docker build
       --no-smoke        skip the smoke test through the Ingress
       --add-hosts       add "127.0.0.1 $HOST" to /etc/hosts (uses sudo)
+      --monitoring      also install Prometheus and Grafana (kube-prometheus-stack),
+                        with sluice's dashboard and alert rules
+      --reset-data      delete MongoDB's data (the deployment and its volume) and start
+                        it empty: every full run leaves GBs behind on the Docker disk
   -h, --help            show this help
 
 Undo everything with ./cleanup.sh.
@@ -67,6 +86,9 @@ while [ $# -gt 0 ]; do
     --skip-build) BUILD=0; shift ;;
     --no-smoke) SMOKE=0; shift ;;
     --add-hosts) ADD_HOSTS=1; shift ;;
+    --node-memory) [ $# -ge 2 ] || die_usage "$1 needs a value"; NODE_MEMORY=$2; NODE_MEMORY_SET=1; shift 2 ;;
+    --monitoring) MONITORING=1; shift ;;
+    --reset-data) RESET_DATA=1; shift ;;
     --local) die_usage "--local must be the first argument" ;;
     -h | --help) usage; exit 0 ;;
     *) die_usage "unknown option '$1'" ;;
@@ -75,6 +97,8 @@ done
 for n in "$AGENTS" "$HTTP_PORT" "$TIMEOUT"; do
   case $n in '' | *[!0-9]*) die_usage "'$n' is not a number" ;; esac
 done
+if [ "$MONITORING" = 1 ] && [ "$NODE_MEMORY_SET" = 0 ]; then NODE_MEMORY=$MONITORING_NODE_MEMORY; fi
+[[ $NODE_MEMORY =~ ^[1-9][0-9]*[gm]$ ]] || die_usage "--node-memory '$NODE_MEMORY': use e.g. 3g or 3072m"
 
 CONTEXT=k3d-$CLUSTER
 if [ "$HTTP_PORT" = 80 ]; then BASE_URL=http://$HOST; else BASE_URL=http://$HOST:$HTTP_PORT; fi
@@ -83,7 +107,7 @@ if [ "$HTTP_PORT" = 80 ]; then BASE_URL=http://$HOST; else BASE_URL=http://$HOST
 
 if [ -t 1 ]; then B=$'\033[1m' R=$'\033[31m' G=$'\033[32m' Y=$'\033[33m' N=$'\033[0m'; else B='' R='' G='' Y='' N=''; fi
 STEP=0
-STEPS=8
+STEPS=$((8 + MONITORING))
 step() { STEP=$((STEP + 1)); printf '\n%s==> [%d/%d] %s%s  (%ds)\n' "$B" "$STEP" "$STEPS" "$*" "$N" "$SECONDS"; }
 info() { printf '    %s\n' "$*"; }
 ok() { printf '    %sok%s %s\n' "$G" "$N" "$*"; }
@@ -130,6 +154,13 @@ docker info >/dev/null 2>&1 ||
     "start it: sudo systemctl start docker (Linux) or open Docker Desktop (macOS/Windows)" \
     "if it is running, check you may use it: docker ps (Linux: add yourself to the docker group, then log in again)"
 ok "docker daemon answers"
+# Kubernetes 1.35+ kubelets refuse to start on a cgroup v1 host unless told to.
+K3S_ARGS=()
+if [ "$(docker info -f '{{.CgroupVersion}}' 2>/dev/null || true)" = 1 ]; then
+  warn "Docker runs on cgroup v1, which Kubernetes 1.35+ no longer supports by default:"
+  warn "a new cluster's kubelets get --fail-cgroupv1=false (a cgroup v2 host is the real fix)"
+  K3S_ARGS=(--k3s-arg "--kubelet-arg=fail-cgroupv1=false@server:*;agent:*")
+fi
 k3d_version=$(k3d version 2>/dev/null | sed -n 's/^k3d version v\{0,1\}\([0-9][0-9.]*\).*/\1/p' | head -n 1)
 k3d_major=${k3d_version%%.*}
 k3d_minor=${k3d_version#*.}; k3d_minor=${k3d_minor%%.*}
@@ -154,20 +185,27 @@ ok "port $HTTP_PORT $([ "$cluster_exists" = 1 ] && echo "belongs to the existing
 step "Cluster '$CLUSTER' (1 server, $AGENTS agents, port $HTTP_PORT -> load balancer -> Traefik)"
 if [ "$cluster_exists" = 1 ]; then
   info "exists: reusing it (./cleanup.sh removes it)"
-  k3d cluster start "$CLUSTER" --wait >/dev/null 2>&1 || true
+  if ! out=$(k3d cluster start "$CLUSTER" --wait 2>&1); then
+    printf '%s\n' "$out" | tail -n 15 | sed 's/^/    | /' >&2
+    die "k3d could not start the existing cluster '$CLUSTER'" \
+      "its containers: docker ps -a --filter label=k3d.cluster=$CLUSTER" \
+      "start clean: ./cleanup.sh && ./setup.sh"
+  fi
   k3d kubeconfig merge "$CLUSTER" --kubeconfig-merge-default >/dev/null ||
     die "cannot write the kubeconfig for '$CLUSTER'" "k3d kubeconfig merge $CLUSTER --kubeconfig-merge-default"
 else
+  # --runtime-ulimit (k3d >= 5.5, which the preflight requires): file descriptors for
+  # 10,000 connections in every node and the load balancer. --*-memory: each node
+  # advertises NODE_MEMORY instead of the whole machine.
   create=(k3d cluster create "$CLUSTER"
     --image "$K3S_IMAGE"
     --agents "$AGENTS"
     --port "$HTTP_PORT:80@loadbalancer"
     --lb-config-override "settings.workerConnections=$LB_WORKER_CONNECTIONS"
+    --runtime-ulimit "nofile=1048576:1048576"
+    --servers-memory "$NODE_MEMORY" --agents-memory "$NODE_MEMORY"
+    ${K3S_ARGS[@]+"${K3S_ARGS[@]}"}
     --wait --timeout 300s)
-  # File descriptors for 10,000 connections per proxy; older k3d lacks the flag.
-  if k3d cluster create --help 2>/dev/null | grep -q -- '--runtime-ulimit'; then
-    create+=(--runtime-ulimit "nofile=1048576:1048576")
-  fi
   info "${create[*]}"
   "${create[@]}" ||
     die "k3d could not create the cluster" \
@@ -182,20 +220,43 @@ if [ -n "$server_minor" ] && [ "$server_minor" -lt 30 ]; then
   die "the cluster runs Kubernetes 1.$server_minor; sluice's preStop sleep action needs 1.30 or newer" \
     "./cleanup.sh && ./setup.sh   (creates it with $K3S_IMAGE)"
 fi
-ok "$(k get nodes --no-headers 2>/dev/null | wc -l | tr -d ' ') nodes ready, Kubernetes 1.${server_minor:-?}, context $CONTEXT"
-lb_nofile=$(docker exec "k3d-$CLUSTER-serverlb" sh -c 'ulimit -n' 2>/dev/null || echo unknown)
-case $lb_nofile in
-  unlimited) ok "load balancer: unlimited open files" ;;
-  '' | *[!0-9]*) warn "could not read the load balancer's open-file limit" ;;
-  *)
-    if [ "$lb_nofile" -lt 40000 ]; then
-      warn "k3d's load balancer may open only $lb_nofile files: 10,000 clients need ~20,000."
-      warn "Raise Docker's default (daemon.json: \"default-ulimits\": {\"nofile\": {\"Name\": \"nofile\", \"Soft\": 1048576, \"Hard\": 1048576}}),"
-      warn "restart Docker, then ./cleanup.sh && ./setup.sh. Small runs (PROFILE=smoke) are unaffected."
-    else
-      ok "load balancer: $lb_nofile open files, $LB_WORKER_CONNECTIONS connections per nginx worker"
-    fi ;;
-esac
+NODES=$(k get nodes -o jsonpath='{.items[*].metadata.name}')
+ok "$(wc -w <<<"$NODES" | tr -d ' ') nodes ready, Kubernetes 1.${server_minor:-?}, context $CONTEXT"
+
+# What each node advertises: a node claiming far more than NODE_MEMORY was created
+# without the memory flags (an older setup.sh), and its pods' limits overcommit the VM.
+case $NODE_MEMORY in *g) unit_ki=1048576 ;; *) unit_ki=1024 ;; esac
+want_ki=$((${NODE_MEMORY%[gm]} * unit_ki))
+big=""
+while read -r node mem; do
+  case $mem in *Ki) [ "${mem%Ki}" -le $((want_ki * 11 / 10)) ] || big+=" $node=$((${mem%Ki} / 1048576))GiB" ;; esac
+done < <(k get nodes -o jsonpath='{range .items[*]}{.metadata.name} {.status.capacity.memory}{"\n"}{end}')
+if [ -n "$big" ]; then
+  warn "nodes advertise more memory than $NODE_MEMORY each:$big"
+  warn "pods' limits can then overcommit Docker's memory; recreate: ./cleanup.sh && ./setup.sh"
+else
+  ok "nodes advertise at most $NODE_MEMORY of memory each"
+fi
+
+# Open files in every node and in the load balancer, on a new cluster and on a reused
+# one (created perhaps without --runtime-ulimit): 10,000 clients are ~20,000 descriptors
+# in the load balancer and in Traefik's node.
+low=""
+for c in $(docker ps --filter "label=k3d.cluster=$CLUSTER" --format '{{.Names}}'); do
+  n=$(docker exec "$c" sh -c 'ulimit -n' 2>/dev/null || echo unknown)
+  case $n in
+    unlimited) ;;
+    '' | *[!0-9]*) low+=" $c=unknown" ;;
+    *) [ "$n" -ge 40000 ] || low+=" $c=$n" ;;
+  esac
+done
+if [ -n "$low" ]; then
+  warn "open-file limits too low for 10,000 clients (need >= 40000):$low"
+  warn "recreate the cluster (it gets --runtime-ulimit): ./cleanup.sh && ./setup.sh; if that is not"
+  warn "enough, raise Docker's default (daemon.json \"default-ulimits\"). Small runs are unaffected."
+else
+  ok "every node and the load balancer may open >= 40000 files; $LB_WORKER_CONNECTIONS connections per nginx worker"
+fi
 
 # ------------------------------------------------------------------ 3. traefik
 
@@ -210,18 +271,42 @@ until k apply -f "$ROOT/k8s/traefik/" >/dev/null 2>&1; do
   sleep 3
 done
 ok "HelmChartConfig kube-system/traefik applied"
-info "waiting for k3s to (re)deploy Traefik with it..."
+# rollout status alone can pass on the old Traefik while k3s' helm-install-traefik job
+# has not yet re-run with these values (or has failed). Wait until the job has finished
+# and the Deployment runs with every argument and the replica count of the file.
+info "waiting for k3s' helm-install-traefik job to redeploy Traefik with it..."
+TRAEFIK_ARGS=$(grep -o -- '"--[^"]*"' "$ROOT/k8s/traefik/helmchartconfig.yaml" | tr -d '"')
+TRAEFIK_REPLICAS=$(sed -n 's/^ *replicas: *\([0-9][0-9]*\) *$/\1/p' "$ROOT/k8s/traefik/helmchartconfig.yaml" | head -n 1)
+traefik_state() { # prints what is still missing, nothing once Traefik runs with the tuning
+  local job args replicas a
+  if [ "$(k -n kube-system get job helm-install-traefik -o jsonpath='{.status.conditions[?(@.type=="Failed")].status}' 2>/dev/null)" = True ]; then
+    echo failed; return
+  fi
+  # No job at all (deleted after an earlier install) is fine: the arguments decide.
+  job=$(k -n kube-system get job helm-install-traefik -o jsonpath='{.status.succeeded}/{.status.active}' 2>/dev/null) || job=none
+  case $job in none | [1-9]*/ | [1-9]*/0) ;; *) echo "the helm-install-traefik job has not finished"; return ;; esac
+  args=$(k -n kube-system get deployment traefik -o jsonpath='{.spec.template.spec.containers[0].args}' 2>/dev/null || true)
+  for a in $TRAEFIK_ARGS; do
+    case $args in *"$a"*) ;; *) echo "Traefik runs without $a"; return ;; esac
+  done
+  replicas=$(k -n kube-system get deployment traefik -o jsonpath='{.spec.replicas}' 2>/dev/null || true)
+  [ "$replicas" = "${TRAEFIK_REPLICAS:-1}" ] || echo "Traefik has ${replicas:-no} replicas, not ${TRAEFIK_REPLICAS:-1}"
+}
 deadline=$((SECONDS + TIMEOUT))
-until k -n kube-system get deployment traefik >/dev/null 2>&1; do
+while untuned=$(traefik_state) && [ -n "$untuned" ]; do
+  [ "$untuned" != failed ] ||
+    die "k3s' helm-install-traefik job failed" \
+      "kubectl --context $CONTEXT -n kube-system logs job/helm-install-traefik" \
+      "kubectl --context $CONTEXT -n kube-system get helmchartconfig traefik -o yaml   (the values it merged)"
   [ "$SECONDS" -lt "$deadline" ] ||
-    die "Traefik was not installed within ${TIMEOUT}s" \
-      "k -n kube-system get pods,jobs   (the helm-install-traefik job installs it)" \
-      "k -n kube-system logs job/helm-install-traefik"
+    die "Traefik was not redeployed with k8s/traefik/ within ${TIMEOUT}s: $untuned" \
+      "kubectl --context $CONTEXT -n kube-system get jobs,pods" \
+      "kubectl --context $CONTEXT -n kube-system logs job/helm-install-traefik"
   sleep 3
 done
 k -n kube-system rollout status deployment/traefik --timeout="${TIMEOUT}s" >/dev/null ||
   die "Traefik did not become ready" "kubectl --context $CONTEXT -n kube-system describe deployment traefik"
-ok "Traefik ready ($(k -n kube-system get deployment traefik -o jsonpath='{.status.readyReplicas}') replicas)"
+ok "Traefik ready ($(k -n kube-system get deployment traefik -o jsonpath='{.status.readyReplicas}') replicas) and running with $(wc -w <<<"$TRAEFIK_ARGS" | tr -d ' ') tuning arguments"
 
 # ------------------------------------------------------------------ 4. image
 
@@ -235,23 +320,100 @@ elif ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
   die "--skip-build, but there is no $IMAGE image yet" "run ./setup.sh without --skip-build"
 fi
 image_id=$(docker image inspect -f '{{.Id}}' "$IMAGE")
+image_id=${image_id#sha256:}
 image_mb=$(( $(docker image inspect -f '{{.Size}}' "$IMAGE") / 1000000 ))
-ok "$IMAGE ${image_id#sha256:} ($image_mb MB)"
-k3d image import "$IMAGE" --cluster "$CLUSTER" >/dev/null ||
-  die "k3d image import failed" "k3d image import $IMAGE --cluster $CLUSTER --verbose"
-ok "imported into every node of '$CLUSTER'"
+ok "$IMAGE $image_id ($image_mb MB)"
+# `k3d image import` can report success without importing (k3d#1538: hosts whose Docker
+# uses containerd's image store). A second tag unique to this build proves, node by
+# node, that this very image arrived; where it did not, import it with containerd's own
+# client instead.
+BUILD_TAG=sluice:build-${image_id:0:12}
+docker tag "$IMAGE" "$BUILD_TAG"
+for t in $(docker image ls sluice --format '{{.Tag}}' 2>/dev/null); do # earlier builds' tags
+  case $t in build-*) [ "sluice:$t" = "$BUILD_TAG" ] || docker image rm "sluice:$t" >/dev/null 2>&1 || true ;; esac
+done
+node_has_image() { # NODE: is this build in NODE's containerd?
+  local refs
+  refs=$(docker exec "$1" ctr -n k8s.io images ls -q 2>/dev/null) || return 1
+  grep -qxF "docker.io/library/$BUILD_TAG" <<<"$refs"
+}
+missing_nodes() { local n; for n in $NODES; do node_has_image "$n" || printf '%s ' "$n"; done; }
+k3d image import "$IMAGE" "$BUILD_TAG" --cluster "$CLUSTER" >/dev/null 2>&1 || warn "k3d image import failed"
+absent=$(missing_nodes)
+if [ -n "$absent" ]; then
+  warn "the image is not on: $absent; importing with docker save | ctr images import"
+  save=(docker save)
+  # Docker >= 28 can save one platform: with the containerd image store a multi-platform
+  # save lists blobs it does not have, which ctr refuses.
+  save_help=$(docker save --help 2>&1 || true)
+  case $save_help in *--platform*) save+=(--platform "$(docker version -f '{{.Server.Os}}/{{.Server.Arch}}' 2>/dev/null || echo linux/amd64)") ;; esac
+  for n in $absent; do
+    "${save[@]}" "$IMAGE" "$BUILD_TAG" | docker exec -i "$n" ctr -n k8s.io images import - >/dev/null ||
+      warn "ctr images import failed on $n"
+  done
+  absent=$(missing_nodes)
+  [ -z "$absent" ] ||
+    die "$IMAGE is still missing on: $absent" \
+      "k3d image import $IMAGE --cluster $CLUSTER --verbose" \
+      "docker info | grep -i 'driver-type'   (io.containerd.snapshotter: Docker's containerd image store, see k3d#1538)" \
+      "docker exec <node> ctr -n k8s.io images ls | grep sluice"
+fi
+ok "$BUILD_TAG is on every node: $NODES"
 
 # ------------------------------------------------------------------ 5. manifests
 
 step "Manifests (k8s/base, mongodb, redis, app)"
-for dir in base mongodb redis app; do
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+hash16() { if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi | cut -c1-16; }
+
+if [ "$RESET_DATA" = 1 ]; then
+  # On k3d the 2Gi volume is a directory on the node (local-path has no quota): every
+  # run's documents stay on the Docker disk until the claim is deleted.
+  info "--reset-data: deleting MongoDB and its volume mongo-pvc"
+  k -n "$NS" delete deployment mongo --ignore-not-found --wait --timeout="${TIMEOUT}s" | sed 's/^/    /'
+  k -n "$NS" delete pvc mongo-pvc --ignore-not-found --wait --timeout="${TIMEOUT}s" | sed 's/^/    /'
+  deadline=$((SECONDS + TIMEOUT))
+  while claims=$(k get pv -o jsonpath='{range .items[*]}{.spec.claimRef.namespace}/{.spec.claimRef.name}{"\n"}{end}') &&
+    grep -qx "$NS/mongo-pvc" <<<"$claims"; do
+    [ "$SECONDS" -lt "$deadline" ] ||
+      die "the old volume of mongo-pvc was not deleted within ${TIMEOUT}s" \
+        "kubectl --context $CONTEXT get pv; kubectl --context $CONTEXT -n kube-system logs -l app=local-path-provisioner --tail=20"
+    sleep 2
+  done
+  ok "MongoDB's data deleted; it starts empty below"
+fi
+
+for dir in base mongodb redis; do
   k apply -f "$ROOT/k8s/$dir/" | sed 's/^/    /'
 done
-# A rebuilt image keeps its tag: stamp its ID on the pod template so a change rolls out
-# (and an unchanged image does not).
-k -n "$NS" patch deployment sluice --type merge \
-  -p "{\"spec\":{\"template\":{\"metadata\":{\"annotations\":{\"sluice/image-id\":\"${image_id#sha256:}\"}}}}}" |
-  sed 's/^/    /'
+# sluice's settings first, then its Deployment with what its pods must restart for
+# stamped on the template in the same apply (so a first install rolls out once): the
+# image's ID (a rebuilt image keeps its tag) and a hash of the ConfigMap's and the
+# Secret's data as the cluster holds them (envFrom is read only when a container starts).
+app_files=()
+for f in "$ROOT"/k8s/app/*.yaml; do
+  [ "${f##*/}" = deployment.yaml ] || app_files+=(-f "$f")
+done
+k apply "${app_files[@]}" | sed 's/^/    /'
+config_hash=$( { k -n "$NS" get configmap sluice-config -o jsonpath='{.data}'
+  k -n "$NS" get secret sluice-secrets -o jsonpath='{.data}'; } | hash16)
+sed -e "s|sluice/image-id: set-by-setup.sh|sluice/image-id: \"${image_id:0:12}\"|" \
+  -e "s|sluice/config-hash: set-by-setup.sh|sluice/config-hash: \"$config_hash\"|" \
+  "$ROOT/k8s/app/deployment.yaml" >"$WORK/deployment.yaml"
+! grep -qE '^ +sluice/[a-z-]+: set-by-setup.sh' "$WORK/deployment.yaml" ||
+  die "k8s/app/deployment.yaml: an annotation setup.sh fills in has changed shape" \
+    "it must read: sluice/image-id: set-by-setup.sh and sluice/config-hash: set-by-setup.sh"
+# A Deployment first applied by an older setup.sh carries spec.replicas in its
+# last-applied annotation; applying a file without it would reset the count to 1. Record
+# the new file as last applied first (changes nothing live), as the HPA guide advises.
+last=$(k -n "$NS" get deployment sluice -o jsonpath='{.metadata.annotations.kubectl\.kubernetes\.io/last-applied-configuration}' 2>/dev/null || true)
+case $last in
+  *'"replicas"'*) k -n "$NS" apply set-last-applied -f "$WORK/deployment.yaml" >/dev/null &&
+    info "handed spec.replicas over to the HPA" ;;
+esac
+k apply -f "$WORK/deployment.yaml" | sed 's/^/    /'
+ok "pods stamped with image ${image_id:0:12} and settings $config_hash"
 
 # ------------------------------------------------------------------ 6. rollouts
 
@@ -269,12 +431,78 @@ for deploy in mongo redis sluice; do
   fi
 done
 
+if [ "$RESET_DATA" = 1 ]; then
+  # Redis may still hold read ids of the deleted documents; it is only a cache.
+  k -n "$NS" exec deploy/redis -- redis-cli FLUSHALL >/dev/null 2>&1 && info "Redis cache flushed"
+fi
+
+# The Docker disk behind MongoDB's volume: local-path does not enforce the PVC's 2Gi, so
+# a full run's ~5 GB (and every earlier run's) land there, and below the kubelet's
+# eviction threshold (15% free) pods are evicted and the imported image may be removed.
+mongo_node=$(k -n "$NS" get pod -l app.kubernetes.io/name=mongo -o jsonpath='{.items[0].spec.nodeName}' 2>/dev/null || true)
+if [ -n "$mongo_node" ] && df_line=$(docker exec "$mongo_node" df -Pk /var/lib/rancher/k3s/storage 2>/dev/null | tail -n 1) &&
+  data_kb=$(docker exec "$mongo_node" du -sk /var/lib/rancher/k3s/storage 2>/dev/null | cut -f1); then
+  read -r _ size_kb _ avail_kb _ <<<"$df_line"
+  msg="Docker disk (node $mongo_node): $((avail_kb / 1048576)) of $((size_kb / 1048576)) GiB free; volumes hold $((data_kb / 1024)) MiB"
+  if [ "$avail_kb" -lt $((size_kb * 15 / 100 + 6 * 1048576)) ]; then
+    warn "$msg: too little for a full run (~5 GB more, and 15% must stay free)"
+    warn "free it: ./setup.sh --reset-data (deletes MongoDB's data), docker system prune"
+  else
+    ok "$msg"
+  fi
+else
+  warn "could not read the free space of the node holding MongoDB's volume"
+fi
+
+# ------------------------------------------------------------------ monitoring (--monitoring)
+
+if [ "$MONITORING" = 1 ]; then
+  step "Monitoring: kube-prometheus-stack, sluice's dashboard and alert rules"
+  MON_TIMEOUT=$((TIMEOUT > 600 ? TIMEOUT : 600))
+  deadline=$((SECONDS + 120))
+  until k apply -f "$ROOT/k8s/monitoring/kube-prometheus-stack.yaml" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] ||
+      die "could not apply k8s/monitoring/kube-prometheus-stack.yaml" \
+        "kubectl --context $CONTEXT apply -f k8s/monitoring/kube-prometheus-stack.yaml   (shows the error)"
+    sleep 3
+  done
+  ok "HelmChart kube-system/monitoring applied (kube-prometheus-stack, pinned in the file)"
+  info "waiting for k3s' helm-install-monitoring job (it downloads the chart and images: minutes)..."
+  deadline=$((SECONDS + MON_TIMEOUT))
+  until k get crd prometheusrules.monitoring.coreos.com podmonitors.monitoring.coreos.com >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] ||
+      die "the Prometheus Operator's CRDs did not appear within ${MON_TIMEOUT}s" \
+        "kubectl --context $CONTEXT -n kube-system logs job/helm-install-monitoring --tail=30"
+    sleep 5
+  done
+  k wait --for=condition=Established --timeout=120s \
+    crd/prometheusrules.monitoring.coreos.com crd/podmonitors.monitoring.coreos.com >/dev/null ||
+    die "the Prometheus Operator's CRDs are not established" "kubectl --context $CONTEXT get crd | grep monitoring.coreos.com"
+  # Only now that the CRDs exist: the alert rules (generated from the one rules file),
+  # the scrape of every sluice pod, and the dashboard for Grafana's sidecar.
+  "$ROOT/scripts/deploy/prometheusrule.sh" | k apply -f - | sed 's/^/    /'
+  k apply -f "$ROOT/k8s/grafana/podmonitor.yaml" | sed 's/^/    /'
+  k -n monitoring create configmap sluice-dashboard \
+    --from-file=sluice-dashboard.json="$ROOT/k8s/grafana/sluice-dashboard.json" --dry-run=client -o yaml |
+    k label --local -f - grafana_dashboard=1 -o yaml | k apply -f - | sed 's/^/    /'
+  deadline=$((SECONDS + MON_TIMEOUT))
+  until k -n monitoring get deployment/monitoring-grafana statefulset/prometheus-monitoring-prometheus >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] ||
+      die "Grafana and Prometheus were not created within ${MON_TIMEOUT}s" "kubectl --context $CONTEXT -n monitoring get pods"
+    sleep 5
+  done
+  for w in deployment/monitoring-grafana statefulset/prometheus-monitoring-prometheus; do
+    k -n monitoring rollout status "$w" --timeout="${MON_TIMEOUT}s" >/dev/null ||
+      die "$w did not become ready" "kubectl --context $CONTEXT -n monitoring describe $w"
+  done
+  ok "Prometheus and Grafana ready in namespace monitoring"
+fi
+
 # ------------------------------------------------------------------ 7. smoke test
 
 step "Smoke test through the Ingress ($BASE_URL)"
 RESOLVE=(--resolve "$HOST:$HTTP_PORT:127.0.0.1")
-BODY=$(mktemp)
-trap 'rm -f "$BODY"' EXIT
+BODY=$WORK/body
 # fetch PATH: prints "<status> <body>".
 fetch() {
   : >"$BODY"
@@ -304,10 +532,19 @@ if [ "$SMOKE" = 1 ]; then
       "kubectl --context $CONTEXT -n $NS logs -l app.kubernetes.io/name=sluice --tail=50" \
       "kubectl --context $CONTEXT -n $NS exec deploy/sluice -- /usr/local/bin/sluice check" ;;
   esac
-  out=$(fetch /api/cache/status)
-  [ "${out%% *}" = 200 ] || die "GET /api/cache/status answered: ${out:-nothing}" \
-    "kubectl --context $CONTEXT -n $NS logs -l app.kubernetes.io/name=sluice --tail=50"
-  ok "GET /api/cache/status -> ${out:0:120}..."
+  # Not published: the Ingress routes only what clients use (k8s/app/ingress.yaml).
+  for path in /metrics /api/cache/status; do
+    out=$(fetch "$path")
+    [ "${out%% *}" = 404 ] ||
+      die "GET $path through the Ingress answered ${out%% *}: it must not be published" \
+        "kubectl --context $CONTEXT -n $NS get ingress sluice -o yaml"
+  done
+  ok "GET /metrics and /api/cache/status -> 404 (internal only)"
+  # The status page, from inside a pod.
+  out=$(k -n "$NS" exec deploy/sluice -- /usr/local/bin/sluice status --url http://127.0.0.1:8000 2>&1) ||
+    die "sluice status inside a pod failed: ${out:0:300}" \
+      "kubectl --context $CONTEXT -n $NS logs -l app.kubernetes.io/name=sluice --tail=50"
+  ok "sluice status (inside a pod): $(head -n 1 <<<"$out")..."
 else
   info "skipped (--no-smoke)"
 fi
@@ -333,11 +570,15 @@ cat <<EOF
 
   Try it:
     curl $BASE_URL/api/data
-    curl --resolve $HOST:$HTTP_PORT:127.0.0.1 $BASE_URL/api/cache/status   # without the hosts line
+    curl --resolve $HOST:$HTTP_PORT:127.0.0.1 $BASE_URL/api/data   # without the hosts line
 
-  Load test (k6, see stress-test/README.md):
-    k6 run -e BASE_URL=$BASE_URL -e PROFILE=smoke stress-test/stress-test.js   # 100 VUs, 30 s
-    k6 run -e BASE_URL=$BASE_URL stress-test/stress-test.js                    # the full 13-minute profile
+  Load test (k6; every run's summary, HTML report, HPA events and kubectl top samples
+  are saved under results/; see stress-test/README.md):
+    stress-test/run.sh --profile smoke      # 100 VUs for 30 s, k6 on this machine
+    stress-test/run.sh --in-docker          # the full 13-minute profile to 10,000 VUs, k6 inside
+                                            # the cluster's Docker network
+    k6 run -e BASE_URL=$BASE_URL -e HOSTS=$HOST=127.0.0.1 -e PROFILE=smoke stress-test/stress-test.js
+                                            # plain k6; HOSTS spares the hosts line (.local on macOS)
 
   Watch (kubectl context $CONTEXT):
     kubectl -n $NS get pods -o wide -w
@@ -346,6 +587,20 @@ cat <<EOF
     kubectl -n $NS logs -l app.kubernetes.io/name=sluice -f --max-log-requests 10
     kubectl -n $NS exec deploy/sluice -- /usr/local/bin/sluice status --url http://127.0.0.1:8000
 
+  Between full runs: ./setup.sh --skip-build --reset-data   (MongoDB's data piles up on the Docker disk)
   Remove it all: ./cleanup.sh
 EOF
+if [ "$MONITORING" = 1 ]; then
+  cat <<EOF
+
+  Monitoring (namespace monitoring):
+    kubectl --context $CONTEXT -n monitoring port-forward svc/monitoring-grafana 3000:80
+      http://localhost:3000  user admin, password:
+      kubectl --context $CONTEXT -n monitoring get secret monitoring-grafana -o jsonpath='{.data.admin-password}' | base64 -d
+      dashboard: Dashboards -> "sluice"
+    kubectl --context $CONTEXT -n monitoring port-forward svc/monitoring-prometheus 9090
+      http://localhost:9090/alerts   sluice's alert rules (group sluice), firing or not
+      http://localhost:9090/targets  the sluice pods (podMonitor/assessment/sluice)
+EOF
+fi
 printf '\n%ssetup finished in %ds%s\n' "$G" "$SECONDS" "$N"

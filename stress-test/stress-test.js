@@ -14,6 +14,9 @@
 //   TARGET_PATH    path each iteration requests (default /api/data)
 //   EXPECT_STATUS  the body's "status" a success carries (default "success"; use "ok"
 //                  with TARGET_PATH=/healthz to measure the same profile's ceiling)
+//   HOSTS          optional name=address pairs, comma-separated, that k6 resolves itself
+//                  (its `hosts` option), e.g. assessment.local=127.0.0.1: no /etc/hosts
+//                  line, and no mDNS lookup of a .local name on macOS
 // See README.md beside this file.
 
 import http from 'k6/http';
@@ -66,9 +69,18 @@ const maxVUs = __ENV.MAX_VUS ? parseInt(__ENV.MAX_VUS, 10) : profile.peak;
 if (!Number.isFinite(maxVUs) || maxVUs < 1) {
   throw new Error(`MAX_VUS must be a positive integer, got '${__ENV.MAX_VUS}'`);
 }
+const HOSTS = {};
+for (const pair of (__ENV.HOSTS || '').split(',').filter((p) => p.trim() !== '')) {
+  const [name, address] = pair.trim().split('=');
+  if (!name || !address) {
+    throw new Error(`HOSTS must be name=address[,name=address...], got '${__ENV.HOSTS}'`);
+  }
+  HOSTS[name] = address;
+}
 const scale = (target) => (target === 0 ? 0 : Math.max(1, Math.round((target * maxVUs) / profile.peak)));
 
 export const options = {
+  ...(Object.keys(HOSTS).length > 0 ? { hosts: HOSTS } : {}),
   scenarios: {
     [PROFILE]: {
       executor: 'ramping-vus',

@@ -2,13 +2,18 @@
 """Checks on k8s/ that a schema cannot make, run by scripts/check-deploy.sh.
 
     check_manifests.py mongo           MongoDB's Deployment, PVC and Service are exactly
-                                       what ASSESSMENT.md fixes
+                                       what ASSESSMENT.md fixes, and what it leaves free
+                                       is set for a starved database (probes, hardening)
     check_manifests.py mongo-selftest  the mongo check rejects each kind of drift
     check_manifests.py app             sluice's manifests agree with each other and with
                                        the settings sluice reads
     check_manifests.py dashboard       the Grafana dashboard parses and queries only
                                        metrics that src/metrics.rs defines
     check_manifests.py traefik         the HelmChartConfig (a CRD no schema covers) is sane
+    check_manifests.py sizing          every memory request and limit follows the sizing
+                                       formula, and their sum fits the k3d nodes
+    check_manifests.py monitoring      the kube-prometheus-stack HelmChart is pinned, and
+                                       its values suit k3d and sluice's rules
 
 Run from the repository root. Needs PyYAML (it comes with kubernetes-validate).
 Each command prints what it found and exits 1 on the first kind of failure.
@@ -60,6 +65,9 @@ ASSESSMENT_PHRASES = [
     "readiness 20 s delay, liveness 60 s",
     "| namespace | `assessment` |",
 ]
+
+# What the Ingress publishes: what clients and the stress test call, nothing else.
+PUBLIC_PATHS = ["/api/data", "/healthz", "/readyz", "/openapi.json"]
 
 # Every setting sluice's deployment must set, and where each must come from.
 SECRET_KEYS = {"MONGO_URI", "REDIS_URL"}
@@ -161,6 +169,34 @@ def mongo_problems(docs):
     return p
 
 
+def mongo_ops_problems(docs):
+    """What ASSESSMENT.md leaves free, set for a database starved at 0.5 CPU."""
+    p = []
+    dep = find(docs, "Deployment", "mongo")
+    svc = find(docs, "Service", "mongo")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    ready, live = c.get("readinessProbe", {}), c.get("livenessProbe", {})
+    # Explicit, and patient: mongosh is a Node.js process in mongod's own 0.5 CPU.
+    if ready.get("failureThreshold", 0) < 3 or ready.get("periodSeconds", 10) < 20:
+        p.append("mongo readiness: set failureThreshold >= 3 and periodSeconds >= 20 explicitly")
+    if live.get("failureThreshold", 3) * live.get("periodSeconds", 10) < 180:
+        p.append("mongo liveness must tolerate >= 3 minutes of failed probes before a restart")
+    for name, probe in (("readiness", ready), ("liveness", live)):
+        if probe.get("timeoutSeconds", 1) < 10:
+            p.append(f"mongo {name} timeoutSeconds < 10: mongosh needs seconds to start at 0.5 CPU")
+    expect(p, "Service mongo publishNotReadyAddresses", svc["spec"].get("publishNotReadyAddresses"), True)
+    psc, csc = pod.get("securityContext", {}), c.get("securityContext", {})
+    expect(p, "mongo runAsNonRoot", psc.get("runAsNonRoot"), True)
+    expect(p, "mongo runAsUser (the image's mongodb user)", psc.get("runAsUser"), 999)
+    expect(p, "mongo automountServiceAccountToken", pod.get("automountServiceAccountToken"), False)
+    expect(p, "mongo allowPrivilegeEscalation", csc.get("allowPrivilegeEscalation"), False)
+    expect(p, "mongo capabilities.drop", csc.get("capabilities", {}).get("drop"), ["ALL"])
+    if pod.get("terminationGracePeriodSeconds", 30) < 60:
+        p.append("mongo terminationGracePeriodSeconds < 60: too short for a final checkpoint at 0.5 CPU")
+    return p
+
+
 def assessment_problems():
     path = os.path.join("..", "shared", "ASSESSMENT.md")
     if not os.path.exists(path):
@@ -174,19 +210,24 @@ def assessment_problems():
 def cmd_mongo():
     docs = load_docs("k8s/mongodb/*.yaml")
     problems = mongo_problems(docs)
+    ops = [] if problems else mongo_ops_problems(docs)
     extra = assessment_problems()
     if extra is None:
         print("  (ASSESSMENT.md not beside the clone: compared with the constraints built in)")
     elif not extra:
         print("  the built-in constraints still match ASSESSMENT.md")
     problems += extra or []
-    for prob in problems:
+    for prob in problems + ops:
         print(f"  {prob}")
     if problems:
         raise Failed(f"{len(problems)} difference(s) from ASSESSMENT.md")
+    if ops:
+        raise Failed(f"{len(ops)} problem(s) in what ASSESSMENT.md leaves free")
     print(f"  mongo: {MONGO_IMAGE}, replicas 1, {len(MONGO_ARGS)} args, requests 256Mi/250m, "
           f"limits 500Mi/500m, probes {MONGO_READINESS_DELAY}s/{MONGO_LIVENESS_DELAY}s, "
           f"{MONGO_PVC} {MONGO_PVC_SIZE} at {MONGO_DATA_PATH}, Service :{MONGO_PORT}")
+    print("  and beyond them: patient explicit probes, publishNotReadyAddresses, uid 999, "
+          "no capabilities, no token, a grace period for the final checkpoint")
 
 
 def mutations():
@@ -302,8 +343,9 @@ def cmd_app():
     spec = dep["spec"]
     pod = spec["template"]["spec"]
     c = pod["containers"][0]
-    if spec.get("replicas", 1) < 2:
-        p.append("Deployment sluice: fewer than 2 replicas")
+    if "replicas" in spec:
+        p.append("Deployment sluice sets spec.replicas: the HPA owns the count, and every "
+                 "re-run of setup.sh would reset it mid-test")
     if hpa["spec"].get("minReplicas", 1) < 2:
         p.append("HPA: minReplicas below 2")
     expect(p, "HPA target", hpa["spec"]["scaleTargetRef"].get("name"), "sluice")
@@ -315,6 +357,23 @@ def cmd_app():
     expect(p, "envFrom", refs, {("configMapRef", "sluice-config"), ("secretRef", "sluice-secrets")})
     expect(p, "readiness path", c.get("readinessProbe", {}).get("httpGet", {}).get("path"), "/readyz")
     expect(p, "liveness path", c.get("livenessProbe", {}).get("httpGet", {}).get("path"), "/healthz")
+    # Probes of a CPU-starved pod: a startup probe, a minute of liveness, no flapping.
+    live, ready = c.get("livenessProbe", {}), c.get("readinessProbe", {})
+    if "startupProbe" not in c:
+        p.append("sluice has no startupProbe")
+    if live.get("failureThreshold", 3) * live.get("periodSeconds", 10) < 60 or live.get("timeoutSeconds", 1) < 5:
+        p.append("sluice liveness must allow >= 60 s of failures with >= 5 s timeouts")
+    if ready.get("failureThreshold", 3) not in (3, 4):
+        p.append("sluice readiness failureThreshold must be 3 or 4")
+    # What setup.sh stamps, so that a new image or new settings roll out.
+    notes = spec["template"]["metadata"].get("annotations", {})
+    for key in ("sluice/image-id", "sluice/config-hash"):
+        if key not in notes:
+            p.append(f"pod template lacks the {key} annotation setup.sh fills in")
+    uri = (secret.get("stringData") or {}).get("MONGO_URI", "")
+    pool = re.search(r"[?&]maxPoolSize=(\d+)", uri)
+    if not pool or int(pool.group(1)) < int(cm.get("FLUSH_CONCURRENCY", "2")) + 2:
+        p.append("MONGO_URI needs maxPoolSize >= FLUSH_CONCURRENCY + 2 (inserts, a refresh, a ping)")
     port = int(cm.get("APP_PORT", "0"))
     expect(p, "containerPort = APP_PORT", [x["containerPort"] for x in c.get("ports", [])], [port])
     for kind in ("requests", "limits"):
@@ -349,11 +408,16 @@ def cmd_app():
     rule = ing["spec"]["rules"][0]
     expect(p, "Ingress host", rule.get("host"), "assessment.local")
     expect(p, "Ingress class", ing["spec"].get("ingressClassName"), "traefik")
-    backend = rule["http"]["paths"][0]["backend"]["service"]
-    expect(p, "Ingress backend service", backend["name"], "sluice")
+    # Only what clients use is public; /metrics and the status pages stay inside.
+    paths = rule["http"]["paths"]
+    expect(p, "Ingress paths (Exact)", sorted((x["path"], x.get("pathType")) for x in paths),
+           sorted((x, "Exact") for x in PUBLIC_PATHS))
     svc_port_names = {x.get("name") for x in svc["spec"]["ports"]} | {x.get("port") for x in svc["spec"]["ports"]}
-    if backend["port"].get("name", backend["port"].get("number")) not in svc_port_names:
-        p.append(f"Ingress backend port {backend['port']} is not a port of Service sluice")
+    for path in paths:
+        backend = path["backend"]["service"]
+        expect(p, "Ingress backend service", backend["name"], "sluice")
+        if backend["port"].get("name", backend["port"].get("number")) not in svc_port_names:
+            p.append(f"Ingress backend port {backend['port']} is not a port of Service sluice")
 
     # NetworkPolicy: MongoDB and Redis take connections from sluice pods only.
     pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
@@ -377,9 +441,11 @@ def cmd_app():
         raise Failed(f"{len(p)} problem(s) in k8s/app")
     print(f"  settings: {len(cm)} from the ConfigMap, {len(secret_keys)} from the Secret"
           + ("" if known is None else ", all read by src/config.rs"))
-    print(f"  replicas {spec['replicas']}, HPA {hpa['spec']['minReplicas']}..{hpa['spec']['maxReplicas']} "
-          f"(= BUDGET_FALLBACK_PODS), grace {grace}s > preStop {pre_stop}s + drain {drain}s, "
+    print(f"  replicas left to the HPA ({hpa['spec']['minReplicas']}..{hpa['spec']['maxReplicas']} "
+          f"= BUDGET_FALLBACK_PODS), grace {grace}s > preStop {pre_stop}s + drain {drain}s, "
           f"non-root uid {uid}, read-only root, no capabilities")
+    print(f"  startup/liveness/readiness probes tolerant, image-id and config-hash stamped, "
+          f"MONGO_URI pooled, Ingress publishes only {', '.join(PUBLIC_PATHS)}")
 
 
 # ---------------------------------------------------------------- dashboard
@@ -432,6 +498,145 @@ def cmd_traefik():
     print(f"  HelmChartConfig kube-system/traefik: values parse, {len(args)} extra argument(s), "
           f"{values.get('deployment', {}).get('replicas', 1)} replicas")
 
+# ---------------------------------------------------------------- sizing
+
+# docs/deploy.md, "Memory: one formula". Memory for C open connections is
+#     M(C) = base + k * C
+# request = M(C_typical) and limit = 1.1 * M(C_max), each rounded up to 16 MiB.
+# base and k per component; C_typical and C_max come from the manifests.
+PEAK_VUS = 10_000  # ASSESSMENT.md's load: 10,000 closed-loop clients
+SIZING = {
+    # measured: 38 KiB per keep-alive connection; base = the lab's 265 MiB peak per
+    # replica at 5,000 connections (2 replicas, 10,000 VUs) - 5,000 x 38 KiB
+    "sluice": {"base": 80, "k_kib": 38},
+    # estimates (no cluster here): Traefik's own heap, 50 KiB per proxied connection
+    "traefik": {"base": 64, "k_kib": 50},
+    # measured on redis-server 7.0: 6.4 MiB idle RSS + the 8 MiB maxmemory it may hold
+    "redis": {"base": 6.4 + 8, "k_kib": 13},
+}
+# k3s itself (server ~0.7 GiB, agents ~0.3 GiB each) and its add-ons (CoreDNS' 170 Mi
+# limit, metrics-server): an allowance, not a measurement.
+SYSTEM_MIB = 1536
+
+
+def mib(q):
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "k": 1000 / 1048576, "M": 1e6 / 1048576, "G": 1e9 / 1048576}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
+    return float(m.group(1)) * units.get(m.group(2), 1 / 1048576)
+
+
+def up16(x):
+    return int(-(-x // 16) * 16)
+
+
+def formula(name, typical, maximum):
+    f = SIZING[name]
+    m = lambda c: f["base"] + f["k_kib"] * c / 1024
+    return up16(m(typical)), up16(1.1 * m(maximum))
+
+
+def memory_limits_in(values):
+    """Every resources.limits.memory under a chart's values, in MiB."""
+    if isinstance(values, dict):
+        here = mib(values["limits"]["memory"]) if isinstance(values.get("limits"), dict) and "memory" in values["limits"] else 0
+        return here + sum(memory_limits_in(v) for k, v in values.items() if k != "limits")
+    if isinstance(values, list):
+        return sum(memory_limits_in(v) for v in values)
+    return 0
+
+
+def cmd_sizing():
+    p = []
+    app = load_docs("k8s/app/*.yaml")
+    cm = find(app, "ConfigMap", "sluice-config")["data"]
+    hpa = find(app, "HorizontalPodAutoscaler", "sluice")["spec"]
+    dep = find(app, "Deployment", "sluice")
+    sluice_res = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
+    traefik_values = yaml.safe_load(find(load_docs("k8s/traefik/*.yaml"), "HelmChartConfig", "traefik")["spec"]["valuesContent"])
+    traefik_replicas = traefik_values.get("deployment", {}).get("replicas", 1)
+    redis = find(load_docs("k8s/redis/*.yaml"), "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
+    redis_args = redis.get("args", [])
+    redis_maxclients = int(redis_args[redis_args.index("--maxclients") + 1])
+    mongo = find(load_docs("k8s/mongodb/*.yaml"), "Deployment", "mongo")["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    rows = [  # name, resources, C typical, C max, pods at most
+        ("sluice", sluice_res, PEAK_VUS // hpa["minReplicas"], int(cm["MAX_CONNECTIONS"]), hpa["maxReplicas"] + 1),
+        ("traefik", traefik_values["resources"], PEAK_VUS // traefik_replicas, PEAK_VUS, traefik_replicas),
+        ("redis", redis["resources"], hpa["maxReplicas"] + 2, redis_maxclients, 1),
+    ]
+    total_req = total_lim = 0
+    for name, res, typical, maximum, pods in rows:
+        want_req, want_lim = formula(name, typical, maximum)
+        got_req, got_lim = mib(res["requests"]["memory"]), mib(res["limits"]["memory"])
+        if (got_req, got_lim) != (want_req, want_lim):
+            p.append(f"{name}: memory {got_req:g}/{got_lim:g} Mi, the formula says "
+                     f"{want_req}/{want_lim} Mi (C = {typical} / {maximum})")
+        print(f"  {name:8} M(C) = {SIZING[name]['base']:g} MiB + {SIZING[name]['k_kib']} KiB x C: "
+              f"request M({typical}) = {want_req}Mi, limit 1.1 x M({maximum}) = {want_lim}Mi, x{pods} pod(s)")
+        total_req += got_req * pods
+        total_lim += got_lim * pods
+    total_req += mib(mongo["requests"]["memory"])
+    total_lim += mib(mongo["limits"]["memory"])
+
+    with open("setup.sh") as f:
+        setup = f.read()
+    agents = int(re.search(r"^AGENTS=(\d+)", setup, re.M).group(1))
+    node_mem = re.search(r"^NODE_MEMORY=\$\{SLUICE_NODE_MEMORY:-(\d+)g\}", setup, re.M)
+    mon_mem = re.search(r"^MONITORING_NODE_MEMORY=(\d+)g", setup, re.M)
+    if not node_mem or not mon_mem:
+        raise Failed("setup.sh must set NODE_MEMORY=${SLUICE_NODE_MEMORY:-<N>g} and MONITORING_NODE_MEMORY=<N>g")
+    nodes = agents + 1
+    capacity = nodes * int(node_mem.group(1)) * 1024
+    used = total_lim + SYSTEM_MIB
+    print(f"  at most: requests {total_req:.0f} Mi, limits {total_lim:.0f} Mi (sluice x{hpa['maxReplicas']} + 1 surge, "
+          f"Traefik x{traefik_replicas}, MongoDB, Redis) + {SYSTEM_MIB} Mi for k3s = {used:.0f} Mi "
+          f"of {nodes} nodes x {node_mem.group(1)} GiB = {capacity} Mi ({100 * used / capacity:.0f}%)")
+    if used > capacity:
+        p.append(f"limits + k3s ({used:.0f} Mi) exceed the k3d nodes' memory ({capacity} Mi)")
+
+    mon = find(load_docs("k8s/monitoring/*.yaml"), "HelmChart", "monitoring")
+    mon_values = yaml.safe_load(mon["spec"]["valuesContent"])
+    # The node exporter runs on every node; Grafana's sidecar values serve two containers.
+    exporter = memory_limits_in(mon_values.get("prometheus-node-exporter", {}))
+    sidecar = memory_limits_in(mon_values.get("grafana", {}).get("sidecar", {}))
+    mon_lim = memory_limits_in(mon_values) + exporter * (nodes - 1) + sidecar
+    mon_capacity = nodes * int(mon_mem.group(1)) * 1024
+    print(f"  with --monitoring: + {mon_lim:.0f} Mi of limits = {used + mon_lim:.0f} Mi "
+          f"of {nodes} nodes x {mon_mem.group(1)} GiB = {mon_capacity} Mi ({100 * (used + mon_lim) / mon_capacity:.0f}%)")
+    if used + mon_lim > mon_capacity:
+        p.append(f"with monitoring, limits + k3s ({used + mon_lim:.0f} Mi) exceed {mon_capacity} Mi")
+    for prob in p:
+        print(f"  {prob}")
+    if p:
+        raise Failed(f"{len(p)} sizing problem(s)")
+
+
+# ---------------------------------------------------------------- monitoring
+
+def cmd_monitoring():
+    chart = find(load_docs("k8s/monitoring/*.yaml"), "HelmChart", "monitoring")
+    spec = chart["spec"]
+    v = yaml.safe_load(spec["valuesContent"])
+    p = []
+    expect(p, "HelmChart namespace (where k3s' helm-controller looks)", chart["metadata"].get("namespace"), "kube-system")
+    expect(p, "chart", (spec.get("repo"), spec.get("chart")),
+           ("https://prometheus-community.github.io/helm-charts", "kube-prometheus-stack"))
+    if not re.fullmatch(r"\d+\.\d+\.\d+", str(spec.get("version", ""))):
+        p.append(f"chart version must be pinned exactly, is {spec.get('version')!r}")
+    pspec = v.get("prometheus", {}).get("prometheusSpec", {})
+    for key in ("ruleSelectorNilUsesHelmValues", "podMonitorSelectorNilUsesHelmValues"):
+        expect(p, f"prometheusSpec.{key} (pick up sluice's PrometheusRule/PodMonitor)", pspec.get(key), False)
+    expect(p, "node-exporter hostRootFsMount (k3d nodes' / is not a shared mount)",
+           v.get("prometheus-node-exporter", {}).get("hostRootFsMount", {}).get("enabled"), False)
+    for comp in ("kubeControllerManager", "kubeScheduler", "kubeProxy", "kubeEtcd"):
+        expect(p, f"{comp}.enabled (k3s has no such endpoint)", v.get(comp, {}).get("enabled"), False)
+    for prob in p:
+        print(f"  {prob}")
+    if p:
+        raise Failed(f"{len(p)} problem(s) in the monitoring HelmChart")
+    print(f"  kube-prometheus-stack {spec['version']} into {spec.get('targetNamespace')}: selectors open, "
+          f"no host root mount, k3s' absent components off")
+
 
 COMMANDS = {
     "mongo": cmd_mongo,
@@ -439,6 +644,8 @@ COMMANDS = {
     "app": cmd_app,
     "dashboard": cmd_dashboard,
     "traefik": cmd_traefik,
+    "sizing": cmd_sizing,
+    "monitoring": cmd_monitoring,
 }
 
 if __name__ == "__main__":
