@@ -1024,3 +1024,59 @@ async fn a_drifted_document_fails_the_conformance_check() {
         "the drifted run failed, but not on the drifted field"
     );
 }
+
+/// The document's `CacheStatus` is the serde type's shape: every field the type writes
+/// is a required property of the schema and nothing else is, at every level, and what a
+/// running sluice answers reads back as the type.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_schema_is_the_status_type() {
+    fn compare(value: &Value, schema: &Value, at: &str, problems: &mut Vec<String>) {
+        let schema = schema
+            .get("anyOf")
+            .and_then(|alts| alts.as_array())
+            .and_then(|alts| alts.iter().find(|a| a.get("properties").is_some()))
+            .unwrap_or(schema);
+        let (Some(fields), Some(props)) = (value.as_object(), schema.get("properties")) else {
+            return;
+        };
+        let props = props.as_object().unwrap();
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for name in fields.keys() {
+            if !props.contains_key(name) {
+                problems.push(format!("{at}.{name} is not in the schema"));
+            }
+            if !required.contains(&name.as_str()) {
+                problems.push(format!("{at}.{name} is not required by the schema"));
+            }
+        }
+        for name in props.keys() {
+            match fields.get(name) {
+                Some(v) => compare(v, &props[name], &format!("{at}.{name}"), problems),
+                None => problems.push(format!("{at}.{name} is in the schema, not the type")),
+            }
+        }
+    }
+    let (_redis, _mongo, sluice) = common::spawn_app(&[]).await;
+    // Two requests: the second reads the first's documents, so L1 holds a value (a
+    // nested object) to compare.
+    let client = common::client();
+    for _ in 0..2 {
+        let answer = common::get(&client, &sluice.url("/api/data")).await;
+        assert_eq!(answer.status, 200);
+    }
+    let answered = sluice.status().await;
+    let status: sluice::status::Status =
+        serde_json::from_value(answered).expect("the status page reads back as Status");
+    assert!(status.l1.value.is_some());
+    let mut problems = Vec::new();
+    compare(
+        &serde_json::to_value(&status).unwrap(),
+        &document()["components"]["schemas"]["CacheStatus"],
+        "CacheStatus",
+        &mut problems,
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -41,6 +41,7 @@ enum Route {
     Stats,
     CacheStatus,
     Metrics,
+    OpenApi,
     Unknown,
 }
 
@@ -53,6 +54,7 @@ impl Route {
             "/api/stats" => Route::Stats,
             "/api/cache/status" => Route::CacheStatus,
             "/metrics" => Route::Metrics,
+            "/openapi.json" => Route::OpenApi,
             _ => Route::Unknown,
         }
     }
@@ -66,6 +68,7 @@ impl Route {
             Route::Stats => "/api/stats",
             Route::CacheStatus => "/api/cache/status",
             Route::Metrics => "/metrics",
+            Route::OpenApi => "/openapi.json",
             Route::Unknown => "other",
         }
     }
@@ -149,6 +152,7 @@ async fn dispatch(
         Route::Stats => ops::stats(app).await,
         Route::CacheStatus => Ok(json_response(StatusCode::OK, &app.status().await)),
         Route::Metrics => Ok(ops::metrics(app)),
+        Route::OpenApi => Ok(ops::openapi()),
         Route::Unknown => unreachable!("answered above"),
     }
 }

@@ -1,4 +1,4 @@
-//! The operational endpoints: probes, stats and metrics. (`/api/cache/status` is the
+//! The operational endpoints: probes, stats, metrics and the OpenAPI document. (`/api/cache/status` is the
 //! [`Status`](crate::status::Status) type, serialized by the router.)
 
 use std::sync::Arc;
@@ -57,6 +57,18 @@ pub fn metrics(app: &App) -> Response {
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+/// The API's OpenAPI document (`api/openapi.json`), built into the binary so the
+/// document served is always the one this build was tested against.
+pub fn openapi() -> Response {
+    const DOCUMENT: &str = include_str!("../../api/openapi.json");
+    let mut response = hyper::Response::new(Full::new(Bytes::from_static(DOCUMENT.as_bytes())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
     );
     response
 }
