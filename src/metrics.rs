@@ -301,6 +301,33 @@ impl Metrics {
             .inc();
     }
 
+    /// `/api/data` answers so far: (200s, any other status). Logged at shutdown, so a
+    /// drain can be checked against what its clients saw.
+    pub fn data_answers(&self) -> (u64, u64) {
+        use prometheus::core::Collector;
+        let mut counts = (0, 0);
+        for family in self.http_requests.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                if label("route").as_deref() != Some("/api/data") {
+                    continue;
+                }
+                let n = m.get_counter().get_value() as u64;
+                if label("status").as_deref() == Some("200") {
+                    counts.0 += n;
+                } else {
+                    counts.1 += n;
+                }
+            }
+        }
+        counts
+    }
+
     /// The names of every metric family this registry exposes.
     pub fn family_names(&self) -> Vec<String> {
         self.registry

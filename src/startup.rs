@@ -236,7 +236,8 @@ impl Application {
         shared.quit().await;
         match finished {
             Ok(()) => {
-                tracing::info!(took = ?started.elapsed(), "shutdown complete");
+                let (ok, other) = app.metrics.data_answers();
+                tracing::info!(took = ?started.elapsed(), data_ok = ok, data_other = other, "shutdown complete");
                 Ok(())
             }
             Err(_) => Err(StartError::DrainTimedOut(drain)),

@@ -12,7 +12,8 @@
 //!
 //! The store keeps one health bit. A *slow* database is not a dead one: only a command
 //! that got no answer within the full `DB_TIMEOUT_MS`, an I/O error or a failed server
-//! selection marks it down. A command sent with less time than that (the rest of a
+//! selection marks it down, and only once nothing has answered for a whole
+//! `DB_TIMEOUT_MS`. A command sent with less time than that (the rest of a
 //! request's deadline) that runs out is [`StoreError::Slow`] and leaves the bit alone, so
 //! a checkpoint stall does not turn every pod unready at once. `/readyz` and the
 //! fast-fail path of `/api/data` read the bit, and [`Store::run_health_checks`] keeps it
@@ -321,7 +322,16 @@ impl Store {
         }
     }
 
+    /// A failure marks the database down only once nothing has answered for a whole
+    /// `DB_TIMEOUT_MS`: a connection reset right after a stall (the server resuming and
+    /// dropping a connection whose command sluice gave up on) is not an outage.
     fn unanswered(&self, op: DbOp, error: &str) {
+        let since_answer = self.started.elapsed().saturating_sub(Duration::from_millis(
+            self.last_answer_ms.load(Ordering::Relaxed),
+        ));
+        if since_answer < self.timeout {
+            return;
+        }
         if self.healthy.swap(false, Ordering::Relaxed) {
             self.metrics.db_up.set(0);
             tracing::warn!(

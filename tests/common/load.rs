@@ -37,8 +37,13 @@ pub fn client() -> reqwest::Client {
 
 /// One GET, with failures to get an answer reported as status 0 and the error as body.
 pub async fn get(client: &reqwest::Client, url: &str) -> Outcome {
+    send(client.get(url)).await
+}
+
+/// Sends a request, with failures to get an answer reported as status 0.
+pub async fn send(request: reqwest::RequestBuilder) -> Outcome {
     let at = Instant::now();
-    match client.get(url).send().await {
+    match request.send().await {
         Ok(r) => {
             let status = r.status().as_u16();
             let retry_after = r.headers().contains_key("retry-after");

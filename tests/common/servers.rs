@@ -253,6 +253,15 @@ impl Mongo {
         }
     }
 
+    /// A handle on a server someone else started and owns (it is not stopped on drop).
+    pub fn attach(port: u16) -> Mongo {
+        Mongo {
+            port,
+            proc: None,
+            dir: TempDir::new().unwrap(),
+        }
+    }
+
     pub async fn client(&self) -> Client {
         let uri = format!(
             "mongodb://127.0.0.1:{}/?serverSelectionTimeoutMS=2000&connectTimeoutMS=2000",
@@ -329,5 +338,126 @@ pub fn wait_for_port(port: u16, limit: Duration) {
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < until, "nothing listens on port {port}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What sluice pays budget tokens for, summed from `serverStatus`: the commands in
+/// [`sluice::metrics::DbOp`], the one definition the tests and the lab share. The
+/// driver's monitoring (`hello`) and the tests' own `serverStatus` are not among them.
+pub async fn budgeted_commands(mongo: &Mongo) -> i64 {
+    use sluice::metrics::{DbOp, Label};
+    let counts = mongo.command_counts().await;
+    DbOp::ALL
+        .iter()
+        .map(|op| count_of(&counts, op.as_str()))
+        .sum()
+}
+
+/// Samples [`budgeted_commands`] once a second until dropped; `per_second` gives the
+/// commands the server ran in each whole second.
+pub struct CommandMeter {
+    samples: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CommandMeter {
+    pub fn start(port: u16) -> CommandMeter {
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = std::sync::Arc::clone(&samples);
+        let task = tokio::spawn(async move {
+            let mongo = Mongo::attach(port);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                // A stalled database answers nothing: that second's count lands in the next.
+                if let Ok(n) =
+                    tokio::time::timeout(Duration::from_millis(900), budgeted_commands(&mongo))
+                        .await
+                {
+                    out.lock().unwrap().push(n);
+                }
+            }
+        });
+        CommandMeter { samples, task }
+    }
+
+    /// Commands in each second between samples.
+    pub fn per_second(&self) -> Vec<i64> {
+        let s = self.samples.lock().unwrap();
+        s.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+}
+
+impl Drop for CommandMeter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP proxy that can stall: while stalled it forwards nothing in either direction,
+/// as a congested or partitioned link would, without closing anything.
+pub struct StallProxy {
+    pub port: u16,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallProxy {
+    pub async fn start(upstream: u16) -> StallProxy {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stalled);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, Arc::clone(&flag)));
+                tokio::spawn(pump(sr, cw, Arc::clone(&flag)));
+            }
+        });
+        StallProxy {
+            port,
+            stalled,
+            task,
+        }
+    }
+
+    pub fn set_stalled(&self, stalled: bool) {
+        self.stalled
+            .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        while stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

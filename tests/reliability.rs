@@ -1,0 +1,363 @@
+//! Promises that hold while the world moves: pods join, leave and lose Redis, Redis
+//! restarts empty, the database stalls in short pulses, a cold cluster meets a burst,
+//! clients retry. Each test runs real servers; several sluice instances share one Redis
+//! and one MongoDB-wire server, as pods do.
+//!
+//! The budget tolerance, stated once: commands are counted from `serverStatus` per whole
+//! second. A second may hold one command more per live pod than the budget (each pod's
+//! pacer can land a command on both sides of a second boundary), plus, for a pod cut off
+//! from Redis while the others reach it, `budget / BUDGET_FALLBACK_PODS` (the rule in
+//! `budget.rs`), plus, in the second after a database stall ends, `FLUSH_CONCURRENCY`
+//! per pod (commands sent during the stall run together when it resumes).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bson::doc;
+use common::*;
+use nix::sys::signal::Signal;
+
+const BUDGET: i64 = 20;
+
+/// Loads each pod with its own closed loop of `users` clients until `stop`.
+fn load_all(
+    pods: &[&Sluice],
+    users: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Outcome>>> {
+    pods.iter()
+        .map(|p| load(&p.url("/api/data"), users, Arc::clone(stop)))
+        .collect()
+}
+
+async fn gather(loads: Vec<tokio::task::JoinHandle<Vec<Outcome>>>) -> Vec<Outcome> {
+    let mut all = Vec::new();
+    for l in loads {
+        all.extend(l.await.unwrap());
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_budget_holds_every_second_while_pods_come_and_go() {
+    let mut redis = Redis::start();
+    let mongo = Mongo::start().await;
+    let budget = BUDGET.to_string();
+    let fallback = 4; // the most pods this test runs at once
+    let env = [
+        ("DB_COMMAND_BUDGET", budget.as_str()),
+        ("BUDGET_FALLBACK_PODS", "4"),
+        ("CACHE_FRESH_MS", "500"),
+    ];
+    // Pod C reaches Redis through a proxy the test can stall.
+    let proxy = StallProxy::start(redis.port).await;
+    let proxied = format!("redis://127.0.0.1:{}", proxy.port);
+    let a = Sluice::start(&mongo.uri(), &redis.url(), &env).await;
+    let b = Sluice::start(&mongo.uri(), &redis.url(), &env).await;
+    let c = Sluice::start(&mongo.uri(), &proxied, &env).await;
+    for pod in [&a, &b, &c] {
+        pod.wait_ready().await;
+    }
+    let meter = CommandMeter::start(mongo.port);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loads = load_all(&[&a, &b, &c], 40, &stop);
+    let mut events = Vec::new();
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    events.push("redis restarted empty");
+    redis.stop();
+    redis.restart();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    events.push("pod d added");
+    let d = Sluice::start(&mongo.uri(), &redis.url(), &env).await;
+    d.wait_ready().await;
+    loads.extend(load_all(&[&d], 40, &stop));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    events.push("pod b stopped (SIGTERM's path)");
+    drop(b);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    events.push("pod c cut off from redis for 6 s");
+    proxy.set_stalled(true);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    proxy.set_stalled(false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = gather(loads).await;
+    let per_second = meter.per_second();
+    drop(meter);
+
+    let pods_at_most = 4;
+    let tolerance = pods_at_most + BUDGET / fallback;
+    let peak = per_second.iter().copied().max().unwrap_or(0);
+    let ok = outcomes.iter().filter(|o| o.status == 200).count();
+    let mut statuses = std::collections::BTreeMap::new();
+    for o in &outcomes {
+        *statuses.entry(o.status).or_insert(0) += 1;
+    }
+    println!(
+        "churn ({}): commands per second {per_second:?}; peak {peak} against a budget of {BUDGET} (+{tolerance} tolerance); answers by status {statuses:?} (0: no answer, e.g. the stopped pod's port)",
+        events.join(", "),
+    );
+    assert!(per_second.len() >= 20, "the meter sampled: {per_second:?}");
+    assert!(
+        peak <= BUDGET + tolerance,
+        "a second held {peak} commands; budget {BUDGET} + tolerance {tolerance}: {per_second:?}"
+    );
+    assert!(ok > 1000, "the load was real: {ok} requests stored");
+    let checked = assert_nothing_lost(&mongo, &outcomes).await;
+    let stored = mongo
+        .records()
+        .await
+        .count_documents(doc! {})
+        .await
+        .unwrap();
+    assert!(
+        stored as usize >= checked,
+        "every 200's documents stored once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_database_pulses_are_slow_not_dead() {
+    let (_redis, mongo, sluice) = spawn_app(&[
+        ("DB_COMMAND_BUDGET", "20"),
+        ("DB_TIMEOUT_MS", "3000"),
+        ("WRITE_TIMEOUT_MS", "5000"),
+    ])
+    .await;
+    let meter = CommandMeter::start(mongo.port);
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads = load_all(&[&sluice], 50, &stop);
+    let probes = {
+        let (url, stop) = (sluice.url("/readyz"), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let client = client();
+            let mut failed = 0;
+            let mut probed = 0;
+            while !stop.load(Ordering::Relaxed) {
+                probed += 1;
+                if get(&client, &url).await.status != 200 {
+                    failed += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (probed, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pulses = 5;
+    for _ in 0..pulses {
+        mongo.signal(Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        mongo.signal(Signal::SIGCONT);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = gather(loads).await;
+    let (probed, not_ready) = probes.await.unwrap();
+    let per_second = meter.per_second();
+    drop(meter);
+
+    let metrics = reqwest::get(sluice.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let shed_database = metrics
+        .lines()
+        .find(|l| l.starts_with("sluice_shed_total{reason=\"database\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap_or("missing")
+        .to_string();
+    let peak = per_second.iter().copied().max().unwrap_or(0);
+    // One pod: one command of boundary slack, and its flush slots after each stall.
+    let tolerance = 1 + 2;
+    let ok = outcomes.iter().filter(|o| o.status == 200).count();
+    println!(
+        "pulses: {pulses} stalls of 1.5 s; {ok} of {} requests stored; shed as database unavailable: {shed_database}; /readyz failures {not_ready} of {probed}; commands per second {per_second:?} (peak {peak}, budget 20 + {tolerance})",
+        outcomes.len()
+    );
+    assert_eq!(not_ready, 0, "/readyz failed during short stalls");
+    assert_eq!(
+        shed_database, "0",
+        "requests were shed as 'database unavailable'"
+    );
+    assert!(
+        outcomes.iter().all(|o| o.status == 200),
+        "{:?}",
+        outcomes.iter().find(|o| o.status != 200)
+    );
+    assert!(peak <= 20 + tolerance, "{per_second:?}");
+    assert_nothing_lost(&mongo, &outcomes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_cluster_meets_a_burst_with_one_query_and_no_read_failures() {
+    let (redis, mongo) = seeded_servers().await;
+    let env = [("QUEUE_CAPACITY", "20"), ("ENQUEUE_TIMEOUT_MS", "50")];
+    let mut pods = Vec::new();
+    for _ in 0..3 {
+        pods.push(Sluice::start(&mongo.uri(), &redis.url(), &env).await);
+    }
+    for pod in &pods {
+        pod.wait_ready().await;
+    }
+    let finds_before = mongo.command_total("find").await;
+    let bursts = pods.iter().map(|p| {
+        let url = p.url("/api/data");
+        async move { burst(&url, 400).await }
+    });
+    let outcomes: Vec<Outcome> = futures_util::future::join_all(bursts).await.concat();
+    let finds = mongo.command_total("find").await - finds_before;
+    let slowest = outcomes.iter().map(|o| o.latency).max().unwrap();
+    let shed = outcomes.iter().filter(|o| o.status == 503).count();
+    println!(
+        "cold burst: {} requests, {shed} shed by the tiny queue, {finds} queries, slowest {slowest:?}",
+        outcomes.len()
+    );
+    assert!(finds <= 2, "{finds} queries for a cold cluster");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a read waited past DB_TIMEOUT_MS: {slowest:?}"
+    );
+    for o in outcomes.iter().filter(|o| o.status != 200) {
+        let message = o.body["message"].as_str().unwrap_or_default();
+        assert!(
+            o.status == 503 && message.contains("queue"),
+            "not a queue shed: {o:?}"
+        );
+    }
+    assert_nothing_lost(&mongo, &outcomes).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_idempotency_key_stores_nothing_twice() {
+    let (_redis, mongo, sluice) =
+        spawn_app(&[("WRITE_TIMEOUT_MS", "1000"), ("DB_TIMEOUT_MS", "3000")]).await;
+    let client = client();
+    let with_key = |key: &str| {
+        client
+            .get(sluice.url("/api/data"))
+            .header("Idempotency-Key", key)
+    };
+
+    let first = send(with_key("\"order-0001-first\"")).await;
+    let again = send(with_key("order-0001-first")).await;
+    assert_eq!((first.status, again.status), (200, 200));
+    assert_eq!(
+        first.write_ids(),
+        again.write_ids(),
+        "a replay answers the same ids"
+    );
+    let ids: Vec<bson::oid::ObjectId> = first
+        .write_ids()
+        .iter()
+        .map(|id| bson::oid::ObjectId::parse_str(id).unwrap())
+        .collect();
+    let stored = mongo
+        .records()
+        .await
+        .count_documents(doc! {"_id": {"$in": &ids}})
+        .await
+        .unwrap();
+    assert_eq!(stored, 5);
+
+    let bad = send(with_key("no spaces allowed")).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body["message"]
+        .as_str()
+        .unwrap()
+        .contains("Idempotency-Key"));
+
+    // The same key twice at once: the second is told the first is in flight.
+    let slow = Sluice::start(&mongo.uri(), &_redis.url(), &[("BATCH_LINGER_MS", "1000")]).await;
+    slow.wait_ready().await;
+    let request = || {
+        client
+            .get(slow.url("/api/data"))
+            .header("Idempotency-Key", "order-0002-twice")
+    };
+    let (x, y) = tokio::join!(send(request()), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send(request()).await
+    });
+    assert_eq!((x.status, y.status), (200, 409), "{y:?}");
+
+    // A stall answers 503 although the insert may still land; the replay stores nothing
+    // twice and answers the same ids.
+    mongo.signal(Signal::SIGSTOP);
+    let stalled = send(with_key("order-0003-stalled")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    mongo.signal(Signal::SIGCONT);
+    assert_eq!(stalled.status, 503, "{stalled:?}");
+    sluice.wait_ready().await;
+    let replay = send(with_key("order-0003-stalled")).await;
+    assert_eq!(replay.status, 200, "{replay:?}");
+    let ids: Vec<bson::oid::ObjectId> = replay
+        .write_ids()
+        .iter()
+        .map(|id| bson::oid::ObjectId::parse_str(id).unwrap())
+        .collect();
+    let stored = mongo
+        .records()
+        .await
+        .count_documents(doc! {"_id": {"$in": &ids}})
+        .await
+        .unwrap();
+    assert_eq!(stored, 5, "the replay stored its 5 documents exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_loses_its_connection() {
+    use tokio::io::AsyncWriteExt;
+    let (_redis, _mongo, sluice) = spawn_app(&[
+        ("WRITE_PROGRESS_TIMEOUT_MS", "2000"),
+        ("MAX_CONNECTIONS", "1"),
+    ])
+    .await;
+    // A small receive buffer, as a slow mobile client's would be: the stall comes soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket
+        .connect(([127, 0, 0, 1], sluice.port).into())
+        .await
+        .unwrap();
+    // Pipelined requests for a large answer, a few at a time (sluice reads a head only
+    // when it wants the next request), never reading the answers: the socket buffers
+    // fill and sluice's writes stop making progress.
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n".repeat(50);
+        while started.elapsed() < Duration::from_secs(15) {
+            if stream.write_all(&chunk).await.is_err() {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        started.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = client();
+    let held = get(&client, &sluice.url("/healthz")).await;
+    // Refused: a 503, or a reset when the refusal closes the socket under the request.
+    assert_ne!(held.status, 200, "the stuck client holds the only slot");
+    let freed = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if get(&client, &sluice.url("/healthz")).await.status == 200 {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slot was never freed"
+        );
+    };
+    let cut = writer.await.unwrap();
+    println!(
+        "a client that never read was cut off after {cut:?}; its slot was free after {freed:?}"
+    );
+    assert!(cut < Duration::from_secs(10), "its connection stayed open");
+}
