@@ -330,10 +330,20 @@ impl Metrics {
 
     /// The names of every metric family this registry exposes.
     pub fn family_names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        // Families labelled by route and status have no series before the first request,
+        // so gathering alone would miss them.
+        let unseeded = self
+            .http_requests
+            .desc()
+            .into_iter()
+            .chain(self.http_duration.desc())
+            .map(|d| d.fq_name.clone());
         self.registry
             .gather()
             .iter()
             .map(|f| f.name().to_string())
+            .chain(unseeded)
             .collect()
     }
 

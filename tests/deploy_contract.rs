@@ -1,0 +1,143 @@
+//! The deployment's contract with the code, checked where the code is: the manifests'
+//! settings go through sluice's own settings parser, and every metric the dashboard and
+//! the alert rules query exists in sluice's registry. (`scripts/check-deploy.sh` checks
+//! the rest of the manifests; these checks used to grep the Rust source from Python.)
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use clap::Parser;
+use serde_yaml::Value;
+use sluice::config::Cli;
+use sluice::metrics::Metrics;
+
+fn yaml(path: &str) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn strings(map: &Value) -> BTreeMap<String, String> {
+    map.as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        Value::String(s) => s.clone(),
+                        other => serde_yaml::to_string(other).unwrap().trim().to_string(),
+                    };
+                    (k.as_str().unwrap().to_string(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pod's environment as the Deployment builds it: the ConfigMap and the Secret.
+fn pod_settings() -> BTreeMap<String, String> {
+    let mut settings = strings(&yaml("k8s/app/configmap.yaml")["data"]);
+    settings.extend(strings(&yaml("k8s/app/secret.yaml")["stringData"]));
+    settings
+}
+
+#[test]
+fn the_manifests_settings_are_settings_sluice_accepts() {
+    let settings = pod_settings();
+    assert!(settings.len() > 10, "read the ConfigMap: {settings:?}");
+    let mut args = vec!["sluice".to_string()];
+    for (name, value) in &settings {
+        args.push(format!("--{}", name.to_lowercase().replace('_', "-")));
+        args.push(value.clone());
+    }
+    let cli = Cli::try_parse_from(&args)
+        .unwrap_or_else(|e| panic!("k8s/app's settings do not parse as sluice's: {e}"));
+    cli.config
+        .validate()
+        .unwrap_or_else(|e| panic!("k8s/app's settings are refused at start: {e}"));
+}
+
+#[test]
+fn the_fallback_split_covers_every_pod_there_can_be() {
+    let settings = pod_settings();
+    let fallback: u32 = settings["BUDGET_FALLBACK_PODS"].parse().unwrap();
+    let max_replicas = yaml("k8s/app/hpa.yaml")["spec"]["maxReplicas"]
+        .as_u64()
+        .unwrap() as u32;
+    let surge = &yaml("k8s/app/deployment.yaml")["spec"]["strategy"]["rollingUpdate"]["maxSurge"];
+    let surge = match surge {
+        Value::Number(n) => n.as_u64().unwrap() as u32,
+        Value::String(p) if p.ends_with('%') => {
+            let pct: u32 = p.trim_end_matches('%').parse().unwrap();
+            (max_replicas * pct).div_ceil(100)
+        }
+        other => panic!("maxSurge {other:?}"),
+    };
+    assert!(
+        fallback >= max_replicas + surge,
+        "BUDGET_FALLBACK_PODS ({fallback}) must be at least maxReplicas ({max_replicas}) + maxSurge ({surge}): pods cut off from Redis would overspend the budget"
+    );
+}
+
+/// sluice metric names a PromQL text queries, without histogram suffixes.
+fn queried(promql: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = promql.as_bytes();
+    let mut i = 0;
+    while let Some(at) = promql[i..].find("sluice_") {
+        let start = i + at;
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = promql[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(promql.len(), |e| start + e);
+        if boundary {
+            let name = &promql[start..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            names.insert(base.to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+fn registry() -> BTreeSet<String> {
+    Metrics::new().family_names().into_iter().collect()
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_sluice_exports() {
+    let text = std::fs::read_to_string("k8s/grafana/sluice-dashboard.json").unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut used = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            used.extend(queried(target["expr"].as_str().unwrap_or_default()));
+        }
+    }
+    assert!(used.len() > 5, "read the dashboard's queries: {used:?}");
+    let known = registry();
+    let unknown: Vec<_> = used.difference(&known).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics sluice does not export: {unknown:?}"
+    );
+}
+
+#[test]
+fn the_alert_rules_query_only_metrics_sluice_exports() {
+    let rules = yaml("k8s/monitoring/sluice-alerts.rules.yaml");
+    let mut used = BTreeSet::new();
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            used.extend(queried(rule["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(used.len() > 3, "read the rules: {used:?}");
+    let known = registry();
+    let unknown: Vec<_> = used.difference(&known).collect();
+    assert!(
+        unknown.is_empty(),
+        "the alert rules query metrics sluice does not export: {unknown:?}"
+    );
+}
