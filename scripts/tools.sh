@@ -8,6 +8,7 @@
 SLUICE_TOOLS=${SLUICE_TOOLS:-$HOME/.cache/sluice/tools}
 export SLUICE_TOOLS
 SECANTUS_VERSION=0.5.3-beta.196
+CARGO_DENY_VERSION=0.20.2
 
 tools_step() { printf '==> %s\n' "$*" >&2; }
 
@@ -40,6 +41,16 @@ tools_mongo_server() {
     tools_step "cargo install secantus-mdb $SECANTUS_VERSION into $SLUICE_TOOLS (about 7 minutes, once)"
     cargo install secantus-mdb --version "$SECANTUS_VERSION" --locked --ignore-rust-version \
       --root "$SLUICE_TOOLS" >&2 || return 1
+  fi
+  echo "$bin"
+}
+
+# tools_cargo_deny: prints cargo-deny, installed once into $SLUICE_TOOLS.
+tools_cargo_deny() {
+  local bin=$SLUICE_TOOLS/bin/cargo-deny
+  if [ ! -x "$bin" ]; then
+    tools_step "cargo install cargo-deny into $SLUICE_TOOLS (a few minutes, once)"
+    cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked --root "$SLUICE_TOOLS" >&2 || return 1
   fi
   echo "$bin"
 }
