@@ -82,17 +82,10 @@ async fn cold_cache_reads_the_database_once() {
 async fn pods_share_one_refresh_through_redis() {
     let (redis, mongo) = seeded_servers().await;
     let env = [("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")];
-    let mut pods = Vec::new();
-    for _ in 0..3 {
-        pods.push(Sluice::start(&mongo.uri(), &redis.url(), &env).await);
-    }
-    for pod in &pods {
-        pod.wait_ready().await;
-    }
+    let pods = start_pods(3, &mongo, &redis, &env).await;
     let finds_before = mongo.command_total("find").await;
 
-    let bursts = pods.iter().map(|p| burst_owned(p.url("/api/data"), 300));
-    let outcomes: Vec<Outcome> = futures_util::future::join_all(bursts).await.concat();
+    let outcomes = bursts(&pods, 300).await;
 
     assert!(outcomes.iter().all(|o| o.status == 200));
     let finds = mongo.command_total("find").await - finds_before;
@@ -100,10 +93,6 @@ async fn pods_share_one_refresh_through_redis() {
         finds, 1,
         "three cold pods should share one query through the Redis lock"
     );
-}
-
-async fn burst_owned(url: String, n: usize) -> Vec<Outcome> {
-    burst(&url, n).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -198,16 +198,10 @@ async fn full_queue_sheds_with_retry_after() {
     assert!(outcomes.iter().any(|o| o.status == 200));
     assert!(outcomes.iter().all(|o| o.status == 200 || o.status == 503));
     assert_nothing_lost(&mongo, &outcomes).await;
-    let metrics = reqwest::get(sluice.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains(&format!(
-        "sluice_shed_total{{reason=\"queue_full\"}} {}",
-        queue_full.len()
-    )));
+    let shed = sluice
+        .metric("sluice_shed_total{reason=\"queue_full\"}")
+        .await;
+    assert_eq!(shed, Some(queue_full.len().to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -161,18 +161,10 @@ async fn short_database_pulses_are_slow_not_dead() {
     let per_second = meter.per_second();
     drop(meter);
 
-    let metrics = reqwest::get(sluice.url("/metrics"))
+    let shed_database = sluice
+        .metric("sluice_shed_total{reason=\"database\"}")
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let shed_database = metrics
-        .lines()
-        .find(|l| l.starts_with("sluice_shed_total{reason=\"database\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .unwrap_or("missing")
-        .to_string();
+        .unwrap_or_else(|| "missing".into());
     let peak = per_second.iter().copied().max().unwrap_or(0);
     // One pod: one command of boundary slack, and its flush slots after each stall.
     let tolerance = 1 + 2;
@@ -199,19 +191,9 @@ async fn short_database_pulses_are_slow_not_dead() {
 async fn a_cold_cluster_meets_a_burst_with_one_query_and_no_read_failures() {
     let (redis, mongo) = seeded_servers().await;
     let env = [("QUEUE_CAPACITY", "20"), ("ENQUEUE_TIMEOUT_MS", "50")];
-    let mut pods = Vec::new();
-    for _ in 0..3 {
-        pods.push(Sluice::start(&mongo.uri(), &redis.url(), &env).await);
-    }
-    for pod in &pods {
-        pod.wait_ready().await;
-    }
+    let pods = start_pods(3, &mongo, &redis, &env).await;
     let finds_before = mongo.command_total("find").await;
-    let bursts = pods.iter().map(|p| {
-        let url = p.url("/api/data");
-        async move { burst(&url, 400).await }
-    });
-    let outcomes: Vec<Outcome> = futures_util::future::join_all(bursts).await.concat();
+    let outcomes = bursts(&pods, 400).await;
     let finds = mongo.command_total("find").await - finds_before;
     let slowest = outcomes.iter().map(|o| o.latency).max().unwrap();
     let shed = outcomes.iter().filter(|o| o.status == 503).count();
@@ -253,17 +235,7 @@ async fn a_replayed_idempotency_key_stores_nothing_twice() {
         again.write_ids(),
         "a replay answers the same ids"
     );
-    let ids: Vec<bson::oid::ObjectId> = first
-        .write_ids()
-        .iter()
-        .map(|id| bson::oid::ObjectId::parse_str(id).unwrap())
-        .collect();
-    let stored = mongo
-        .records()
-        .await
-        .count_documents(doc! {"_id": {"$in": &ids}})
-        .await
-        .unwrap();
+    let stored = mongo.stored_among(&first.write_ids()).await;
     assert_eq!(stored, 5);
 
     let bad = send(with_key("no spaces allowed")).await;
@@ -297,17 +269,7 @@ async fn a_replayed_idempotency_key_stores_nothing_twice() {
     sluice.wait_ready().await;
     let replay = send(with_key("order-0003-stalled")).await;
     assert_eq!(replay.status, 200, "{replay:?}");
-    let ids: Vec<bson::oid::ObjectId> = replay
-        .write_ids()
-        .iter()
-        .map(|id| bson::oid::ObjectId::parse_str(id).unwrap())
-        .collect();
-    let stored = mongo
-        .records()
-        .await
-        .count_documents(doc! {"_id": {"$in": &ids}})
-        .await
-        .unwrap();
+    let stored = mongo.stored_among(&replay.write_ids()).await;
     assert_eq!(stored, 5, "the replay stored its 5 documents exactly once");
 }
 

@@ -82,6 +82,15 @@ pub async fn burst(url: &str, n: usize) -> Vec<Outcome> {
     out
 }
 
+/// A burst of `n` concurrent `GET /api/data` on each pod at once.
+pub async fn bursts(pods: &[super::Sluice], n: usize) -> Vec<Outcome> {
+    let each = pods.iter().map(|p| {
+        let url = p.url("/api/data");
+        async move { burst(&url, n).await }
+    });
+    futures_util::future::join_all(each).await.concat()
+}
+
 /// A closed loop of `users` clients with no think time, until `stop` is set.
 pub fn load(
     url: &str,

@@ -311,6 +311,19 @@ impl Mongo {
             .collect()
     }
 
+    /// How many of these ids (hex) are stored.
+    pub async fn stored_among(&self, ids: &[String]) -> u64 {
+        let ids: Vec<bson::oid::ObjectId> = ids
+            .iter()
+            .map(|id| bson::oid::ObjectId::parse_str(id).unwrap())
+            .collect();
+        self.records()
+            .await
+            .count_documents(doc! {"_id": {"$in": ids}})
+            .await
+            .unwrap()
+    }
+
     pub async fn records(&self) -> mongodb::Collection<Document> {
         self.client()
             .await

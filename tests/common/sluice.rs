@@ -153,6 +153,21 @@ impl Sluice {
         }
     }
 
+    /// The value of one `/metrics` series, e.g. `sluice_shed_total{reason="database"}`.
+    pub async fn metric(&self, series: &str) -> Option<String> {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')
+                .map(str::to_string)
+        })
+    }
+
     pub async fn status(&self) -> Value {
         reqwest::get(self.url("/api/cache/status"))
             .await
@@ -219,4 +234,21 @@ impl Drop for Sluice {
             stop.cancel();
         }
     }
+}
+
+/// `n` in-process pods sharing these servers, each ready.
+pub async fn start_pods(
+    n: usize,
+    mongo: &Mongo,
+    redis: &Redis,
+    env: &[(&str, &str)],
+) -> Vec<Sluice> {
+    let mut pods = Vec::new();
+    for _ in 0..n {
+        pods.push(Sluice::start(&mongo.uri(), &redis.url(), env).await);
+    }
+    for pod in &pods {
+        pod.wait_ready().await;
+    }
+    pods
 }
