@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::time::{Duration, Instant};
 
 use bson::doc;
 use common::*;
@@ -221,4 +222,48 @@ async fn credentials_are_never_logged_or_shown() {
         assert!(!status.contains(secret), "status shows {secret}: {status}");
         assert!(!log.contains(secret), "log shows {secret}:\n{log}");
     }
+}
+
+/// A container runtime may start sluice with a soft open-files limit of 1,024 and a far
+/// higher hard one; sluice raises the soft limit itself, or accepts fail at about a
+/// thousand clients.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::TempDir::new().unwrap();
+    let log = dir.path().join("stderr");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
+        .env_clear()
+        .env("APP_PORT", free_port().to_string())
+        .env("APP_HOST", "127.0.0.1")
+        .env("MONGO_URI", "mongodb://127.0.0.1:1/x")
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            use nix::sys::resource::{setrlimit, Resource};
+            setrlimit(Resource::RLIMIT_NOFILE, 256, 4096).map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("sluice listening") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("raised the open-files limit"), "{text}");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = open_files.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["4096", "4096"], "{open_files}");
 }
