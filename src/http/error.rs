@@ -110,7 +110,9 @@ impl From<WriteError> for ApiError {
         match e {
             WriteError::QueueFull => ApiError::QueueFull,
             WriteError::Closed => ApiError::ShuttingDown,
-            e @ (WriteError::NotStored(_) | WriteError::Refused(_)) => ApiError::NotStored(e),
+            e @ (WriteError::NotStored(_) | WriteError::Refused(_) | WriteError::Refusing) => {
+                ApiError::NotStored(e)
+            }
         }
     }
 }

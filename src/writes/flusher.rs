@@ -9,6 +9,7 @@
 //! - a document the database refuses for good fails its request at once;
 //! - no attempt is sent with less time left than an insert takes (twice the last one's
 //!   latency, at least [`MIN_ATTEMPT`]): it could only time out and waste a token;
+//! - a batch the database refuses whole shuts the gate on new requests for a moment;
 //! - past the last deadline every request still waiting is answered 503.
 
 use std::future::Future;
@@ -24,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Job, Sink, WriteError, MAX_BATCH_BYTES};
+use super::{Gate, Job, Sink, WriteError, MAX_BATCH_BYTES};
 use crate::config::WriteSettings;
 use crate::metrics::Metrics;
 
@@ -75,6 +76,7 @@ struct Flusher<K> {
     metrics: Arc<Metrics>,
     /// The last successful insert's latency, in microseconds.
     last_insert_us: Arc<AtomicU64>,
+    gate: Arc<Gate>,
 }
 
 pub(super) async fn run<K: Sink>(
@@ -82,6 +84,7 @@ pub(super) async fn run<K: Sink>(
     sink: K,
     settings: WriteSettings,
     metrics: Arc<Metrics>,
+    gate: Arc<Gate>,
     stop: CancellationToken,
 ) {
     let flusher = Flusher {
@@ -91,6 +94,7 @@ pub(super) async fn run<K: Sink>(
         settings,
         metrics,
         last_insert_us: Arc::new(AtomicU64::new(0)),
+        gate,
     };
     flusher.run(stop).await;
 }
@@ -134,6 +138,7 @@ impl<K: Sink> Flusher<K> {
                 sink: Arc::clone(&self.sink),
                 metrics: Arc::clone(&self.metrics),
                 last_insert_us: Arc::clone(&self.last_insert_us),
+                gate: Arc::clone(&self.gate),
             };
             flushes.spawn(flush.run(batch, paid, slot));
             while flushes.try_join_next().is_some() {}
@@ -186,6 +191,7 @@ struct Flush<K> {
     sink: Arc<K>,
     metrics: Arc<Metrics>,
     last_insert_us: Arc<AtomicU64>,
+    gate: Arc<Gate>,
 }
 
 /// A request in a batch, until it is answered.
@@ -261,6 +267,7 @@ impl<K: Sink> Flush<K> {
                 .sink
                 .insert(todo.iter().map(|&i| &docs[i]).collect(), paid_now, limit)
                 .await;
+            let outcome_answered = outcome.is_ok();
             let (retry, refused) = match outcome {
                 Ok(rejected) => {
                     let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -286,6 +293,12 @@ impl<K: Sink> Flush<K> {
             }
             let stored = todo.len() - retry.len() - refused.len();
             self.metrics.documents_stored.inc_by(stored as u64);
+            if stored > 0 {
+                self.gate.open();
+            } else if outcome_answered && retry.len() == todo.len() {
+                // The database answered and stored none of it: it is refusing writes.
+                self.gate.shut();
+            }
             // Credit stored documents to their requests; answer the complete ones.
             for &i in &todo {
                 if retry.binary_search(&i).is_err() && refused.binary_search(&i).is_err() {

@@ -20,6 +20,10 @@
 //! that waited long in the queue with fresh ones; the expired ones (and those whose
 //! client has gone) are left out before each attempt, and the rest are still sent.
 //!
+//! While the database refuses whole batches (its disk is full), new requests get a 503
+//! at once for [`REFUSING_PAUSE`] after each refusal, and writing resumes by itself when
+//! a batch goes through again.
+//!
 //! Shutdown: when `stop` fires, the queue is closed (new submissions fail at once), every
 //! request already in it is flushed, and the flusher returns once the last in-flight
 //! insert is answered.
@@ -30,6 +34,7 @@ mod sink;
 mod tests;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bson::RawDocumentBuf;
 use tokio::sync::{mpsc, oneshot};
@@ -54,8 +59,37 @@ pub enum WriteError {
     NotStored(String),
     #[error("the database refused the documents: {0}")]
     Refused(String),
+    #[error("the database is refusing every write (a full disk?); retry shortly")]
+    Refusing,
     #[error("the service is shutting down")]
     Closed,
+}
+
+/// While the database refuses whole batches (a full disk, say), new requests are answered
+/// 503 at once instead of queueing for a deadline they cannot meet. Each refused batch
+/// holds the gate shut this long; the first batch after it finds out whether space has
+/// come back, so sluice recovers by itself.
+pub const REFUSING_PAUSE: Duration = Duration::from_secs(1);
+
+/// When the last whole-batch refusal stops turning requests away.
+#[derive(Default)]
+struct Gate(std::sync::Mutex<Option<Instant>>);
+
+impl Gate {
+    fn shut(&self) {
+        *self.0.lock().expect("gate lock") = Some(Instant::now() + REFUSING_PAUSE);
+    }
+
+    fn open(&self) {
+        *self.0.lock().expect("gate lock") = None;
+    }
+
+    fn is_shut(&self) -> bool {
+        self.0
+            .lock()
+            .expect("gate lock")
+            .is_some_and(|until| Instant::now() < until)
+    }
 }
 
 struct Job {
@@ -68,6 +102,7 @@ struct Job {
 /// The submitting side; cheap to share.
 pub struct Writer {
     tx: mpsc::Sender<Job>,
+    gate: Arc<Gate>,
     settings: WriteSettings,
     metrics: Arc<Metrics>,
 }
@@ -85,9 +120,18 @@ impl Writer {
         metrics
             .queue_capacity
             .set(i64::try_from(settings.queue_capacity).unwrap_or(i64::MAX));
-        let task = tokio::spawn(flusher::run(rx, sink, settings, Arc::clone(&metrics), stop));
+        let gate = Arc::new(Gate::default());
+        let task = tokio::spawn(flusher::run(
+            rx,
+            sink,
+            settings,
+            Arc::clone(&metrics),
+            Arc::clone(&gate),
+            stop,
+        ));
         let writer = Writer {
             tx,
+            gate,
             settings,
             metrics,
         };
@@ -100,6 +144,9 @@ impl Writer {
     /// a request is answered within `WRITE_TIMEOUT_MS` even while its batch is still
     /// waiting for the budget or for a slow database.
     pub async fn submit(&self, docs: Vec<RawDocumentBuf>) -> Result<(), WriteError> {
+        if self.gate.is_shut() {
+            return Err(WriteError::Refusing);
+        }
         let (ack, done) = oneshot::channel();
         let deadline = Instant::now() + self.settings.write_timeout;
         let bytes = docs.iter().map(|d| d.as_bytes().len()).sum();

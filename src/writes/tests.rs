@@ -312,3 +312,28 @@ async fn shutdown_flushes_what_is_queued_and_refuses_the_rest() {
     let (_, late) = submit(&writer);
     assert!(matches!(late.await.unwrap().0, Err(WriteError::Closed)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_database_refusing_every_write_turns_new_requests_away_until_it_stops() {
+    let sink = MemorySink::default();
+    let (writer, _stop) = start(settings(), &sink);
+    // A full disk: the database answers, and refuses every document.
+    let (ids, first) = submit(&writer);
+    sink.0
+        .script
+        .lock()
+        .unwrap()
+        .extend([Next::Reject(ids.to_vec()), Next::Reject(ids.to_vec())]);
+    // The first refusal lands after the linger (100 ms) and one insert (10 ms).
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let t0 = Instant::now();
+    let (_, turned_away) = submit(&writer);
+    let (result, at) = turned_away.await.unwrap();
+    assert!(matches!(result, Err(WriteError::Refusing)), "{result:?}");
+    assert_eq!(at, t0, "answered at once");
+    // Space comes back: the first request's retry goes through, and new ones do too.
+    assert!(first.await.unwrap().0.is_ok());
+    tokio::time::sleep(super::REFUSING_PAUSE).await;
+    let (_, later) = submit(&writer);
+    assert!(later.await.unwrap().0.is_ok());
+}

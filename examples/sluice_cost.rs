@@ -1,0 +1,251 @@
+//! What sluice itself costs, read from its own process: CPU per request and memory per
+//! idle connection. The two rows of the performance table no other command measured.
+//!
+//!     cargo run --release --example sluice_cost -- --url http://127.0.0.1:8000 --pid PID \
+//!         --clients 1000 --seconds 20 --idle 5000 --out cost.json
+//!
+//! 1. **CPU per request.** `--clients` keep-alive connections in a closed loop, first on
+//!    `/healthz` (the same server's floor), then on `/api/data`, each for `--seconds`.
+//!    CPU is sluice's own user + system time from `/proc/PID/stat` over the window,
+//!    divided by the requests answered in it; the ratio of the two is what the table
+//!    asks for. Only 2xx answers count as requests (a shed 503 costs less).
+//! 2. **Memory per idle connection.** `--idle` connections each send one `/healthz` and
+//!    then stay open and idle; the growth of sluice's RSS (`VmRSS`) divided by their
+//!    number is the cost of one. Then they close, and the RSS a few seconds later says
+//!    whether that memory went back.
+//!
+//! The client is a minimal HTTP/1.1 loop over raw sockets, so the load generator takes as
+//! little of the machine's CPU as it can; run sluice pinned elsewhere if the machine has
+//! the cores. Needs the open-files limit raised for `--idle` (`ulimit -n 65536`).
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Parser)]
+#[command(about = "sluice's CPU per request and memory per idle connection")]
+struct Args {
+    /// Base URL of the running sluice (plain http, an IP address).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// The sluice process to read `/proc` of.
+    #[arg(long)]
+    pid: u32,
+    /// Concurrent keep-alive clients for the CPU measure.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Seconds of load per path.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Idle connections for the memory measure (0 skips it).
+    #[arg(long, default_value_t = 5000)]
+    idle: usize,
+    /// Where to write the JSON result (it is printed either way).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct CpuRun {
+    path: String,
+    requests: u64,
+    non_2xx: u64,
+    cpu_seconds: f64,
+    cpu_us_per_request: f64,
+    requests_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MemoryRun {
+    connections: usize,
+    rss_before_kib: u64,
+    rss_open_kib: u64,
+    rss_closed_kib: u64,
+    kib_per_connection: f64,
+    /// Of the memory the open connections took, how much was back 5 s after closing.
+    returned_share: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    cpu: Vec<CpuRun>,
+    data_over_healthz_cpu: f64,
+    memory: Option<MemoryRun>,
+}
+
+/// Clock ticks per second for `/proc/PID/stat` (the kernel's USER_HZ, 100 on Linux).
+const TICKS: f64 = 100.0;
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("sluice's /proc");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / TICKS
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("sluice's /proc");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// Sends one GET and reads its whole answer; returns the status code.
+async fn exchange(
+    stream: &mut TcpStream,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+) -> std::io::Result<u16> {
+    stream.write_all(request).await?;
+    buf.clear();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..head_end]).unwrap_or_default();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        if buf.len() >= head_end + 4 + length {
+            let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+            return Ok(status);
+        }
+    }
+}
+
+fn host_port(url: &str) -> String {
+    url.trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+async fn closed_loop(addr: &str, path: &str, clients: usize, window: Duration) -> (u64, u64) {
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: application/json\r\n\r\n");
+    let until = Instant::now() + window;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (addr, request) = (addr.to_string(), request.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut other) = (0u64, 0u64);
+                let mut buf = Vec::with_capacity(4096);
+                'connect: while Instant::now() < until {
+                    let Ok(mut stream) = TcpStream::connect(&addr).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    while Instant::now() < until {
+                        match exchange(&mut stream, request.as_bytes(), &mut buf).await {
+                            Ok(s) if (200..300).contains(&s) => ok += 1,
+                            Ok(_) => other += 1,
+                            Err(_) => continue 'connect,
+                        }
+                    }
+                }
+                (ok, other)
+            })
+        })
+        .collect();
+    let mut total = (0, 0);
+    for t in tasks {
+        let (ok, other) = t.await.unwrap();
+        total.0 += ok;
+        total.1 += other;
+    }
+    total
+}
+
+async fn cpu_run(args: &Args, path: &str) -> CpuRun {
+    let addr = host_port(&args.url);
+    // A short warm-up, so connection set-up is not in the window.
+    closed_loop(&addr, path, args.clients, Duration::from_secs(2)).await;
+    let cpu0 = cpu_seconds(args.pid);
+    let t0 = Instant::now();
+    let (requests, non_2xx) =
+        closed_loop(&addr, path, args.clients, Duration::from_secs(args.seconds)).await;
+    let cpu = cpu_seconds(args.pid) - cpu0;
+    let elapsed = t0.elapsed().as_secs_f64();
+    CpuRun {
+        path: path.into(),
+        requests,
+        non_2xx,
+        cpu_seconds: cpu,
+        cpu_us_per_request: 1e6 * cpu / requests.max(1) as f64,
+        requests_per_second: requests as f64 / elapsed,
+    }
+}
+
+async fn memory_run(args: &Args) -> MemoryRun {
+    let addr = host_port(&args.url);
+    let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    let rss_before = rss_kib(args.pid);
+    let mut open = Vec::with_capacity(args.idle);
+    let mut buf = Vec::new();
+    for _ in 0..args.idle {
+        let mut stream = TcpStream::connect(&addr).await.expect("a connection");
+        exchange(&mut stream, request.as_bytes(), &mut buf)
+            .await
+            .expect("an answer");
+        open.push(stream);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_open = rss_kib(args.pid);
+    drop(open);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_closed = rss_kib(args.pid);
+    let grew = rss_open.saturating_sub(rss_before);
+    MemoryRun {
+        connections: args.idle,
+        rss_before_kib: rss_before,
+        rss_open_kib: rss_open,
+        rss_closed_kib: rss_closed,
+        kib_per_connection: grew as f64 / args.idle.max(1) as f64,
+        returned_share: if grew == 0 {
+            1.0
+        } else {
+            rss_open.saturating_sub(rss_closed) as f64 / grew as f64
+        },
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let healthz = cpu_run(&args, "/healthz").await;
+    let data = cpu_run(&args, "/api/data").await;
+    let ratio = data.cpu_us_per_request / healthz.cpu_us_per_request;
+    let memory = if args.idle > 0 {
+        Some(memory_run(&args).await)
+    } else {
+        None
+    };
+    let report = Report {
+        cpu: vec![healthz, data],
+        data_over_healthz_cpu: ratio,
+        memory,
+    };
+    let json = serde_json::to_string_pretty(&report).expect("serializable");
+    println!("{json}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &json).expect("the output file");
+    }
+}
