@@ -68,7 +68,29 @@ pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response,
         app.reads.note_stored().await;
         Ok::<_, ApiError>(())
     };
-    // A shed write answers at once, without waiting for the reads.
-    let ((), reads) = tokio::try_join!(writes, reads)?;
+    // A shed write answers at once, without waiting for the reads; a stored one waits
+    // for them.
+    tokio::pin!(writes, reads);
+    let mut read = None;
+    loop {
+        tokio::select! {
+            written = &mut writes => break written?,
+            r = &mut reads, if read.is_none() => read = Some(r),
+        }
+    }
+    let read = match read {
+        Some(r) => r,
+        None => reads.await,
+    };
+    // The documents are stored: a 503 now would invite a retry that stores them again.
+    // If the reads failed, the last id any load found is still the first document
+    // (documents are never deleted); only a pod that never found one answers 503.
+    let reads = match read {
+        Ok(reads) => reads,
+        Err(e) => match app.reads.last_known() {
+            Some(id) => [Some(id); PER_REQUEST],
+            None => return Err(e),
+        },
+    };
     Ok(json_response(StatusCode::OK, &DataAnswer::new(reads, ids)))
 }

@@ -82,6 +82,10 @@ pub struct ReadCache<S, T> {
     /// The answer of the L1 load in progress, if any.
     loading: std::sync::Mutex<Option<watch::Receiver<Loaded>>>,
     refreshing: AtomicBool,
+    /// The last document id any load found: documents are never deleted, so it stays
+    /// the right answer however old it is; served only when a request's own documents
+    /// were stored but its reads failed.
+    last_known: std::sync::Mutex<Option<ObjectId>>,
     /// Set once this pod has stored a document: documents are never deleted, so from
     /// then on an empty answer is known to be out of date.
     stored: AtomicBool,
@@ -107,6 +111,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             loading: std::sync::Mutex::new(None),
             refreshing: AtomicBool::new(false),
             stored: AtomicBool::new(false),
+            last_known: std::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -197,8 +202,16 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
         Some(entry)
     }
 
+    /// The last document id any load found, however old (see `last_known`).
+    pub fn last_known(&self) -> Option<ObjectId> {
+        *self.last_known.lock().expect("last known lock")
+    }
+
     /// Puts a loaded value in L1, unless it is an empty answer L2 holds for everyone.
     async fn keep(&self, entry: Entry, shared: bool) {
+        if let Some(id) = entry.read.id {
+            *self.last_known.lock().expect("last known lock") = Some(id);
+        }
         if entry.read.id.is_some() || !shared {
             self.l1.insert((), entry).await;
         }
