@@ -70,6 +70,13 @@ enum Cmd {
     Conductor(ConductorArgs),
     /// Write the report JSON and SVG, print the verdict; exit 0 or 3.
     Report(ReportArgs),
+    /// The CI smoke's checks of one report: "ok ..." / "fail ..." lines; exit 1 on a fail.
+    CheckReport {
+        report: PathBuf,
+        /// The machine allows the database's constraints (root, loop devices, cgroups).
+        #[arg(long)]
+        constrained: bool,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -174,6 +181,22 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("conductor: {e}");
+                    1
+                }
+            },
+            Cmd::CheckReport {
+                report,
+                constrained,
+            } => match load_json(&report) {
+                Some(r) => {
+                    let lines = check_report(&r, &report, constrained);
+                    for (ok, what) in &lines {
+                        println!("{} {what}", if *ok { "ok" } else { "fail" });
+                    }
+                    i32::from(lines.iter().any(|(ok, _)| !ok))
+                }
+                None => {
+                    println!("fail the report {} is readable JSON", report.display());
                     1
                 }
             },
@@ -510,11 +533,20 @@ impl Autoscaler {
             (current as f64 * ratio).ceil() as u32
         }
         .clamp(h.min, h.max);
+        // As if the HPA had been running at the current count before the lab started:
+        // no scale-down before one whole window has passed.
+        if self.recs.is_empty() {
+            self.recs.push((t, current));
+        }
         self.recs.push((t, rec));
         let keep = h.down.window_s.max(h.up.window_s) / scale + 1.0;
         self.recs.retain(|(rt, _)| t - rt <= keep);
         let window = |w: f64| self.recs.iter().filter(move |(rt, _)| t - rt <= w / scale);
-        let up_rec = window(h.up.window_s).map(|x| x.1).min().unwrap_or(rec);
+        let up_rec = if h.up.window_s > 0.0 {
+            window(h.up.window_s).map(|x| x.1).min().unwrap_or(rec)
+        } else {
+            rec
+        };
         let down_rec = window(h.down.window_s).map(|x| x.1).max().unwrap_or(rec);
         let changed_since = |period: f64, up: bool| -> i64 {
             self.changes
@@ -762,15 +794,22 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
         let (ok, out) = ctl(&a.root, &["replica-start", &idx.to_string()]);
         let sock = a.state.join("haproxy.sock");
         let mut s = sh.lock().unwrap();
-        if ok {
-            s.slots[idx].pid = out.parse().ok();
+        let mut words = out.split_whitespace();
+        let pid: Option<u32> = words.next().and_then(|p| p.parse().ok());
+        let port: Option<u16> = words.next().and_then(|p| p.parse().ok());
+        if let (true, Some(pid), Some(port)) = (ok, pid, port) {
+            s.slots[idx].pid = Some(pid);
+            s.slots[idx].port = port;
             s.slots[idx].state = SlotState::Ready;
             s.slots[idx].ticks = None;
+            // A new pod, a new address: the slot's server gets the replica's port.
+            let name = server_name(idx);
             let _ = haproxy(
                 &sock,
-                &format!("set server {} state ready", server_name(idx)),
+                &format!("set server {name} addr 127.0.0.1 port {port}"),
             );
-            let _ = haproxy(&sock, &format!("set server {} health up", server_name(idx)));
+            let _ = haproxy(&sock, &format!("set server {name} state ready"));
+            let _ = haproxy(&sock, &format!("set server {name} health up"));
             write_targets(&a.state, &s.slots);
             drop(s);
             event(&sh, "replica-ready", format!("sluice-local-{idx} ({why})"));
@@ -985,11 +1024,10 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
                 continue;
             }
             n_live += 1;
-            let ready = match http_get(&http, &format!("http://127.0.0.1:{port}/readyz"), 300).await
-            {
-                Some((200, _)) => true,
-                _ => false,
-            };
+            let ready = matches!(
+                http_get(&http, &format!("http://127.0.0.1:{port}/readyz"), 300).await,
+                Some((200, _))
+            );
             let metrics = if st == SlotState::Ready {
                 http_get(&http, &format!("http://127.0.0.1:{port}/metrics"), 300).await
             } else {
@@ -1017,7 +1055,7 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
                 }
             }
             reps.push(json!({
-                "slot": idx, "pid": pid, "state": format!("{st:?}"), "ready": ready,
+                "slot": idx, "pid": pid, "port": port, "state": format!("{st:?}"), "ready": ready,
                 "cpu_cores": cpu, "rss_kib": status_kib(pid, "VmRSS:"), "hwm_kib": status_kib(pid, "VmHWM:"),
                 "connections": conns.get(&port).copied().unwrap_or(0), "queue_depth": depth,
             }));
@@ -1579,20 +1617,15 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         for r in &timeline {
             for p in r["replica"].as_array().into_iter().flatten() {
                 if p["state"] == "Ready" {
-                    if let Some(slot) = p["slot"].as_u64() {
-                        replicas_seen.insert(slot);
+                    if let Some(port) = p["port"].as_u64() {
+                        replicas_seen.insert(port);
                     }
                 }
             }
         }
-        let ports = env_file(&st.join("slots.env"));
         let want: BTreeSet<String> = replicas_seen
             .iter()
-            .filter_map(|s| {
-                ports
-                    .get(&format!("SLOT_{s}"))
-                    .map(|p| format!("127.0.0.1:{p}"))
-            })
+            .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         let missing: Vec<&String> = want.difference(&scraped).collect();
         prom["scraped_instances"] = json!(scraped);
@@ -1856,9 +1889,22 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         );
     }
     for m in &memory {
-        println!("memory sluice-local-{} (pid {}): peak RSS {:.0} MiB at {} connections, formula {:.0} MiB{}", m["slot"], m["pid"],
-                 m["peak_rss_mib"].as_f64().unwrap_or(0.0), m["peak_connections"], m["formula_mib"].as_f64().unwrap_or(0.0),
-                 m["mib_per_1000_connections"].as_f64().map_or(String::new(), |x| format!(", {x:.0} MiB per 1,000 connections")));
+        let c = m["peak_connections"].as_f64().unwrap_or(0.0);
+        let per_1000 = if c >= 1000.0 {
+            format!(
+                ", {:.0} MiB per 1,000 connections",
+                m["mib_per_1000_connections"].as_f64().unwrap_or(0.0)
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "memory sluice-local-{} (pid {}): peak RSS {:.0} MiB at {c:.0} open connections; M({c:.0}) = {:.0} MiB{per_1000}",
+            m["slot"],
+            m["pid"],
+            m["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            m["formula_mib"].as_f64().unwrap_or(0.0)
+        );
     }
     println!("\nSLUICE'S OWN CHECKS");
     for (k, v) in checks.as_object().unwrap() {
@@ -1872,10 +1918,16 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
     }
     println!("K6 THRESHOLDS (/api/data, against /healthz on this machine)");
     for t in &thresholds {
+        let how = t["judged_by"].as_str().unwrap_or("k6");
         println!(
-            "  {:<34} {}",
+            "  {:<34} {}{}",
             t["threshold"].as_str().unwrap_or(""),
-            t["verdict"].as_str().unwrap_or("")
+            t["verdict"].as_str().unwrap_or(""),
+            if how == "k6" {
+                String::new()
+            } else {
+                format!(" (k6 failed it over the whole run; judged by {how})")
+            }
         );
     }
     println!("\nrule: {rule}");
@@ -1887,6 +1939,119 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
     );
     println!("{line}");
     Ok(if pass { 0 } else { 3 })
+}
+
+/// What the CI smoke demands of a short chaos run with autoscaling.
+fn check_report(r: &Value, path: &Path, constrained: bool) -> Vec<(bool, String)> {
+    let mut out = vec![];
+    let mut check = |ok: bool, what: String| out.push((ok, what));
+    let events = r["events"].as_array().cloned().unwrap_or_default();
+    for kind in [
+        "chaos-kill-replica",
+        "chaos-redis-restart",
+        "chaos-db-stall",
+        "chaos-db-kill",
+        "chaos-disk-full",
+    ] {
+        let e = events.iter().find(|e| e["kind"] == kind);
+        let happened =
+            e.is_some_and(|e| e["ok"] == true && e["t"].is_number() && e["end"].is_number());
+        let recovered = e.and_then(|e| e["recovered_after_s"].as_f64());
+        let skipped = e.is_some_and(|e| e["skipped"] == true);
+        check(
+            happened && (recovered.is_some() || skipped),
+            format!(
+                "fault {kind} happened and was recorded (ready again after {} s{})",
+                recovered.map_or("?".into(), |s| format!("{s:.0}")),
+                if skipped {
+                    ", skipped: the machine has no disk to fill"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    let scaled = events
+        .iter()
+        .filter(|e| e["kind"].as_str().is_some_and(|k| k.starts_with("scale-")))
+        .count();
+    check(
+        scaled > 0,
+        format!("the autoscaler scaled ({scaled} events)"),
+    );
+    check(
+        r["lost"] == json!(0.0),
+        format!("lost == 0 ({})", r["lost"]),
+    );
+    let over = r["budget"]["seconds_over"]
+        .as_array()
+        .map_or(usize::MAX, |v| v.len());
+    let secs = r["budget"]["seconds_checked"].as_u64().unwrap_or(0);
+    check(
+        over == 0 && secs > 0,
+        format!(
+            "no second over the budget beyond the tolerance ({secs} seconds checked, {over} over; peak {} commands/s)",
+            r["peak_commands_per_s"]
+        ),
+    );
+    let p = &r["prometheus"];
+    let want = p["replica_instances"].as_array().map_or(0, |v| v.len());
+    let missing = p["unscraped_replicas"]
+        .as_array()
+        .map_or(usize::MAX, |v| v.len());
+    check(
+        want > 0 && missing == 0,
+        format!("Prometheus scraped every replica ({want} instances, {missing} missed)"),
+    );
+    let rules = p["rules"].as_u64().unwrap_or(0);
+    check(
+        rules > 0 && p["rules_evaluated"].as_u64() == Some(rules),
+        format!(
+            "Prometheus evaluated every alert rule ({} of {rules})",
+            p["rules_evaluated"]
+        ),
+    );
+    check(
+        r["alerts"].is_array(),
+        "the report lists the alerts that fired".into(),
+    );
+    let tl = r["timeline"].as_array().cloned().unwrap_or_default();
+    let fields = [
+        "replicas",
+        "req_per_s",
+        "p95_ms",
+        "db_commands",
+        "documents",
+        "queue_depth",
+    ];
+    let full = fields
+        .iter()
+        .all(|f| tl.iter().any(|row| row[*f].is_number()));
+    check(
+        tl.len() > 10 && full,
+        format!(
+            "the timeline has a row per second with {} ({} rows)",
+            fields.join(", "),
+            tl.len()
+        ),
+    );
+    check(
+        path.with_extension("svg").exists(),
+        "the SVG chart is beside the report".into(),
+    );
+    let stem = path.with_extension("");
+    let html = PathBuf::from(format!("{}-k6-data.html", stem.display()));
+    check(
+        html.exists(),
+        "k6's HTML report is beside the report".into(),
+    );
+    if constrained {
+        check(
+            r["meta"]["constrained"] == "true",
+            "the database ran constrained (the machine allows it)".into(),
+        );
+    }
+    out
 }
 
 fn chart(path: &Path, tl: &[Value], events: &[Value], budget: f64) -> Result<(), Error> {
@@ -1922,7 +2087,8 @@ fn chart(path: &Path, tl: &[Value], events: &[Value], budget: f64) -> Result<(),
         ),
     ];
     for (area, (title, series)) in panels.iter().zip(specs) {
-        let data: Vec<(&str, RGBColor, Vec<(f64, f64)>)> = series
+        type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+        let data: Vec<Series> = series
             .iter()
             .map(|(k, c)| {
                 let mut v = xs(k);

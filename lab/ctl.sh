@@ -2,7 +2,9 @@
 # What the lab's conductor (examples/lab.rs) asks of the machine: processes and the disk.
 # The decisions (when, which replica) are the conductor's; this only acts.
 #
-#   ctl.sh replica-start IDX   start replica slot IDX, wait for /readyz 200, print its pid
+#   ctl.sh replica-start IDX [PORT]  start replica slot IDX on PORT (default: a fresh
+#                              port, as a new pod gets a new address), wait for /readyz
+#                              200, print "PID PORT"
 #   ctl.sh replica-stop IDX    SIGTERM it and wait until it has exited (drains, flushes)
 #   ctl.sh replica-kill IDX    kill -9 it
 #   ctl.sh redis-restart       kill -9 Redis and start it again, empty, on the same port
@@ -16,7 +18,6 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib.sh"
 
 slot_pid() { cat "$LAB_STATE/slot-$1.pid" 2>/dev/null; }
-slot_port() { awk -v i="$1" '$1 == i { print $2 }' "$LAB_STATE/slots"; }
 gone() { # PID SECONDS: true once PID has exited
   local i
   for ((i = 0; i < $2 * 10; i++)); do
@@ -29,8 +30,8 @@ gone() { # PID SECONDS: true once PID has exited
 case "${1:-}" in
   replica-start)
     idx=${2:?slot}
-    port=$(slot_port "$idx")
-    [ -n "$port" ] || { echo "no slot $idx" >&2; exit 2; }
+    port=${3:-$(lab_free_port)}
+    [ -n "$port" ] || { echo "no free port for slot $idx" >&2; exit 2; }
     # shellcheck disable=SC1091
     . "$LAB_STATE/lab.env"
     mapfile -t settings <"$LAB_STATE/sluice.env"
@@ -40,8 +41,9 @@ case "${1:-}" in
     pid=$!
     lab_record_pid "sluice-$idx" "$pid"
     echo "$pid" >"$LAB_STATE/slot-$idx.pid"
+    echo "$port" >"$LAB_STATE/slot-$idx.port"
     lab_wait_http "http://127.0.0.1:$port/readyz" 30 "$pid" || { tail -n 5 "$LAB_STATE/sluice-$idx.log" >&2; exit 1; }
-    echo "$pid"
+    echo "$pid $port"
     ;;
   replica-stop)
     pid=$(slot_pid "${2:?slot}") || exit 0

@@ -372,19 +372,18 @@ done
 printf '%s\n' "${APP_ENV[@]}" >"$LAB_STATE/sluice.env"
 lab_info "settings: $(show "$LAB_STATE/sluice.env") (BUDGET_FALLBACK_PODS $SLOTS = maxReplicas + maxSurge or more)"
 printf 'MONGO_URI=%s\nREDIS_URL=%s\n' "$MONGO_URI" "$REDIS_URL" >"$LAB_STATE/lab.env"
-# One slot (name, port) per replica there can ever be; HAProxy knows them all from the
-# start, and the autoscaler moves them between maintenance and ready.
+# One slot (a server name in HAProxy) per replica there can ever be; HAProxy knows them
+# all from the start, and the autoscaler moves them between maintenance and ready, with
+# a fresh port for every new replica (a new pod has a new address).
 : >"$LAB_STATE/slots"
-: >"$LAB_STATE/slots.env"
 APP_PORTS=()
 for ((r = 0; r < SLOTS; r++)); do
   port=$(lab_free_port)
   APP_PORTS+=("$port")
   echo "$r $port" >>"$LAB_STATE/slots"
-  echo "SLOT_$r=$port" >>"$LAB_STATE/slots.env"
 done
 for ((r = 0; r < REPLICAS; r++)); do
-  pid=$("$HERE/ctl.sh" replica-start "$r") || {
+  read -r pid _ < <("$HERE/ctl.sh" replica-start "$r" "${APP_PORTS[$r]}") && [ -n "$pid" ] || {
     tail -n 20 "$LAB_STATE/sluice-$r.log" >&2
     lab_die "sluice-local-$r is not ready after 30 s"
   }
@@ -602,7 +601,7 @@ for f in "$LAB_STATE"/slot-*.pid; do
   [ -e "$f" ] || continue
   r=${f##*/slot-}; r=${r%.pid}
   kill -0 "$(cat "$f")" 2>/dev/null || continue
-  curl -fsS -m 5 "http://127.0.0.1:${APP_PORTS[$r]}/api/cache/status" -o "$LAB_STATE/cache-sluice-local-$r.json" ||
+  curl -fsS -m 5 "http://127.0.0.1:$(cat "$LAB_STATE/slot-$r.port")/api/cache/status" -o "$LAB_STATE/cache-sluice-local-$r.json" ||
     lab_warn "sluice-local-$r: /api/cache/status did not answer"
 done
 
