@@ -82,8 +82,12 @@ printf '%s\n' "$T/cg/cgroup.subtree_control +io +cpu +memory" \
   "$T/cg/sluice-lab-test/cpu.max 50000 100000" \
   "$T/cg/sluice-lab-test/memory.max 524288000" >"$T/expected"
 check "cgroup v2: controllers enabled, then io.max, cpu.max, memory.max, in that order" diff "$T/expected" "$T/trace"
-check "cgroup v2: the files hold the limits" [ "$(cat "$T/cg/sluice-lab-test/io.max")" = "7:3 riops=100 wiops=100" ] -a \
-  "$(cat "$T/cg/sluice-lab-test/cpu.max")" = "50000 100000" -a "$(cat "$T/cg/sluice-lab-test/memory.max")" = 524288000
+cg2_files() {
+  local d=$T/cg/sluice-lab-test
+  [ "$(cat "$d/io.max")" = "7:3 riops=100 wiops=100" ] && [ "$(cat "$d/cpu.max")" = "50000 100000" ] &&
+    [ "$(cat "$d/memory.max")" = 524288000 ] && [ "$(cat "$T/dir")" = "$d" ]
+}
+check "cgroup v2: the files hold the limits" cg2_files
 
 # 1. Up without load.
 "$HERE/setup-local.sh" --replicas 1 --profile smoke --no-load >>"$LOG" 2>&1
