@@ -1071,7 +1071,9 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
         if !utils.is_empty() {
             util_acc.push(utils.iter().sum::<f64>() / utils.len() as f64);
         }
+        // No scaling once the load is over: the report is about to be written.
         if a.replicas.is_none()
+            && phase != "finished"
             && t - last_scale_eval >= (15.0 / scale).max(1.0)
             && !util_acc.is_empty()
         {
@@ -1613,16 +1615,23 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
                 }
             }
         }
-        let mut replicas_seen = BTreeSet::new();
+        // Replicas that were ready for 10 s or more: Prometheus' discovery hands new
+        // targets to its scrapers at most every 5 s, so a shorter life may go unseen.
+        let mut ready_secs: BTreeMap<u64, u32> = BTreeMap::new();
         for r in &timeline {
             for p in r["replica"].as_array().into_iter().flatten() {
                 if p["state"] == "Ready" {
                     if let Some(port) = p["port"].as_u64() {
-                        replicas_seen.insert(port);
+                        *ready_secs.entry(port).or_insert(0) += 1;
                     }
                 }
             }
         }
+        let replicas_seen: Vec<u64> = ready_secs
+            .iter()
+            .filter(|(_, n)| **n >= 10)
+            .map(|(p, _)| *p)
+            .collect();
         let want: BTreeSet<String> = replicas_seen
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))

@@ -383,7 +383,9 @@ for ((r = 0; r < SLOTS; r++)); do
   echo "$r $port" >>"$LAB_STATE/slots"
 done
 for ((r = 0; r < REPLICAS; r++)); do
-  read -r pid _ < <("$HERE/ctl.sh" replica-start "$r" "${APP_PORTS[$r]}") && [ -n "$pid" ] || {
+  pid=""
+  read -r pid _ < <("$HERE/ctl.sh" replica-start "$r" "${APP_PORTS[$r]}") || true
+  [ -n "$pid" ] || {
     tail -n 20 "$LAB_STATE/sluice-$r.log" >&2
     lab_die "sluice-local-$r is not ready after 30 s"
   }
@@ -499,7 +501,15 @@ prometheus --config.file="$LAB_STATE/prometheus.yml" --storage.tsdb.path="$LAB_S
 PROM_PID=$!
 lab_record_pid prometheus "$PROM_PID"
 lab_wait_http "$PROM_URL/-/ready" 30 "$PROM_PID" || { tail -n 20 "$LAB_STATE/prometheus.log" >&2; lab_die "Prometheus did not start"; }
-lab_info "ready (pid $PROM_PID): $PROM_URL/alerts"
+# Prometheus hands new targets to its scrapers at most every 5 s: wait until it scrapes
+# every replica, so that the run is observed from its first second.
+for ((i = 0; i < 60; i++)); do
+  curl -fsS -m 2 "$PROM_URL/api/v1/query" --data-urlencode 'query=count(up == 1)' 2>/dev/null |
+    grep -q "\"$REPLICAS\"\]" && break
+  sleep 0.5
+done
+[ "$i" -lt 60 ] || lab_warn "Prometheus did not scrape all $REPLICAS replicas within 30 s"
+lab_info "ready (pid $PROM_PID), scraping $REPLICAS replica(s): $PROM_URL/alerts"
 echo "PROMETHEUS_URL=$PROM_URL" >>"$LAB_STATE/lab.env"
 
 if [ "$NO_LOAD" = 1 ]; then
@@ -613,7 +623,7 @@ lab_step "the same-run ceiling: the same profile against /healthz through the sa
 echo healthz >"$LAB_STATE/phase"
 run_k6 healthz /healthz ok "${HEALTHZ_DURATION:-$DURATION}"
 echo finished >"$LAB_STATE/phase"
-sleep 3 # the last scrapes and rule evaluations
+sleep 6 # the last scrapes and rule evaluations (Prometheus' discovery updates every 5 s)
 touch "$LAB_STATE/conductor.stop"
 wait "$CONDUCTOR_PID" 2>/dev/null || lab_warn "the conductor failed; see $(show "$LAB_STATE/conductor.log")"
 
