@@ -1507,18 +1507,19 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
     let (over_in, over): (Vec<Value>, Vec<Value>) = over
         .into_iter()
         .partition(|o| o["t"].as_f64().is_some_and(in_window));
-    for e in events.iter_mut() {
-        let Some(t0) = e["t"].as_f64() else { continue };
-        if e["kind"].as_str().is_some_and(|k| k.starts_with("chaos-")) {
-            let n = over_in
-                .iter()
-                .filter(|o| {
-                    o["t"]
-                        .as_f64()
-                        .is_some_and(|t| t >= t0.floor() && t < t0 + 60.0)
-                })
-                .count();
-            e["seconds_over_budget"] = json!(n);
+    // Each such second belongs to the latest fault that started before it.
+    let fault_starts: Vec<(usize, f64)> = fault_events
+        .iter()
+        .filter_map(|i| events[*i]["t"].as_f64().map(|t| (*i, t.floor())))
+        .collect();
+    for i in &fault_events {
+        events[*i]["seconds_over_budget"] = json!(0);
+    }
+    for o in &over_in {
+        let t = o["t"].as_f64().unwrap_or(0.0);
+        if let Some((i, _)) = fault_starts.iter().rev().find(|(_, t0)| *t0 <= t) {
+            let n = events[*i]["seconds_over_budget"].as_u64().unwrap_or(0);
+            events[*i]["seconds_over_budget"] = json!(n + 1);
         }
     }
     let budget_ok = seconds > 0 && over.is_empty();
