@@ -113,3 +113,52 @@ lab_cgroup_dir() {
   rel=${line%/}
   echo "$mnt$rel/$LAB_CGROUP_NAME"
 }
+
+# lab_start_redis PORT: an empty, non-persistent redis-server on PORT, recorded; waits
+# until it answers (setup starts it; ctl.sh redis-restart starts it again, empty).
+lab_start_redis() {
+  local port=$1 pid i
+  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+    --maxclients 10000 --dir "$LAB_STATE" --daemonize no </dev/null >>"$LAB_STATE/redis.log" 2>&1 &
+  pid=$!
+  lab_record_pid redis "$pid"
+  echo "$pid" >"$LAB_STATE/redis.pid"
+  for ((i = 0; i < 40; i++)); do
+    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+    sleep 0.25
+  done
+  return 1
+}
+
+# lab_cg_write FILE VALUE: one cgroup write; with LAB_CG_TRACE set, also appended there
+# as "FILE VALUE", so that a test can check the exact writes and their order.
+lab_cg_write() {
+  [ -z "${LAB_CG_TRACE:-}" ] || printf '%s %s\n' "$1" "$2" >>"$LAB_CG_TRACE"
+  printf '%s\n' "$2" >"$1"
+}
+
+# lab_cgroup2_setup ROOT NAME MAJ:MIN MEMORY_BYTES: the database's limits on a cgroup v2
+# (unified) host, in this order: enable the io, cpu and memory controllers for ROOT's
+# children, make ROOT/NAME, then io.max (100 read + 100 write IOPS on the disk, when
+# MAJ:MIN is given), cpu.max (0.5 CPU) and memory.max. Prints ROOT/NAME. Unlike v1's
+# blkio throttle, io.max also throttles the page-cache writeback of that disk.
+lab_cgroup2_setup() {
+  local root=$1 name=$2 majmin=$3 mem=$4
+  lab_cg_write "$root/cgroup.subtree_control" "+io +cpu +memory" || return 1
+  mkdir -p "$root/$name" || return 1
+  if [ -n "$majmin" ]; then
+    lab_cg_write "$root/$name/io.max" "$majmin riops=100 wiops=100" || return 1
+  fi
+  lab_cg_write "$root/$name/cpu.max" "50000 100000" || return 1
+  lab_cg_write "$root/$name/memory.max" "$mem" || return 1
+  echo "$root/$name"
+}
+
+# lab_cgroup2_root: the v2 cgroup the caller sits in, on a unified-only host; fails on
+# v1 or hybrid hosts (there v2 has no controllers: the v1 code path applies).
+lab_cgroup2_root() {
+  [ "$(stat -fc %T /sys/fs/cgroup 2>/dev/null)" = cgroup2fs ] || return 1
+  local rel
+  rel=$(awk -F: '$1 == "0" { print $3 }' /proc/self/cgroup | head -n1)
+  echo "/sys/fs/cgroup${rel%/}"
+}

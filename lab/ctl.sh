@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# What the lab's conductor (examples/lab.rs) asks of the machine: processes and the disk.
+# The decisions (when, which replica) are the conductor's; this only acts.
+#
+#   ctl.sh replica-start IDX [PORT]  start replica slot IDX on PORT (default: a fresh
+#                              port, as a new pod gets a new address), wait for /readyz
+#                              200, print "PID PORT"
+#   ctl.sh replica-stop IDX    SIGTERM it and wait until it has exited (drains, flushes)
+#   ctl.sh replica-kill IDX    kill -9 it
+#   ctl.sh redis-restart       kill -9 Redis and start it again, empty, on the same port
+#   ctl.sh db-signal SIG       send SIG (STOP, CONT) to the database
+#   ctl.sh db-kill             kill -9 the database (its supervisor starts it again)
+#   ctl.sh disk-fill           fill the database's own disk; exit 3 when it has none
+#   ctl.sh disk-free           remove what disk-fill wrote; restart a panicked database
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=lab/lib.sh
+. "$HERE/lib.sh"
+
+slot_pid() { cat "$LAB_STATE/slot-$1.pid" 2>/dev/null; }
+gone() { # PID SECONDS: true once PID has exited
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+case "${1:-}" in
+  replica-start)
+    idx=${2:?slot}
+    port=${3:-$(lab_free_port)}
+    [ -n "$port" ] || { echo "no free port for slot $idx" >&2; exit 2; }
+    # shellcheck disable=SC1091
+    . "$LAB_STATE/lab.env"
+    mapfile -t settings <"$LAB_STATE/sluice.env"
+    env "${settings[@]}" MONGO_URI="$MONGO_URI" REDIS_URL="$REDIS_URL" APP_PORT="$port" \
+      POD_NAME="sluice-local-$idx" "$(cat "$LAB_STATE/sluice.bin")" \
+      </dev/null >>"$LAB_STATE/sluice-$idx.log" 2>&1 &
+    pid=$!
+    lab_record_pid "sluice-$idx" "$pid"
+    echo "$pid" >"$LAB_STATE/slot-$idx.pid"
+    echo "$port" >"$LAB_STATE/slot-$idx.port"
+    lab_wait_http "http://127.0.0.1:$port/readyz" 30 "$pid" || { tail -n 5 "$LAB_STATE/sluice-$idx.log" >&2; exit 1; }
+    echo "$pid $port"
+    ;;
+  replica-stop)
+    pid=$(slot_pid "${2:?slot}") || exit 0
+    t0=$SECONDS
+    kill -TERM "$pid" 2>/dev/null || exit 0
+    if gone "$pid" 60; then echo "exited after $((SECONDS - t0)) s"; else kill -KILL "$pid"; echo "killed after 60 s"; exit 1; fi
+    ;;
+  replica-kill)
+    pid=$(slot_pid "${2:?slot}") || exit 1
+    kill -KILL "$pid" && gone "$pid" 5
+    ;;
+  redis-restart)
+    # shellcheck disable=SC1091
+    . "$LAB_STATE/lab.env"
+    pid=$(cat "$LAB_STATE/redis.pid") || exit 1
+    kill -KILL "$pid" 2>/dev/null
+    gone "$pid" 5 || exit 1
+    lab_start_redis "${REDIS_URL##*:}"
+    ;;
+  db-signal)
+    kill "-${2:?signal}" "$(cat "$LAB_STATE/mongo.pid")"
+    ;;
+  db-kill)
+    pid=$(cat "$LAB_STATE/mongo.pid") || exit 1
+    kill -KILL "$pid" && gone "$pid" 5
+    ;;
+  disk-fill)
+    mnt=$LAB_STATE/mnt
+    if [ ! -f "$LAB_STATE/mountpoint" ] || ! mountpoint -q "$mnt"; then
+      echo "the database has no disk of its own here (no loop device)"
+      exit 3
+    fi
+    stat -c %s "$LAB_STATE/mongo.log" >"$LAB_STATE/fill-logpos" 2>/dev/null || echo 0 >"$LAB_STATE/fill-logpos"
+    avail=$(df -B1 --output=avail "$mnt" | tail -n1 | tr -d ' ')
+    # Most of it at once, the last few MiB written until the filesystem refuses.
+    fallocate -l $((avail > 64 << 20 ? avail - (32 << 20) : 0)) "$mnt/chaos-fill" 2>/dev/null || true
+    dd if=/dev/zero of="$mnt/chaos-fill-2" bs=1M status=none 2>/dev/null
+    echo "$((avail >> 20)) MiB"
+    ;;
+  disk-free)
+    rm -f "$LAB_STATE/mnt/chaos-fill" "$LAB_STATE/mnt/chaos-fill-2"
+    # WiredTiger panics when a write finds the disk full; secantusd-rs then stays up
+    # answering every command with WT_PANIC, where mongod would exit. The lab restarts
+    # it, as the kubelet restarts a mongod that exited.
+    pid=$(cat "$LAB_STATE/mongo.pid") || exit 1
+    pos=$(cat "$LAB_STATE/fill-logpos" 2>/dev/null || echo 0)
+    if tail -c +$((pos + 1)) "$LAB_STATE/mongo.log" 2>/dev/null | grep -q WT_PANIC && kill -0 "$pid" 2>/dev/null; then
+      kill -KILL "$pid" && gone "$pid" 5 && echo "the database had panicked (WT_PANIC): restarted"
+    fi
+    ;;
+  *)
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac
