@@ -139,7 +139,7 @@ lab_up() {
   info "HAProxy $BASE_URL, database $MONGO_URI"
 }
 
-snapshot() { "$PY" lab/labtool.py snapshot "$@" 2>>"$RUN/snapshot.log"; }
+snapshot() { target/release/examples/lab snapshot "$@" 2>>"$RUN/snapshot.log"; }
 
 # cpu_ticks NAME-PATTERN: CPU time (user + system, clock ticks) used so far by this lab's
 # processes whose recorded name matches, from /proc: what a level costs in CPU.
