@@ -109,7 +109,7 @@ wait_quiet() {
 }
 
 step "building sluice and the report's tools (cargo build --release --locked)"
-cargo build --release --locked --bin sluice --example insert_ceiling --example load_report \
+cargo build --release --locked --bin sluice --example insert_ceiling --example load_report --example lab \
   >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
 mkdir -p "$RUN/bin"
 # A resumed run keeps the binaries it was measured with; the report tool is always fresh.
