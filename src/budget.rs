@@ -12,7 +12,7 @@
 //!   that left makes them larger only once every other pod has had time to see the same
 //!   count. After a Redis restart the first heartbeat sees a set of one, but the pods keep
 //!   the count they saw before until the set has filled again.
-//! - **Join before spending.** A new pod registers, then waits one heartbeat period (its
+//! - **Join before spending.** A new pod registers, then waits two heartbeat periods (its
 //!   readiness waits too) before it sends anything, so the others have lowered their
 //!   shares before it spends its own.
 //! - **Cut off from Redis.** A pod whose heartbeat fails spends `budget /
@@ -46,6 +46,11 @@ pub struct Token(());
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// A pod missing for this long no longer holds a share.
 pub const POD_TTL: Duration = Duration::from_secs(3);
+/// How long a new pod waits after registering before it spends: two heartbeats, so every
+/// other pod has heartbeated (and lowered its share) in between, whatever the phase of
+/// their heartbeats against ours. One was measured too short by the lab: a second over
+/// the budget when a pod joined right after a Redis restart.
+pub const JOIN_WAIT: Duration = Duration::from_secs(2);
 /// How long a pod count keeps holding the share down after a lower one is seen: two
 /// heartbeats, so every other pod has heartbeated (and seen the new count) in between.
 pub const RAISE_AFTER: Duration = Duration::from_secs(2);
@@ -187,7 +192,7 @@ impl Budget {
                 let first = {
                     let mut p = self.pacer.lock().expect("pacer lock");
                     p.spend_from.is_none().then(|| {
-                        p.spend_from = Some(now + HEARTBEAT);
+                        p.spend_from = Some(now + JOIN_WAIT);
                     })
                 };
                 if first.is_some() {
@@ -320,13 +325,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_joining_pod_spends_nothing_until_a_heartbeat_has_passed() {
+    async fn a_joining_pod_spends_nothing_until_two_heartbeats_have_passed() {
         let b = budget(10, 4);
         assert!(b.try_acquire().is_none());
         b.heartbeat_result(Some(2), Instant::now());
         assert!(
             b.try_acquire().is_none(),
             "registered, but others may not know yet"
+        );
+        tokio::time::advance(HEARTBEAT).await;
+        b.heartbeat_result(Some(2), Instant::now());
+        assert!(
+            b.try_acquire().is_none(),
+            "one heartbeat is not enough for every phase"
         );
         tokio::time::advance(HEARTBEAT).await;
         b.heartbeat_result(Some(2), Instant::now());
