@@ -101,8 +101,15 @@ fn queried(promql: &str) -> BTreeSet<String> {
     names
 }
 
-fn registry() -> BTreeSet<String> {
-    Metrics::new().family_names().into_iter().collect()
+/// Fails unless every name in `used` is a metric family sluice's registry exports.
+fn assert_exported(used: &BTreeSet<String>, what: &str) {
+    assert!(used.len() > 3, "read {what}'s queries: {used:?}");
+    let known: BTreeSet<String> = Metrics::new().family_names().into_iter().collect();
+    let unknown: Vec<_> = used.difference(&known).collect();
+    assert!(
+        unknown.is_empty(),
+        "{what} queries metrics sluice does not export: {unknown:?}"
+    );
 }
 
 #[test]
@@ -116,12 +123,7 @@ fn the_dashboard_queries_only_metrics_sluice_exports() {
         }
     }
     assert!(used.len() > 5, "read the dashboard's queries: {used:?}");
-    let known = registry();
-    let unknown: Vec<_> = used.difference(&known).collect();
-    assert!(
-        unknown.is_empty(),
-        "the dashboard queries metrics sluice does not export: {unknown:?}"
-    );
+    assert_exported(&used, "the dashboard");
 }
 
 #[test]
@@ -133,11 +135,5 @@ fn the_alert_rules_query_only_metrics_sluice_exports() {
             used.extend(queried(rule["expr"].as_str().unwrap()));
         }
     }
-    assert!(used.len() > 3, "read the rules: {used:?}");
-    let known = registry();
-    let unknown: Vec<_> = used.difference(&known).collect();
-    assert!(
-        unknown.is_empty(),
-        "the alert rules query metrics sluice does not export: {unknown:?}"
-    );
+    assert_exported(&used, "the alert rules");
 }
