@@ -226,11 +226,10 @@ impl Budget {
     fn counted(&self, count: u32, split: Split, now: Instant) {
         let count = count.max(1);
         let mut p = self.pacer.lock().expect("pacer lock");
-        // A switch between Redis and the fallback starts the history afresh: the fallback
-        // already assumes the most pods there can be.
-        if p.split != split {
-            p.seen.clear();
-        }
+        // The fallback count stays in the history like any other: when Redis comes back
+        // (empty, after a restart), the first heartbeats see only the pods that have
+        // registered again, and the fallback keeps the share down until every pod has
+        // had time to. Clearing the history here once let a pod spend the whole budget.
         p.split = split;
         p.seen
             .retain(|&(at, _)| now.duration_since(at) < RAISE_AFTER);
@@ -372,6 +371,25 @@ mod tests {
             spent <= 6,
             "spent {spent} in the second after the restart; share is 5/s"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_redis_restart_seen_as_a_failed_heartbeat_keeps_the_fallback_share() {
+        let b = budget(21, 7);
+        b.heartbeat_result(Some(3), Instant::now());
+        tokio::time::advance(JOIN_WAIT).await;
+        b.heartbeat_result(Some(3), Instant::now());
+        assert_eq!(b.share(), 7.0);
+        // The restart: one heartbeat fails, the next finds an empty set.
+        tokio::time::advance(HEARTBEAT).await;
+        b.heartbeat_result(None, Instant::now());
+        assert_eq!(b.share(), 3.0);
+        tokio::time::advance(HEARTBEAT).await;
+        b.heartbeat_result(Some(1), Instant::now());
+        assert_eq!(b.share(), 3.0, "one pod re-registered is not one pod alive");
+        tokio::time::advance(HEARTBEAT).await;
+        b.heartbeat_result(Some(3), Instant::now());
+        assert_eq!(b.share(), 7.0, "the set has filled again");
     }
 
     #[tokio::test(start_paused = true)]
