@@ -337,3 +337,45 @@ async fn a_client_that_never_reads_loses_its_connection() {
     );
     assert!(cut < Duration::from_secs(10), "its connection stayed open");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_that_fail_after_the_writes_are_stored_still_answer_200() {
+    // Nothing stays fresh or stale: every read must refresh, and gives up after 1 s.
+    let (redis, mongo, sluice) = spawn_app(&[
+        ("CACHE_FRESH_MS", "1"),
+        ("CACHE_STALE_MS", "1"),
+        ("DB_TIMEOUT_MS", "1000"),
+    ])
+    .await;
+    let client = client();
+    let url = sluice.url("/api/data");
+    let first = get(&client, &url).await;
+    assert_eq!(first.status, 200);
+    let known = get(&client, &url).await;
+    assert!(known.body["reads"][0].is_string(), "{known:?}");
+
+    // Another pod holds the refresh lock and never shares a value: this pod's reads wait
+    // for it past their deadline, while the database stores the writes as usual.
+    let lock = redis.command(&[
+        "SET",
+        "sluice:lock:first-write",
+        "another-pod:0",
+        "PX",
+        "10000",
+    ]);
+    assert_eq!(lock, "+OK");
+    let during = get(&client, &url).await;
+
+    assert!(
+        during.latency >= Duration::from_secs(1),
+        "the reads did not wait out their deadline, so this test showed nothing: {during:?}"
+    );
+    assert_eq!(
+        during.status, 200,
+        "its documents were stored: a 503 would invite a retry that stores them twice: {during:?}"
+    );
+    assert_eq!(mongo.stored_among(&during.write_ids()).await, 5);
+    // It answers the last first write the pod found, which is still the first write
+    // (documents are never deleted).
+    assert_eq!(during.body["reads"], known.body["reads"]);
+}

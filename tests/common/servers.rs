@@ -108,6 +108,23 @@ impl Redis {
         self.proc = None;
     }
 
+    /// Runs one command over RESP, as another pod's client would, and returns the first
+    /// line of the answer.
+    pub fn command(&self, args: &[&str]) -> String {
+        use std::io::{BufRead, Write};
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out += &format!("${}\r\n{a}\r\n", a.len());
+        }
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.write_all(out.as_bytes()).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .unwrap();
+        line.trim_end().to_string()
+    }
+
     pub fn restart(&mut self) {
         let port = self.port.to_string();
         self.proc = Some(Proc::spawn(
