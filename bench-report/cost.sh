@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# sluice's own cost, the two rows of the performance table no load test gives: CPU per
+# request (/api/data against /healthz in the same run) and memory per idle keep-alive
+# connection, read from one replica's /proc by examples/sluice_cost.rs, plus a perf
+# flame graph of each path.
+#
+# usage: bench-report/cost.sh [--clients N] [--seconds S] [--idle N] [--no-perf]
+#
+#   --clients N   keep-alive clients in the closed loop, direct to one replica (default 200)
+#   --seconds S   seconds measured per path (default 10)
+#   --idle N      idle connections for the memory measure (default 3000)
+#   --no-perf     measure only, no flame graphs
+#
+# What it does: builds sluice with the `profiling` cargo profile (release plus line
+# tables), brings the lab up with one replica and no load (lab/setup-local.sh --no-load
+# --replicas 1, its own state folder: the constrained database, Redis), runs
+# sluice_cost against that replica with nothing else running, then once more per path
+# under `perf record` (DWARF call graphs), folds and draws each profile with inferno
+# (installed once into the tools cache) and prints the top frames. The measuring run
+# and the profiled runs are separate, so perf's own cost is not in the figures.
+#
+# Output: results/cost-<time>/ (cost.json, flame-healthz.svg, flame-data.svg,
+# top-*.txt); results/cost-latest points at it.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+CLIENTS=200 SECONDS_PER_PATH=10 IDLE=3000 PERF=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --clients) CLIENTS=${2:?--clients needs a number}; shift 2 ;;
+    --seconds) SECONDS_PER_PATH=${2:?--seconds needs a number}; shift 2 ;;
+    --idle) IDLE=${2:?--idle needs a number}; shift 2 ;;
+    --no-perf) PERF=0; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+# shellcheck source=scripts/tools.sh
+. scripts/tools.sh
+TS=$(date -u +%Y%m%dT%H%M%SZ)
+RUN=$ROOT/results/cost-$TS
+mkdir -p "$RUN"
+ln -sfn "cost-$TS" results/cost-latest
+export LAB_STATE_DIR=$ROOT/results/.cost-state
+
+tools_step "cargo build --profile profiling (sluice, the lab, sluice_cost)"
+cargo build --profile profiling --locked --bin sluice --example lab --example sluice_cost \
+  >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
+BIN=${CARGO_TARGET_DIR:-$ROOT/target}/profiling
+COST=$BIN/examples/sluice_cost
+if [ "$PERF" = 1 ]; then
+  command -v perf >/dev/null || tools_apt linux-perf
+  INFERNO=$(tools_inferno)
+fi
+
+trap 'lab/cleanup-local.sh --quiet >>"$RUN/cleanup.log" 2>&1 || true' EXIT
+tools_step "lab up: one replica, no load"
+SLUICE_BIN=$BIN/sluice LAB_BIN=$BIN/examples/lab lab/setup-local.sh --no-load --replicas 1 \
+  >"$RUN/setup.log" 2>&1 || { tail -n 30 "$RUN/setup.log" >&2; exit 1; }
+PID=$(cat "$LAB_STATE_DIR/slot-0.pid")
+URL=http://127.0.0.1:$(cat "$LAB_STATE_DIR/slot-0.port")
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+tools_step "measuring: $CLIENTS clients, $SECONDS_PER_PATH s a path, $IDLE idle connections ($URL, pid $PID)"
+"$COST" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
+  --idle "$IDLE" --out "$RUN/cost.json"
+
+if [ "$PERF" = 1 ]; then
+  for path in /healthz /api/data; do
+    name=${path##*/}
+    tools_step "profiling $path: perf record while the same loop runs"
+    "$COST" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
+      --idle 0 --only "$path" --out "$RUN/cost-perf-$name.json" >/dev/null &
+    load=$!
+    sleep 2 # sluice_cost's warm-up
+    perf record -q -F 499 --call-graph dwarf,16384 -p "$PID" -o "$RUN/perf-$name.data" \
+      -- sleep "$SECONDS_PER_PATH" 2>>"$RUN/perf.log"
+    wait "$load"
+    perf script --no-inline -i "$RUN/perf-$name.data" 2>>"$RUN/perf.log" |
+      "$INFERNO/inferno-collapse-perf" >"$RUN/folded-$name.txt"
+    "$INFERNO/inferno-flamegraph" --title "sluice $path, $CLIENTS clients" \
+      <"$RUN/folded-$name.txt" >"$RUN/flame-$name.svg"
+    "$COST" --top "$RUN/folded-$name.txt" | tee "$RUN/top-$name.txt"
+    rm -f "$RUN/perf-$name.data"
+  done
+fi
+echo "results: ${RUN#"$ROOT"/}"
