@@ -10,9 +10,8 @@
 
 use bson::oid::ObjectId;
 use bson::{rawdoc, DateTime, RawDocumentBuf};
-use rand::distr::{Alphanumeric, SampleString};
 use rand::rngs::SmallRng;
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 
 pub const PER_REQUEST: usize = 5;
 const PAYLOAD_LEN: usize = 512;
@@ -89,6 +88,7 @@ pub fn new_batch(key: Option<&IdempotencyKey>) -> ([ObjectId; PER_REQUEST], Vec<
         || std::array::from_fn(|_| ObjectId::new()),
         IdempotencyKey::ids,
     );
+    let mut buf = [0u8; PAYLOAD_LEN];
     let docs = ids
         .iter()
         .zip(0i32..)
@@ -97,12 +97,28 @@ pub fn new_batch(key: Option<&IdempotencyKey>) -> ([ObjectId; PER_REQUEST], Vec<
                 "_id": *id,
                 "type": "write",
                 "index": index,
-                "payload": Alphanumeric.sample_string(&mut rng, PAYLOAD_LEN),
+                "payload": payload(&mut rng, &mut buf),
                 "timestamp": now,
             }
         })
         .collect();
     (ids, docs)
+}
+
+/// The 62 characters a payload is made of.
+const ALPHANUMERIC: &[u8; 62] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// `PAYLOAD_LEN` random alphanumeric characters, written into `buf`. One random byte a
+/// character, mapped by multiply-and-shift: a character comes out 4 or 5 times in 256
+/// instead of exactly 1 in 62, which does not matter for filler and is an order of
+/// magnitude cheaper than sampling each character without bias (the profile showed
+/// rand's per-character sampling at a fifth of a request's CPU).
+fn payload<'b>(rng: &mut SmallRng, buf: &'b mut [u8; PAYLOAD_LEN]) -> &'b str {
+    rng.fill_bytes(buf);
+    for b in buf.iter_mut() {
+        *b = ALPHANUMERIC[(usize::from(*b) * ALPHANUMERIC.len()) >> 8];
+    }
+    std::str::from_utf8(buf).expect("alphanumeric is ASCII")
 }
 
 /// Now, as the ISO-8601 text every response carries.
