@@ -55,10 +55,21 @@ pub async fn serve(
         .max_buf_size(MAX_HEAD_BYTES);
     let write_timeout = settings.write_progress_timeout;
     tokio::pin!(shutdown);
+    let mut trim = tokio::time::interval(TRIM_EVERY);
+    let mut peak_open = 0;
 
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => break,
+            _ = trim.tick() => {
+                while connections.try_join_next().is_some() {}
+                peak_open = peak_open.max(connections.len());
+                if peak_open >= connections.len() + TRIM_AFTER_CLOSED {
+                    peak_open = connections.len();
+                    tokio::task::spawn_blocking(return_freed_memory);
+                }
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -70,6 +81,7 @@ pub async fn serve(
             },
         };
         while connections.try_join_next().is_some() {}
+        peak_open = peak_open.max(connections.len() + 1);
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             app.metrics.shed.get(ShedReason::Connections).inc();
             tokio::spawn(refuse(stream));
@@ -107,6 +119,25 @@ pub async fn serve(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// How often the accept loop looks whether connections closed in numbers.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+/// Closed connections (from the peak) that make it worth handing their buffers back.
+const TRIM_AFTER_CLOSED: usize = 256;
+
+/// Hands memory freed by closed connections back to the kernel. glibc keeps freed
+/// buffers in its per-thread arenas for reuse, so without this a pod that once held
+/// 10,000 connections keeps their memory (measured: none of 3,000 idle connections'
+/// 18 KiB each came back after they closed). Runs at most every `TRIM_EVERY`, and only
+/// after `TRIM_AFTER_CLOSED` closes, on a blocking thread: it walks every arena.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory glibc owns; it takes the arenas'
+    // own locks and touches nothing Rust holds.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Answers a connection over the cap with a raw 503: no hyper machinery spent on it.
