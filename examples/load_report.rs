@@ -12,7 +12,7 @@
 //! - `k6-<target>-<vus>.json`: k6's `--summary-export` of each run (target: sluice,
 //!   naive, healthz);
 //! - `db-<target>-<vus>-before.json` / `-after.json`: serverStatus snapshots around each
-//!   `/api/data` run (`lab/labtool.py snapshot`);
+//!   `/api/data` run (the `lab` example's `snapshot`);
 //! - `insert-ceiling.json`: the `insert_ceiling` example's output.
 
 use std::collections::BTreeMap;
