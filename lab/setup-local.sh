@@ -30,7 +30,7 @@
 # 500 MiB; start the database, Redis, N replicas and HAProxy; run k6 against /api/data
 # and then, the same-run ceiling, against /healthz through the same HAProxy, while
 # Prometheus scrapes every replica with k8s/monitoring/sluice-alerts.rules.yaml loaded
-# and the conductor (examples/lab.rs) samples every second, autoscales and injects
+# and the conductor (examples/lab/) samples every second, autoscales and injects
 # faults; report. Without root, loop devices or cgroups it says so and runs unconstrained.
 #
 # The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
@@ -574,7 +574,7 @@ run_k6() {
   [ -s "$summary" ] || lab_die "k6 wrote no summary"
 }
 
-# The conductor: samples every second, autoscales, injects the faults (examples/lab.rs).
+# The conductor: samples every second, autoscales, injects the faults (examples/lab/).
 lab_step "the conductor: per-second timeline, $([ "$AUTOSCALE" = 1 ] && echo "autoscaling (time scale 1/$TIME_SCALE)" || echo "$REPLICAS fixed replicas")$([ "$CHAOS" = 1 ] && echo ", chaos")"
 echo warmup >"$LAB_STATE/phase"
 CONDUCTOR_ARGS=(--state "$LAB_STATE" --root "$LAB_ROOT" --mongo-uri "$MONGO_URI" --time-scale "$TIME_SCALE")
