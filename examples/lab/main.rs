@@ -12,7 +12,9 @@
 //!   /readyz); it autoscales like the HPA (replicas join and leave HAProxy through its
 //!   runtime API, and Prometheus through a file_sd file) and, with `--chaos`, injects
 //!   the faults. It writes `timeline.jsonl` and `events.jsonl` into the state folder;
-//! - `report`: the report JSON, the SVG chart and the verdict; exits 0 or 3.
+//! - `report`: the report JSON, the SVG chart and the verdict; exits 0 or 3;
+//! - `load-report DIR` / `k6-line FILE`: bench-report/run.sh's report, and its line
+//!   after each k6 run (load_report.rs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -24,6 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use plotters::prelude::*;
 use serde_json::{json, Value};
+
+mod k6;
+mod load_report;
 
 /// The commands counted against DB_COMMAND_BUDGET, per second, from serverStatus'
 /// `metrics.commands.<name>.total`: the one set, used by the sampler, the report and the
@@ -70,6 +75,10 @@ enum Cmd {
     Conductor(ConductorArgs),
     /// Write the report JSON and SVG, print the verdict; exit 0 or 3.
     Report(ReportArgs),
+    /// bench-report's tables and chart of one run folder (report.json, report.md, chart.svg).
+    LoadReport { dir: PathBuf },
+    /// One k6 --summary-export as bench-report's line: req/s, p95, failed, ok.
+    K6Line { summary: PathBuf },
     /// The CI smoke's checks of one report: "ok ..." / "fail ..." lines; exit 1 on a fail.
     CheckReport {
         report: PathBuf,
@@ -181,6 +190,26 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("conductor: {e}");
+                    1
+                }
+            },
+            Cmd::LoadReport { dir } => match load_report::run(&dir) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("load-report: {e}");
+                    1
+                }
+            },
+            Cmd::K6Line { summary } => match k6::Summary::read(&summary).and_then(|s| s.line()) {
+                Some(line) => {
+                    println!("{line}");
+                    0
+                }
+                None => {
+                    eprintln!(
+                        "k6-line: no req/s, p95 and failed rate in {}",
+                        summary.display()
+                    );
                     1
                 }
             },
@@ -1311,39 +1340,6 @@ fn env_file(p: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// k6's --summary-export: figures and thresholds (the value says whether it was crossed).
-fn k6_figures(s: &Value) -> Value {
-    let m = &s["metrics"];
-    let mut thresholds = BTreeMap::new();
-    if let Some(obj) = m.as_object() {
-        for (metric, v) in obj {
-            if let Some(t) = v["thresholds"].as_object() {
-                for (expr, crossed) in t {
-                    thresholds.insert(
-                        format!("{metric} {expr}"),
-                        !crossed.as_bool().unwrap_or(false),
-                    );
-                }
-            }
-        }
-    }
-    let acked = s["root_group"]["checks"]
-        .as_object()
-        .and_then(|c| c.iter().find(|(k, _)| k.starts_with("body status is")))
-        .and_then(|(_, v)| v["passes"].as_f64());
-    json!({
-        "requests": f(m, &["http_reqs", "count"]),
-        "req_per_s": f(m, &["http_reqs", "rate"]),
-        "p95_ms": f(m, &["http_req_duration", "p(95)"]),
-        "p99_ms": f(m, &["http_req_duration", "p(99)"]),
-        "http_req_failed_rate": f(m, &["http_req_failed", "value"]),
-        "successful_requests": f(m, &["successful_requests", "count"]).unwrap_or(0.0),
-        "acknowledged_responses": acked,
-        "failed_requests": f(m, &["failed_requests", "count"]).unwrap_or(0.0),
-        "thresholds": thresholds,
-    })
-}
-
 /// One second's allowance: the budget (times the sample's window, from the previous
 /// request to this answer: about 1 s, longer when serverStatus answered late), plus one per live pod (each pod's pacer may fall
 /// on both sides of a second boundary), plus pods × FLUSH_CONCURRENCY in the second
@@ -1406,8 +1402,8 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default();
     let autoscaler = load_json(&st.join("autoscaler.json")).unwrap_or(Value::Null);
-    let data = load_json(&st.join("k6-data.json")).map(|s| k6_figures(&s));
-    let ceil = load_json(&st.join("k6-healthz.json")).map(|s| k6_figures(&s));
+    let data = k6::Summary::read(&st.join("k6-data.json")).map(|s| s.lab_report());
+    let ceil = k6::Summary::read(&st.join("k6-healthz.json")).map(|s| s.lab_report());
     let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
     let chaos = events
         .iter()
@@ -2283,17 +2279,6 @@ mod tests {
     fn memory_formula_is_the_deploy_docs() {
         assert_eq!(mem_formula_mib(0.0), 80.0);
         assert!((mem_formula_mib(5000.0) - 265.5).abs() < 0.1);
-    }
-
-    #[test]
-    fn k6_thresholds_read_as_passed() {
-        let s = json!({"metrics": {"http_req_failed": {"value": 0.05, "thresholds": {"rate<0.01": true}},
-            "http_req_duration": {"p(95)": 10, "thresholds": {"p(95)<2000": false}}},
-            "root_group": {"checks": {"body status is \"success\"": {"passes": 7}}}});
-        let k = k6_figures(&s);
-        assert_eq!(k["thresholds"]["http_req_failed rate<0.01"], false);
-        assert_eq!(k["thresholds"]["http_req_duration p(95)<2000"], true);
-        assert_eq!(k["acknowledged_responses"], 7.0);
     }
 
     #[test]
