@@ -276,19 +276,10 @@ fi
 # ---------------------------------------------------------------- 4. the database
 DB_PORT=$(lab_free_port)
 MONGO_URI="mongodb://127.0.0.1:$DB_PORT/assessmentdb"
-if [ "$DB_KIND" = mongod ]; then
-  DB_ARGS=(--dbpath "$DBPATH" --port "$DB_PORT" --bind_ip 127.0.0.1
-    --wiredTigerCacheSizeGB 0.25
-    --setParameter wiredTigerConcurrentReadTransactions=10
-    --setParameter wiredTigerConcurrentWriteTransactions=10)
-else
-  # The assessment's mongod flags, mapped (LAB.md); --sync-on-commit so that j:true
-  # costs what it costs on mongod.
-  # An empty --config: no secantusd.toml found lying around may change the flags.
-  : >"$LAB_STATE/secantusd.toml"
-  DB_ARGS=(--config "$LAB_STATE/secantusd.toml" --cache-size 256M --write-tickets 10
-    --standalone --sync-on-commit --host 127.0.0.1 --port "$DB_PORT" --storage-path "$DBPATH")
-fi
+# The assessment's flags, or secantusd-rs' mapping of them (examples/lab/db_args.rs, which
+# the tests use too).
+mapfile -t DB_ARGS < <("$LAB_BIN" db-args --server "$DB_BIN" --port "$DB_PORT" --dbpath "$DBPATH" --state "$LAB_STATE")
+[ ${#DB_ARGS[@]} -gt 0 ] || lab_die "no command line for $DB_KIND"
 lab_step "starting $DB_KIND on 127.0.0.1:$DB_PORT ($([ ${#CGROUPS[@]} -gt 0 ] && echo 'in the lab cgroups' || echo UNCONSTRAINED))"
 lab_info "$DB_KIND ${DB_ARGS[*]}"
 # The database runs under a small supervisor that starts it again whenever it dies, as

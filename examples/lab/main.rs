@@ -7,6 +7,7 @@
 //! - `ping URI` / `count URI` / `snapshot [--count] URI OUT`: the database, through the
 //!   real driver (`snapshot` writes the format `bench-report/run.sh` reads);
 //! - `hpa ROOT`: `k8s/app/hpa.yaml` and the Deployment's maxSurge, as the lab uses them;
+//! - `db-args`: the database's command line (db_args.rs, shared with the tests);
 //! - `conductor`: runs beside k6. Every wall-clock second it samples serverStatus,
 //!   HAProxy's counters and each replica (CPU, RSS, open connections, queue depth,
 //!   /readyz); it autoscales like the HPA (replicas join and leave HAProxy through its
@@ -27,6 +28,7 @@ use clap::{Parser, Subcommand};
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
+mod db_args;
 mod k6;
 mod load_report;
 
@@ -69,6 +71,18 @@ enum Cmd {
     Settle { uri: String },
     /// Print "MIN MAX SURGE TARGET_PCT" from k8s/app/hpa.yaml and deployment.yaml.
     Hpa { root: PathBuf },
+    /// Print the database's arguments, one a line, for SERVER (mongod or secantusd-rs) on
+    /// 127.0.0.1:PORT with its files in DBPATH; secantusd-rs' empty config goes in STATE.
+    DbArgs {
+        #[arg(long)]
+        server: PathBuf,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        dbpath: PathBuf,
+        #[arg(long)]
+        state: PathBuf,
+    },
     /// Print k8s/app/configmap.yaml's data as KEY=VALUE lines (sluice's environment).
     Settings { root: PathBuf },
     /// Sample, autoscale and inject faults until SIGTERM or STATE/conductor.stop.
@@ -169,6 +183,23 @@ fn main() {
                 }
                 Err(e) => {
                     eprintln!("hpa: {e}");
+                    1
+                }
+            },
+            Cmd::DbArgs {
+                server,
+                port,
+                dbpath,
+                state,
+            } => match db_args::db_args(&server, port, &dbpath, &state) {
+                Ok(args) => {
+                    for a in args {
+                        println!("{}", a.to_string_lossy());
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("db-args: {e}");
                     1
                 }
             },
