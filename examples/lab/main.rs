@@ -8,6 +8,7 @@
 //!   real driver (`snapshot` writes the format `bench-report/run.sh` reads);
 //! - `hpa ROOT`: `k8s/app/hpa.yaml` and the Deployment's maxSurge, as the lab uses them;
 //! - `db-args`: the database's command line (db_args.rs, shared with the tests);
+//! - `free-port`: a port for a server the lab starts;
 //! - `conductor`: runs beside k6. Every wall-clock second it samples serverStatus,
 //!   HAProxy's counters and each replica (CPU, RSS, open connections, queue depth,
 //!   /readyz); it autoscales like the HPA (replicas join and leave HAProxy through its
@@ -83,6 +84,14 @@ enum Cmd {
         #[arg(long)]
         state: PathBuf,
     },
+    /// Print a TCP port nothing listens on and USED does not list, and append it to USED.
+    FreePort {
+        /// Where the search starts: lab/lib.sh's LAB_TAG, unique to the state folder.
+        #[arg(long)]
+        tag: u64,
+        #[arg(long)]
+        used: PathBuf,
+    },
     /// Print k8s/app/configmap.yaml's data as KEY=VALUE lines (sluice's environment).
     Settings { root: PathBuf },
     /// Sample, autoscale and inject faults until SIGTERM or STATE/conductor.stop.
@@ -110,6 +119,9 @@ struct ConductorArgs {
     root: PathBuf,
     #[arg(long)]
     mongo_uri: String,
+    /// lab/lib.sh's LAB_TAG: where the search for a new replica's port starts.
+    #[arg(long)]
+    port_tag: u64,
     /// Fixed replica count: no autoscaling.
     #[arg(long)]
     replicas: Option<u32>,
@@ -200,6 +212,16 @@ fn main() {
                 }
                 Err(e) => {
                     eprintln!("db-args: {e}");
+                    1
+                }
+            },
+            Cmd::FreePort { tag, used } => match free_port(tag, &used) {
+                Ok(port) => {
+                    println!("{port}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("free-port: {e}");
                     1
                 }
             },
@@ -715,6 +737,43 @@ fn connections_by_port() -> BTreeMap<u16, u64> {
     out
 }
 
+/// A TCP port nothing listens on, for a server the lab starts, appended to `used` (the
+/// state folder's `ports`) so that one lab never hands it out twice, even before its
+/// server has bound it. Ports come from below the kernel's ephemeral range (k6 and
+/// HAProxy open tens of thousands of outgoing connections, which could otherwise take a
+/// port between this check and the server's bind); the search starts at an offset from
+/// `tag`, unique to the state folder, so that two labs look in different places.
+fn free_port(tag: u64, used: &Path) -> Result<u16, Error> {
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    let span = u64::from(HIGH - LOW);
+    let taken: BTreeSet<u16> = read_to_string(used)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let port = (0..span)
+        .map(|i| LOW + ((tag % span + i) % span) as u16)
+        .filter(|p| !taken.contains(p))
+        .find(|p| bindable(*p))
+        .ok_or("no free port")?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(used)?;
+    writeln!(file, "{port}")?;
+    Ok(port)
+}
+
+/// Whether 127.0.0.1:`port` can be bound without SO_REUSEADDR (which std's listener
+/// would set): then a port anything still holds, a connection in TIME_WAIT included,
+/// counts as taken.
+fn bindable(port: u16) -> bool {
+    tokio::net::TcpSocket::new_v4()
+        .and_then(|s| s.bind(([127, 0, 0, 1], port).into()))
+        .is_ok()
+}
+
 fn ctl(root: &Path, args: &[&str]) -> (bool, String) {
     match std::process::Command::new(root.join("lab/ctl.sh"))
         .args(args)
@@ -842,7 +901,8 @@ fn server_name(idx: usize) -> String {
     format!("replicas/sluice-local-{idx}")
 }
 
-/// Starts slot `idx` (ctl.sh waits for /readyz), then lets HAProxy send it requests.
+/// Starts slot `idx` on a fresh port, as a new pod gets a new address (ctl.sh waits for
+/// /readyz), then lets HAProxy send it requests.
 fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
     {
         let mut s = sh.lock().unwrap();
@@ -851,7 +911,13 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
     }
     let (a, sh, why) = (a.clone(), sh.clone(), why.to_string());
     tokio::task::spawn_blocking(move || {
-        let (ok, out) = ctl(&a.root, &["replica-start", &idx.to_string()]);
+        let (ok, out) = match free_port(a.port_tag, &a.state.join("ports")) {
+            Ok(port) => ctl(
+                &a.root,
+                &["replica-start", &idx.to_string(), &port.to_string()],
+            ),
+            Err(e) => (false, e.to_string()),
+        };
         let sock = a.state.join("haproxy.sock");
         let mut s = sh.lock().unwrap();
         let mut words = out.split_whitespace();
@@ -2310,6 +2376,28 @@ mod tests {
     fn memory_formula_is_the_deploy_docs() {
         assert_eq!(mem_formula_mib(0.0), 80.0);
         assert!((mem_formula_mib(5000.0) - 265.5).abs() < 0.1);
+    }
+
+    #[test]
+    fn free_ports_skip_the_listed_and_the_bound_and_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = dir.path().join("ports");
+        let first = free_port(7, &used).unwrap();
+        assert!((20_000..32_000).contains(&first));
+        let second = free_port(7, &used).unwrap();
+        assert_ne!(first, second, "a listed port is not handed out again");
+        // Held here, or by something else if this bind fails: taken either way.
+        let _held = std::net::TcpListener::bind(("127.0.0.1", second + 1));
+        let third = free_port(7, &used).unwrap();
+        assert!(![first, second, second + 1].contains(&third));
+        assert_eq!(
+            std::fs::read_to_string(&used).unwrap(),
+            format!("{first}\n{second}\n{third}\n")
+        );
+        // The search wraps around the top of the range.
+        std::fs::write(&used, "31999\n").unwrap();
+        let wrapped = free_port(11_999, &used).unwrap();
+        assert!(wrapped != 31_999 && (20_000..32_000).contains(&wrapped));
     }
 
     #[test]
