@@ -268,6 +268,18 @@ impl Mongo {
         count_of(&self.command_counts().await, name)
     }
 
+    /// What `work` returned, and how many `name` commands the server ran meanwhile: what
+    /// the tests of shared reads count (one `find` for a whole cold burst).
+    pub async fn commands_during<T>(
+        &self,
+        name: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> (T, i64) {
+        let before = self.command_total(name).await;
+        let out = work.await;
+        (out, self.command_total(name).await - before)
+    }
+
     /// Every stored record's `_id`, as hex.
     pub async fn stored_ids(&self) -> HashSet<String> {
         use futures_util::TryStreamExt;
@@ -287,6 +299,11 @@ impl Mongo {
         docs.iter()
             .map(|d| d.get_object_id("_id").unwrap().to_hex())
             .collect()
+    }
+
+    /// How many records are stored.
+    pub async fn stored_count(&self) -> u64 {
+        self.records().await.count_documents(doc! {}).await.unwrap()
     }
 
     /// How many of these ids (hex) are stored.
