@@ -30,7 +30,8 @@
 #      and 5,000 stored-shape documents with w:1, j:true, 1 and 4 in flight (4 = the 2
 #      replicas' FLUSH_CONCURRENCY of 2 each), on the same database;
 #   6. the lab again, fresh, with NAIVE_MODE=true on the replicas, and step 3 for it;
-#   7. examples/load_report.rs: report.json, report.md and chart.svg.
+#   7. the lab example's load-report (examples/lab/load_report.rs): report.json,
+#      report.md and chart.svg.
 #
 # Output: results/report-<time>/ (git-ignored); results/report-latest points at it.
 # Every k6 run first waits until no other k6 or lab setup runs on the machine (polling
@@ -109,12 +110,13 @@ wait_quiet() {
 }
 
 step "building sluice and the report's tools (cargo build --release --locked)"
-cargo build --release --locked --bin sluice --example insert_ceiling --example load_report --example lab \
+cargo build --release --locked --bin sluice --example insert_ceiling --example lab \
   >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
 mkdir -p "$RUN/bin"
-# A resumed run keeps the binaries it was measured with; the report tool is always fresh.
+# A resumed run keeps the binaries it was measured with; the lab tool (snapshots, the
+# report) is always fresh.
 [ -x "$RUN/bin/sluice" ] || cp target/release/sluice target/release/examples/insert_ceiling "$RUN/bin/"
-cp target/release/examples/load_report "$RUN/bin/"
+cp target/release/examples/lab "$RUN/bin/"
 export SLUICE_BIN=$RUN/bin/sluice
 # shellcheck source=scripts/tools.sh
 . scripts/tools.sh
@@ -139,7 +141,7 @@ lab_up() {
   info "HAProxy $BASE_URL, database $MONGO_URI"
 }
 
-snapshot() { target/release/examples/lab snapshot "$@" 2>>"$RUN/snapshot.log"; }
+snapshot() { "$RUN/bin/lab" snapshot "$@" 2>>"$RUN/snapshot.log"; }
 
 # cpu_ticks NAME-PATTERN: CPU time (user + system, clock ticks) used so far by this lab's
 # processes whose recorded name matches, from /proc: what a level costs in CPU.
@@ -194,13 +196,7 @@ level() {
     exit 1
   fi
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-after.json"
-  "$PY" - "$RUN/k6-$target-$vus.json" <<'EOF'
-import json, sys
-m = json.load(open(sys.argv[1]))["metrics"]
-ok = m.get("successful_requests", {}).get("count", 0)
-print(f"    -> {m['http_reqs']['rate']:.0f} req/s, p95 {m['http_req_duration']['p(95)']:.0f} ms, "
-      f"failed {100 * m['http_req_failed']['value']:.1f}%, {ok} ok")
-EOF
+  "$RUN/bin/lab" k6-line "$RUN/k6-$target-$vus.json"
   [ "$target" = healthz ] || settle
 }
 
@@ -275,6 +271,6 @@ CONSTRAINED="0.5 CPU, 500 MiB, 100 read + 100 write IOPS"
 } >"$RUN/meta.json"
 rm -f "$RUN/meta.json.part" "$RUN/.settle.json"
 step "report"
-"$RUN/bin/load_report" "$RUN"
+"$RUN/bin/lab" load-report "$RUN"
 ln -sfn "report-$TS" "$ROOT/results/report-latest"
 info "results/report-latest -> $(rel "$RUN")"

@@ -67,9 +67,9 @@ machine_allows_constraints() {
 echo "lab smoke: log in ${LOG#"$ROOT"/}"
 
 # 0. The lab's logic on made-up figures: HPA decisions, the budget tolerance, the memory
-#    formula, k6's thresholds, the settings (examples/lab.rs's unit tests).
+#    formula, k6's thresholds, the settings (the lab example's unit tests).
 (cd "$ROOT" && cargo test --locked --quiet --example lab) >>"$LOG" 2>&1
-check "examples/lab.rs unit tests (HPA, tolerance, memory formula, thresholds)" [ $? -eq 0 ]
+check "the lab example's unit tests (HPA, tolerance, memory formula, thresholds)" [ $? -eq 0 ]
 
 # cgroup v2 cannot be exercised on a cgroup v1 host: its exact writes, in order, against
 # a stand-in folder (io.max, cpu.max and memory.max are plain files there).

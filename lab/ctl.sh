@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# What the lab's conductor (examples/lab.rs) asks of the machine: processes and the disk.
+# What the lab's conductor (examples/lab/) asks of the machine: processes and the disk.
 # The decisions (when, which replica) are the conductor's; this only acts.
 #
-#   ctl.sh replica-start IDX [PORT]  start replica slot IDX on PORT (default: a fresh
-#                              port, as a new pod gets a new address), wait for /readyz
-#                              200, print "PID PORT"
+#   ctl.sh replica-start IDX PORT  start replica slot IDX on PORT (the conductor gives
+#                              each new replica a fresh port, as a new pod gets a new
+#                              address), wait for /readyz 200, print "PID PORT"
 #   ctl.sh replica-stop IDX    SIGTERM it and wait until it has exited (drains, flushes)
 #   ctl.sh replica-kill IDX    kill -9 it
 #   ctl.sh redis-restart       kill -9 Redis and start it again, empty, on the same port
@@ -30,8 +30,7 @@ gone() { # PID SECONDS: true once PID has exited
 case "${1:-}" in
   replica-start)
     idx=${2:?slot}
-    port=${3:-$(lab_free_port)}
-    [ -n "$port" ] || { echo "no free port for slot $idx" >&2; exit 2; }
+    port=${3:?port}
     # shellcheck disable=SC1091
     . "$LAB_STATE/lab.env"
     mapfile -t settings <"$LAB_STATE/sluice.env"

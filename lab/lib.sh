@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Sourced by the lab scripts, never run. Paths, printing, free ports, the state folder
-# that records everything the lab started so that cleanup-local.sh can undo exactly that.
+# Sourced by the lab scripts, never run. Paths, printing, the state folder that records
+# everything the lab started so that cleanup-local.sh can undo exactly that.
 #
 #   LAB_RESULTS_DIR  reports and logs (default: <repo>/results, git-ignored)
 #   LAB_STATE_DIR    pids, ports, disk image, mount point (default: $LAB_RESULTS_DIR/.lab-state)
@@ -14,7 +14,8 @@ LAB_RESULTS=$(cd "$LAB_RESULTS" && pwd)
 LAB_STATE=${LAB_STATE_DIR:-$LAB_RESULTS/.lab-state}
 mkdir -p "$LAB_STATE"
 LAB_STATE=$(cd "$LAB_STATE" && pwd)
-# A short tag unique to this state folder: names the cgroups, spreads the ports.
+# A short tag unique to this state folder: names the cgroups, spreads the ports (`lab
+# free-port --tag`).
 LAB_TAG=$(printf '%s' "$LAB_STATE" | cksum | cut -d' ' -f1)
 LAB_CGROUP_NAME="sluice-lab-$LAB_TAG"
 export LAB_ROOT LAB_RESULTS LAB_STATE LAB_TAG LAB_CGROUP_NAME
@@ -27,42 +28,6 @@ lab_warn() {
 }
 lab_die() { printf '\nerror: %s\n' "$*" >&2; exit 1; }
 lab_is_root() { [ "$(id -u)" -eq 0 ]; }
-
-# lab_free_port: prints a TCP port nothing listens on. Ports come from below the kernel's
-# ephemeral range (k6 and HAProxy open tens of thousands of outgoing connections that
-# could otherwise take a port between our check and the server's bind), start at an
-# offset derived from the state folder, and are never handed out twice in one setup.
-lab_free_port() {
-  local p
-  p=$(python3 - "$LAB_TAG" "$LAB_STATE/ports" <<'EOF'
-import socket, sys
-tag, used_file = int(sys.argv[1]), sys.argv[2]
-try:
-    used = {int(x) for x in open(used_file).read().split()}
-except OSError:
-    used = set()
-lo, hi = 20000, 32000
-start = lo + tag % (hi - lo)
-for i in range(hi - lo):
-    port = lo + (start - lo + i) % (hi - lo)
-    if port in used:
-        continue
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        s.close()
-    print(port)
-    break
-else:
-    sys.exit("no free port")
-EOF
-) || return 1
-  echo "$p" >>"$LAB_STATE/ports"
-  echo "$p"
-}
 
 # lab_record_pid NAME PID: remembers a process the lab started, with its start time so
 # that cleanup never signals an unrelated process that later got the same pid.

@@ -30,7 +30,7 @@
 # 500 MiB; start the database, Redis, N replicas and HAProxy; run k6 against /api/data
 # and then, the same-run ceiling, against /healthz through the same HAProxy, while
 # Prometheus scrapes every replica with k8s/monitoring/sluice-alerts.rules.yaml loaded
-# and the conductor (examples/lab.rs) samples every second, autoscales and injects
+# and the conductor (examples/lab/) samples every second, autoscales and injects
 # faults; report. Without root, loop devices or cgroups it says so and runs unconstrained.
 #
 # The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
@@ -150,6 +150,9 @@ else
 fi
 [ -x "$SLUICE_BIN" ] || lab_die "no sluice binary at $SLUICE_BIN"
 [ -x "$LAB_BIN" ] || lab_die "no lab binary at $LAB_BIN"
+# free_port: a port for a server of this lab, never one handed out before in this state
+# folder (examples/lab/main.rs, free_port, says how it is chosen).
+free_port() { "$LAB_BIN" free-port --tag "$LAB_TAG" --used "$LAB_STATE/ports"; }
 echo "$SLUICE_BIN" >"$LAB_STATE/sluice.bin"
 
 # Replicas: fixed (--replicas), or autoscaled between the HPA's min and max.
@@ -274,21 +277,12 @@ fi
 [ -n "$IOPS_DESC" ] && DISK_DESC="$DISK_DESC, $IOPS_DESC" || DISK_DESC="$DISK_DESC, UNTHROTTLED"
 
 # ---------------------------------------------------------------- 4. the database
-DB_PORT=$(lab_free_port)
+DB_PORT=$(free_port)
 MONGO_URI="mongodb://127.0.0.1:$DB_PORT/assessmentdb"
-if [ "$DB_KIND" = mongod ]; then
-  DB_ARGS=(--dbpath "$DBPATH" --port "$DB_PORT" --bind_ip 127.0.0.1
-    --wiredTigerCacheSizeGB 0.25
-    --setParameter wiredTigerConcurrentReadTransactions=10
-    --setParameter wiredTigerConcurrentWriteTransactions=10)
-else
-  # The assessment's mongod flags, mapped (LAB.md); --sync-on-commit so that j:true
-  # costs what it costs on mongod.
-  # An empty --config: no secantusd.toml found lying around may change the flags.
-  : >"$LAB_STATE/secantusd.toml"
-  DB_ARGS=(--config "$LAB_STATE/secantusd.toml" --cache-size 256M --write-tickets 10
-    --standalone --sync-on-commit --host 127.0.0.1 --port "$DB_PORT" --storage-path "$DBPATH")
-fi
+# The assessment's flags, or secantusd-rs' mapping of them (examples/lab/db_args.rs, which
+# the tests use too).
+mapfile -t DB_ARGS < <("$LAB_BIN" db-args --server "$DB_BIN" --port "$DB_PORT" --dbpath "$DBPATH" --state "$LAB_STATE")
+[ ${#DB_ARGS[@]} -gt 0 ] || lab_die "no command line for $DB_KIND"
 lab_step "starting $DB_KIND on 127.0.0.1:$DB_PORT ($([ ${#CGROUPS[@]} -gt 0 ] && echo 'in the lab cgroups' || echo UNCONSTRAINED))"
 lab_info "$DB_KIND ${DB_ARGS[*]}"
 # The database runs under a small supervisor that starts it again whenever it dies, as
@@ -343,7 +337,7 @@ done
 lab_info "ready (pid $DB_PID), log $(show "$LAB_STATE/mongo.log")"
 
 # ---------------------------------------------------------------- 5. Redis
-REDIS_PORT=$(lab_free_port)
+REDIS_PORT=$(free_port)
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 lab_step "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
 lab_start_redis "$REDIS_PORT" || { tail -n 20 "$LAB_STATE/redis.log" >&2; lab_die "redis-server did not answer"; }
@@ -378,7 +372,7 @@ printf 'MONGO_URI=%s\nREDIS_URL=%s\n' "$MONGO_URI" "$REDIS_URL" >"$LAB_STATE/lab
 : >"$LAB_STATE/slots"
 APP_PORTS=()
 for ((r = 0; r < SLOTS; r++)); do
-  port=$(lab_free_port)
+  port=$(free_port)
   APP_PORTS+=("$port")
   echo "$r $port" >>"$LAB_STATE/slots"
 done
@@ -394,7 +388,7 @@ done
 lab_info "all replicas answer /readyz"
 
 # ---------------------------------------------------------------- 7. HAProxy
-HAPROXY_PORT=$(lab_free_port)
+HAPROXY_PORT=$(free_port)
 BASE_URL="http://127.0.0.1:$HAPROXY_PORT"
 # Every VU holds one keep-alive connection to HAProxy, so it must accept them all
 # (10,000 in the lab and full profiles). Connections to the replicas are capped so that
@@ -474,7 +468,7 @@ REPLICA_URLS="$(for ((r = 0; r < REPLICAS; r++)); do printf 'http://127.0.0.1:%s
 EOF
 
 # ---------------------------------------------------------------- 8. Prometheus
-PROM_PORT=$(lab_free_port)
+PROM_PORT=$(free_port)
 PROM_URL=http://127.0.0.1:$PROM_PORT
 lab_step "starting Prometheus on $PROM_URL (every replica, k8s/monitoring/sluice-alerts.rules.yaml)"
 # The replicas are file_sd targets: the conductor rewrites the file as it scales.
@@ -550,7 +544,7 @@ run_k6() {
   [ -z "$secs" ] || envs+=(--vus "${MAX_VUS_ARG:-100}" --duration "${secs}s")
   lab_info "k6 run ${envs[*]} stress-test/stress-test.js"
   # PERIOD 1s: with the default 10 s a short run exports no HTML report at all.
-  K6_WEB_DASHBOARD=true K6_WEB_DASHBOARD_PERIOD=1s K6_WEB_DASHBOARD_PORT=$(lab_free_port) \
+  K6_WEB_DASHBOARD=true K6_WEB_DASHBOARD_PERIOD=1s K6_WEB_DASHBOARD_PORT=$(free_port) \
     K6_WEB_DASHBOARD_EXPORT="${REPORT%.json}-k6-$name.html" \
     "$K6" run --summary-export "$summary" --summary-trend-stats 'avg,min,med,max,p(90),p(95),p(99)' \
     "${envs[@]}" "$LAB_ROOT/stress-test/stress-test.js" >"$log" 2>&1 &
@@ -574,10 +568,10 @@ run_k6() {
   [ -s "$summary" ] || lab_die "k6 wrote no summary"
 }
 
-# The conductor: samples every second, autoscales, injects the faults (examples/lab.rs).
+# The conductor: samples every second, autoscales, injects the faults (examples/lab/).
 lab_step "the conductor: per-second timeline, $([ "$AUTOSCALE" = 1 ] && echo "autoscaling (time scale 1/$TIME_SCALE)" || echo "$REPLICAS fixed replicas")$([ "$CHAOS" = 1 ] && echo ", chaos")"
 echo warmup >"$LAB_STATE/phase"
-CONDUCTOR_ARGS=(--state "$LAB_STATE" --root "$LAB_ROOT" --mongo-uri "$MONGO_URI" --time-scale "$TIME_SCALE")
+CONDUCTOR_ARGS=(--state "$LAB_STATE" --root "$LAB_ROOT" --mongo-uri "$MONGO_URI" --port-tag "$LAB_TAG" --time-scale "$TIME_SCALE")
 [ "$AUTOSCALE" = 1 ] || CONDUCTOR_ARGS+=(--replicas "$REPLICAS")
 [ -z "${LAB_CPU_TARGET:-}" ] || CONDUCTOR_ARGS+=(--cpu-target "$LAB_CPU_TARGET")
 if [ "$CHAOS" = 1 ]; then

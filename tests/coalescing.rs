@@ -6,7 +6,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::doc;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -26,12 +25,7 @@ async fn concurrent_requests_share_insert_commands() {
         outcomes.iter().find(|o| o.status != 200)
     );
     assert_eq!(assert_nothing_lost(&mongo, &outcomes).await, 10_000);
-    let stored = mongo
-        .records()
-        .await
-        .count_documents(doc! {})
-        .await
-        .unwrap();
+    let stored = mongo.stored_count().await;
     assert_eq!(stored, 10_000, "no document stored twice or missing");
     let inserts = mongo.command_total("insert").await - inserts_before;
     // However long a slow machine takes to send the burst, the budget (default 50/s,
@@ -52,17 +46,12 @@ async fn concurrent_requests_share_insert_commands() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cold_cache_reads_the_database_once() {
-    let (redis, mongo) = seeded_servers().await;
-    let sluice = Sluice::start(
-        &mongo.uri(),
-        &redis.url(),
-        &[("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")],
-    )
-    .await;
-    sluice.wait_ready().await;
-    let finds_before = mongo.command_total("find").await;
+    let env = [("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")];
+    let (_redis, mongo, pods) = cold_cluster(1, &env).await;
 
-    let outcomes = burst(&sluice.url("/api/data"), 1000).await;
+    let (outcomes, finds) = mongo
+        .commands_during("find", burst(&pods[0].url("/api/data"), 1000))
+        .await;
 
     assert!(outcomes.iter().all(|o| o.status == 200));
     let seed = outcomes[0].body["reads"][0].as_str().unwrap().to_string();
@@ -71,7 +60,6 @@ async fn cold_cache_reads_the_database_once() {
         .unwrap()
         .iter()
         .all(|r| r == &seed)));
-    let finds = mongo.command_total("find").await - finds_before;
     assert_eq!(
         finds, 1,
         "1,000 cold requests (5,000 reads) should cost one query"
@@ -80,16 +68,13 @@ async fn cold_cache_reads_the_database_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_share_one_refresh_through_redis() {
-    let (redis, mongo) = seeded_servers().await;
     let env = [("CACHE_FRESH_MS", "600000"), ("CACHE_STALE_MS", "600000")];
-    let pods = start_pods(3, &mongo, &redis, &env).await;
-    let finds_before = mongo.command_total("find").await;
+    let (_redis, mongo, pods) = cold_cluster(3, &env).await;
 
-    let outcomes = bursts(&pods, 300).await;
+    let (outcomes, finds) = mongo.commands_during("find", bursts(&pods, 300)).await;
 
     let failed = outcomes.iter().find(|o| o.status != 200);
     assert!(failed.is_none(), "every request stored: {failed:?}");
-    let finds = mongo.command_total("find").await - finds_before;
     assert_eq!(
         finds, 1,
         "three cold pods should share one query through the Redis lock"

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::doc;
 use common::*;
 use nix::sys::signal::Signal;
 
@@ -108,12 +107,7 @@ async fn the_budget_holds_every_second_while_pods_come_and_go() {
     );
     assert!(ok > 1000, "the load was real: {ok} requests stored");
     let checked = assert_nothing_lost(&mongo, &outcomes).await;
-    let stored = mongo
-        .records()
-        .await
-        .count_documents(doc! {})
-        .await
-        .unwrap();
+    let stored = mongo.stored_count().await;
     assert!(
         stored as usize >= checked,
         "every 200's documents stored once"
@@ -189,12 +183,9 @@ async fn short_database_pulses_are_slow_not_dead() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cold_cluster_meets_a_burst_with_one_query_and_no_read_failures() {
-    let (redis, mongo) = seeded_servers().await;
     let env = [("QUEUE_CAPACITY", "20"), ("ENQUEUE_TIMEOUT_MS", "50")];
-    let pods = start_pods(3, &mongo, &redis, &env).await;
-    let finds_before = mongo.command_total("find").await;
-    let outcomes = bursts(&pods, 400).await;
-    let finds = mongo.command_total("find").await - finds_before;
+    let (_redis, mongo, pods) = cold_cluster(3, &env).await;
+    let (outcomes, finds) = mongo.commands_during("find", bursts(&pods, 400)).await;
     let slowest = outcomes.iter().map(|o| o.latency).max().unwrap();
     let shed = outcomes.iter().filter(|o| o.status == 503).count();
     println!(

@@ -12,6 +12,10 @@ use bson::{doc, Document};
 use mongodb::Client;
 use tempfile::TempDir;
 
+// The database's command line, one copy for the tests and the lab.
+#[path = "../../examples/lab/db_args.rs"]
+mod db_args;
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -148,14 +152,13 @@ impl Redis {
     }
 }
 
-/// The MongoDB-wire server binary and whether it is real `mongod`.
-fn mongo_binary() -> (PathBuf, bool) {
+/// The MongoDB-wire server binary: `SLUICE_MONGOD`, else mongod on PATH, else secantusd-rs.
+fn mongo_binary() -> PathBuf {
     if let Ok(path) = std::env::var("SLUICE_MONGOD") {
-        let is_mongod = path.ends_with("mongod");
-        return (path.into(), is_mongod);
+        return path.into();
     }
     if let Ok(path) = which("mongod") {
-        return (path, true);
+        return path;
     }
     let tools = std::env::var("SLUICE_TOOLS")
         .map(PathBuf::from)
@@ -167,7 +170,7 @@ fn mongo_binary() -> (PathBuf, bool) {
         path.exists(),
         "no MongoDB-wire server: install mongod or run scripts/test.sh, which builds secantusd-rs"
     );
-    (path, false)
+    path
 }
 
 fn which(name: &str) -> Result<PathBuf, ()> {
@@ -212,41 +215,16 @@ impl Mongo {
 
     /// Starts (again) on the same port and data files, and waits until it answers.
     pub async fn restart(&mut self) {
-        let (bin, is_mongod) = mongo_binary();
+        let bin = mongo_binary();
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let port = self.port.to_string();
-        let mut cmd = Command::new(bin);
-        if is_mongod {
-            cmd.args([
-                "--port",
-                &port,
-                "--bind_ip",
-                "127.0.0.1",
-                "--wiredTigerCacheSizeGB",
-                "0.25",
-                "--dbpath",
-            ])
-            .arg(&data);
-        } else {
-            cmd.args([
-                "--port",
-                &port,
-                "--host",
-                "127.0.0.1",
-                "--standalone",
-                "--cache-size",
-                "256M",
-                "--write-tickets",
-                "10",
-                "--sync-on-commit",
-                "--log-file-max",
-                "32MB",
-                "--log-level",
-                "WARNING",
-                "--storage-path",
-            ])
-            .arg(&data);
+        let mut cmd = Command::new(&bin);
+        cmd.args(db_args::db_args(&bin, self.port, &data, self.dir.path()).unwrap());
+        if !db_args::is_mongod(&bin) {
+            // Tests only (the lab measures with secantusd-rs' defaults): a test's store is
+            // small, short-lived and one of many, so a 32 MB log file (each is allocated
+            // in full; the default is 128 MB) and warnings only.
+            cmd.args(["--log-file-max", "32MB", "--log-level", "WARNING"]);
         }
         let log = self.dir.path().join("mongo.log");
         self.proc = Some(Proc::spawn("mongo", &mut cmd, &log));
@@ -307,6 +285,18 @@ impl Mongo {
         count_of(&self.command_counts().await, name)
     }
 
+    /// What `work` returned, and how many `name` commands the server ran meanwhile: what
+    /// the tests of shared reads count (one `find` for a whole cold burst).
+    pub async fn commands_during<T>(
+        &self,
+        name: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> (T, i64) {
+        let before = self.command_total(name).await;
+        let out = work.await;
+        (out, self.command_total(name).await - before)
+    }
+
     /// Every stored record's `_id`, as hex.
     pub async fn stored_ids(&self) -> HashSet<String> {
         use futures_util::TryStreamExt;
@@ -326,6 +316,11 @@ impl Mongo {
         docs.iter()
             .map(|d| d.get_object_id("_id").unwrap().to_hex())
             .collect()
+    }
+
+    /// How many records are stored.
+    pub async fn stored_count(&self) -> u64 {
+        self.records().await.count_documents(doc! {}).await.unwrap()
     }
 
     /// How many of these ids (hex) are stored.

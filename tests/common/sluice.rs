@@ -197,8 +197,9 @@ pub fn run_to_exit(env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
-/// A MongoDB holding one `type: "write"` document, and Redis, both cold for sluice.
-pub async fn seeded_servers() -> (Redis, Mongo) {
+/// A cold cluster: `pods` in-process pods, each ready, on a MongoDB holding one
+/// `type: "write"` document and an empty Redis, so that their first reads all miss.
+pub async fn cold_cluster(pods: usize, env: &[(&str, &str)]) -> (Redis, Mongo, Vec<Sluice>) {
     let redis = Redis::start();
     let mongo = Mongo::start().await;
     mongo
@@ -207,7 +208,14 @@ pub async fn seeded_servers() -> (Redis, Mongo) {
         .insert_one(doc! {"type": "write", "index": 0, "payload": "seed"})
         .await
         .unwrap();
-    (redis, mongo)
+    let mut started = Vec::new();
+    for _ in 0..pods {
+        started.push(Sluice::start(&mongo.uri(), &redis.url(), env).await);
+    }
+    for pod in &started {
+        pod.wait_ready().await;
+    }
+    (redis, mongo, started)
 }
 
 /// Starts Redis, MongoDB and one in-process sluice, ready to serve.
@@ -234,21 +242,4 @@ impl Drop for Sluice {
             stop.cancel();
         }
     }
-}
-
-/// `n` in-process pods sharing these servers, each ready.
-pub async fn start_pods(
-    n: usize,
-    mongo: &Mongo,
-    redis: &Redis,
-    env: &[(&str, &str)],
-) -> Vec<Sluice> {
-    let mut pods = Vec::new();
-    for _ in 0..n {
-        pods.push(Sluice::start(&mongo.uri(), &redis.url(), env).await);
-    }
-    for pod in &pods {
-        pod.wait_ready().await;
-    }
-    pods
 }

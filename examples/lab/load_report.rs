@@ -1,10 +1,10 @@
-//! Turns one load-report run's raw files into `report.json`, `report.md` (the tables) and
-//! `chart.svg`: req/s and p95 per VU level for sluice, naive mode and the `/healthz`
-//! ceiling, with the database's raw insert ceiling drawn across.
+//! `load-report DIR`: turns one load-report run's raw files into `report.json`,
+//! `report.md` (the tables) and `chart.svg`: req/s and p95 per VU level for sluice, naive
+//! mode and the `/healthz` ceiling, with the database's raw insert ceiling drawn across.
 //!
 //! `bench-report/run.sh` drives the lab and then runs this; run it alone to redraw:
 //!
-//!     cargo run --release --example load_report -- results/report-<time>
+//!     cargo run --release --example lab -- load-report results/report-<time>
 //!
 //! The folder holds, as the script writes them:
 //!
@@ -12,40 +12,29 @@
 //! - `k6-<target>-<vus>.json`: k6's `--summary-export` of each run (target: sluice,
 //!   naive, healthz);
 //! - `db-<target>-<vus>-before.json` / `-after.json`: serverStatus snapshots around each
-//!   `/api/data` run (`lab/labtool.py snapshot`);
+//!   `/api/data` run (`snapshot`);
 //! - `insert-ceiling.json`: the `insert_ceiling` example's output.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
+use super::{f as num, k6, load_json as load, Error, DOCS_PER_REQUEST};
+
 const TARGETS: [&str; 3] = ["sluice", "naive", "healthz"];
-const DOCS_PER_REQUEST: f64 = 5.0;
-
-type Error = Box<dyn std::error::Error>;
-
-fn load(path: &Path) -> Option<Value> {
-    let text = std::fs::read_to_string(path).ok()?;
-    serde_json::from_str(&text).ok()
-}
-
-fn num(v: &Value, path: &[&str]) -> Option<f64> {
-    path.iter().try_fold(v, |v, k| v.get(*k))?.as_f64()
-}
 
 /// One k6 run's figures, and the database's over the same run where there are snapshots.
 fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
-    let k6 = load(&dir.join(format!("k6-{target}-{vus}.json")))?;
-    let requests = num(&k6, &["metrics", "http_reqs", "count"])?;
-    let rate = num(&k6, &["metrics", "http_reqs", "rate"])?;
+    let k6 = k6::Summary::read(&dir.join(format!("k6-{target}-{vus}.json")))?;
+    let requests = k6.requests?;
+    let rate = k6.req_per_s?;
     // The summary export has no run time, but count / rate is exactly it.
     let seconds = if rate > 0.0 { requests / rate } else { 0.0 };
-    let ok = num(&k6, &["metrics", "successful_requests", "count"]).unwrap_or(0.0);
+    let ok = k6.successful_requests;
     let per_s = |n: f64| if seconds > 0.0 { n / seconds } else { 0.0 };
-    let d = |stat: &str| num(&k6, &["metrics", "http_req_duration", stat]);
     let mut out = json!({
         "vus": vus,
         "seconds": seconds,
@@ -53,12 +42,12 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
         "req_per_s": rate,
         "ok_requests": ok,
         "ok_req_per_s": per_s(ok),
-        "failed_rate": num(&k6, &["metrics", "http_req_failed", "value"]).unwrap_or(0.0),
-        "error_rate": num(&k6, &["metrics", "error_rate", "value"]).unwrap_or(0.0),
-        "med_ms": d("med"),
-        "p95_ms": d("p(95)"),
-        "p99_ms": d("p(99)"),
-        "max_ms": d("max"),
+        "failed_rate": k6.failed_rate.unwrap_or(0.0),
+        "error_rate": k6.error_rate.unwrap_or(0.0),
+        "med_ms": k6.med_ms,
+        "p95_ms": k6.p95_ms,
+        "p99_ms": k6.p99_ms,
+        "max_ms": k6.max_ms,
     });
     let cpu_before = load(&dir.join(format!("cpu-{target}-{vus}-before.json")));
     let cpu_after = load(&dir.join(format!("cpu-{target}-{vus}-after.json")));
@@ -313,12 +302,7 @@ fn chart(report: &Value, out: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-fn main() -> Result<(), Error> {
-    let dir = PathBuf::from(
-        std::env::args()
-            .nth(1)
-            .ok_or("usage: load_report <run folder>")?,
-    );
+pub fn run(dir: &Path) -> Result<(), Error> {
     let meta = load(&dir.join("meta.json")).ok_or("no meta.json in the run folder")?;
     let levels: Vec<u64> = meta["levels"]
         .as_array()
@@ -330,7 +314,7 @@ fn main() -> Result<(), Error> {
     for target in TARGETS {
         let found: Vec<Value> = levels
             .iter()
-            .filter_map(|&v| level(&dir, target, v))
+            .filter_map(|&v| level(dir, target, v))
             .collect();
         series.insert(target, found);
     }

@@ -7,12 +7,16 @@
 //! - `ping URI` / `count URI` / `snapshot [--count] URI OUT`: the database, through the
 //!   real driver (`snapshot` writes the format `bench-report/run.sh` reads);
 //! - `hpa ROOT`: `k8s/app/hpa.yaml` and the Deployment's maxSurge, as the lab uses them;
+//! - `db-args`: the database's command line (db_args.rs, shared with the tests);
+//! - `free-port`: a port for a server the lab starts;
 //! - `conductor`: runs beside k6. Every wall-clock second it samples serverStatus,
 //!   HAProxy's counters and each replica (CPU, RSS, open connections, queue depth,
 //!   /readyz); it autoscales like the HPA (replicas join and leave HAProxy through its
 //!   runtime API, and Prometheus through a file_sd file) and, with `--chaos`, injects
 //!   the faults. It writes `timeline.jsonl` and `events.jsonl` into the state folder;
-//! - `report`: the report JSON, the SVG chart and the verdict; exits 0 or 3.
+//! - `report`: the report JSON, the SVG chart and the verdict; exits 0 or 3;
+//! - `load-report DIR` / `k6-line FILE`: bench-report/run.sh's report, and its line
+//!   after each k6 run (load_report.rs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -24,6 +28,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 use plotters::prelude::*;
 use serde_json::{json, Value};
+
+mod db_args;
+mod k6;
+mod load_report;
 
 /// The commands counted against DB_COMMAND_BUDGET, per second, from serverStatus'
 /// `metrics.commands.<name>.total`: the one set, used by the sampler, the report and the
@@ -64,12 +72,36 @@ enum Cmd {
     Settle { uri: String },
     /// Print "MIN MAX SURGE TARGET_PCT" from k8s/app/hpa.yaml and deployment.yaml.
     Hpa { root: PathBuf },
+    /// Print the database's arguments, one a line, for SERVER (mongod or secantusd-rs) on
+    /// 127.0.0.1:PORT with its files in DBPATH; secantusd-rs' empty config goes in STATE.
+    DbArgs {
+        #[arg(long)]
+        server: PathBuf,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        dbpath: PathBuf,
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Print a TCP port nothing listens on and USED does not list, and append it to USED.
+    FreePort {
+        /// Where the search starts: lab/lib.sh's LAB_TAG, unique to the state folder.
+        #[arg(long)]
+        tag: u64,
+        #[arg(long)]
+        used: PathBuf,
+    },
     /// Print k8s/app/configmap.yaml's data as KEY=VALUE lines (sluice's environment).
     Settings { root: PathBuf },
     /// Sample, autoscale and inject faults until SIGTERM or STATE/conductor.stop.
     Conductor(ConductorArgs),
     /// Write the report JSON and SVG, print the verdict; exit 0 or 3.
     Report(ReportArgs),
+    /// bench-report's tables and chart of one run folder (report.json, report.md, chart.svg).
+    LoadReport { dir: PathBuf },
+    /// One k6 --summary-export as bench-report's line: req/s, p95, failed, ok.
+    K6Line { summary: PathBuf },
     /// The CI smoke's checks of one report: "ok ..." / "fail ..." lines; exit 1 on a fail.
     CheckReport {
         report: PathBuf,
@@ -87,6 +119,9 @@ struct ConductorArgs {
     root: PathBuf,
     #[arg(long)]
     mongo_uri: String,
+    /// lab/lib.sh's LAB_TAG: where the search for a new replica's port starts.
+    #[arg(long)]
+    port_tag: u64,
     /// Fixed replica count: no autoscaling.
     #[arg(long)]
     replicas: Option<u32>,
@@ -163,6 +198,33 @@ fn main() {
                     1
                 }
             },
+            Cmd::DbArgs {
+                server,
+                port,
+                dbpath,
+                state,
+            } => match db_args::db_args(&server, port, &dbpath, &state) {
+                Ok(args) => {
+                    for a in args {
+                        println!("{}", a.to_string_lossy());
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("db-args: {e}");
+                    1
+                }
+            },
+            Cmd::FreePort { tag, used } => match free_port(tag, &used) {
+                Ok(port) => {
+                    println!("{port}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("free-port: {e}");
+                    1
+                }
+            },
             Cmd::Settings { root } => {
                 match std::fs::read_to_string(root.join("k8s/app/configmap.yaml")) {
                     Ok(text) => {
@@ -181,6 +243,26 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("conductor: {e}");
+                    1
+                }
+            },
+            Cmd::LoadReport { dir } => match load_report::run(&dir) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("load-report: {e}");
+                    1
+                }
+            },
+            Cmd::K6Line { summary } => match k6::Summary::read(&summary).and_then(|s| s.line()) {
+                Some(line) => {
+                    println!("{line}");
+                    0
+                }
+                None => {
+                    eprintln!(
+                        "k6-line: no req/s, p95 and failed rate in {}",
+                        summary.display()
+                    );
                     1
                 }
             },
@@ -655,6 +737,43 @@ fn connections_by_port() -> BTreeMap<u16, u64> {
     out
 }
 
+/// A TCP port nothing listens on, for a server the lab starts, appended to `used` (the
+/// state folder's `ports`) so that one lab never hands it out twice, even before its
+/// server has bound it. Ports come from below the kernel's ephemeral range (k6 and
+/// HAProxy open tens of thousands of outgoing connections, which could otherwise take a
+/// port between this check and the server's bind); the search starts at an offset from
+/// `tag`, unique to the state folder, so that two labs look in different places.
+fn free_port(tag: u64, used: &Path) -> Result<u16, Error> {
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    let span = u64::from(HIGH - LOW);
+    let taken: BTreeSet<u16> = read_to_string(used)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let port = (0..span)
+        .map(|i| LOW + ((tag % span + i) % span) as u16)
+        .filter(|p| !taken.contains(p))
+        .find(|p| bindable(*p))
+        .ok_or("no free port")?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(used)?;
+    writeln!(file, "{port}")?;
+    Ok(port)
+}
+
+/// Whether 127.0.0.1:`port` can be bound without SO_REUSEADDR (which std's listener
+/// would set): then a port anything still holds, a connection in TIME_WAIT included,
+/// counts as taken.
+fn bindable(port: u16) -> bool {
+    tokio::net::TcpSocket::new_v4()
+        .and_then(|s| s.bind(([127, 0, 0, 1], port).into()))
+        .is_ok()
+}
+
 fn ctl(root: &Path, args: &[&str]) -> (bool, String) {
     match std::process::Command::new(root.join("lab/ctl.sh"))
         .args(args)
@@ -782,7 +901,8 @@ fn server_name(idx: usize) -> String {
     format!("replicas/sluice-local-{idx}")
 }
 
-/// Starts slot `idx` (ctl.sh waits for /readyz), then lets HAProxy send it requests.
+/// Starts slot `idx` on a fresh port, as a new pod gets a new address (ctl.sh waits for
+/// /readyz), then lets HAProxy send it requests.
 fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
     {
         let mut s = sh.lock().unwrap();
@@ -791,7 +911,13 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
     }
     let (a, sh, why) = (a.clone(), sh.clone(), why.to_string());
     tokio::task::spawn_blocking(move || {
-        let (ok, out) = ctl(&a.root, &["replica-start", &idx.to_string()]);
+        let (ok, out) = match free_port(a.port_tag, &a.state.join("ports")) {
+            Ok(port) => ctl(
+                &a.root,
+                &["replica-start", &idx.to_string(), &port.to_string()],
+            ),
+            Err(e) => (false, e.to_string()),
+        };
         let sock = a.state.join("haproxy.sock");
         let mut s = sh.lock().unwrap();
         let mut words = out.split_whitespace();
@@ -1311,39 +1437,6 @@ fn env_file(p: &Path) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// k6's --summary-export: figures and thresholds (the value says whether it was crossed).
-fn k6_figures(s: &Value) -> Value {
-    let m = &s["metrics"];
-    let mut thresholds = BTreeMap::new();
-    if let Some(obj) = m.as_object() {
-        for (metric, v) in obj {
-            if let Some(t) = v["thresholds"].as_object() {
-                for (expr, crossed) in t {
-                    thresholds.insert(
-                        format!("{metric} {expr}"),
-                        !crossed.as_bool().unwrap_or(false),
-                    );
-                }
-            }
-        }
-    }
-    let acked = s["root_group"]["checks"]
-        .as_object()
-        .and_then(|c| c.iter().find(|(k, _)| k.starts_with("body status is")))
-        .and_then(|(_, v)| v["passes"].as_f64());
-    json!({
-        "requests": f(m, &["http_reqs", "count"]),
-        "req_per_s": f(m, &["http_reqs", "rate"]),
-        "p95_ms": f(m, &["http_req_duration", "p(95)"]),
-        "p99_ms": f(m, &["http_req_duration", "p(99)"]),
-        "http_req_failed_rate": f(m, &["http_req_failed", "value"]),
-        "successful_requests": f(m, &["successful_requests", "count"]).unwrap_or(0.0),
-        "acknowledged_responses": acked,
-        "failed_requests": f(m, &["failed_requests", "count"]).unwrap_or(0.0),
-        "thresholds": thresholds,
-    })
-}
-
 /// One second's allowance: the budget (times the sample's window, from the previous
 /// request to this answer: about 1 s, longer when serverStatus answered late), plus one per live pod (each pod's pacer may fall
 /// on both sides of a second boundary), plus pods × FLUSH_CONCURRENCY in the second
@@ -1406,8 +1499,8 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default();
     let autoscaler = load_json(&st.join("autoscaler.json")).unwrap_or(Value::Null);
-    let data = load_json(&st.join("k6-data.json")).map(|s| k6_figures(&s));
-    let ceil = load_json(&st.join("k6-healthz.json")).map(|s| k6_figures(&s));
+    let data = k6::Summary::read(&st.join("k6-data.json")).map(|s| s.lab_report());
+    let ceil = k6::Summary::read(&st.join("k6-healthz.json")).map(|s| s.lab_report());
     let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
     let chaos = events
         .iter()
@@ -2286,14 +2379,25 @@ mod tests {
     }
 
     #[test]
-    fn k6_thresholds_read_as_passed() {
-        let s = json!({"metrics": {"http_req_failed": {"value": 0.05, "thresholds": {"rate<0.01": true}},
-            "http_req_duration": {"p(95)": 10, "thresholds": {"p(95)<2000": false}}},
-            "root_group": {"checks": {"body status is \"success\"": {"passes": 7}}}});
-        let k = k6_figures(&s);
-        assert_eq!(k["thresholds"]["http_req_failed rate<0.01"], false);
-        assert_eq!(k["thresholds"]["http_req_duration p(95)<2000"], true);
-        assert_eq!(k["acknowledged_responses"], 7.0);
+    fn free_ports_skip_the_listed_and_the_bound_and_are_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = dir.path().join("ports");
+        let first = free_port(7, &used).unwrap();
+        assert!((20_000..32_000).contains(&first));
+        let second = free_port(7, &used).unwrap();
+        assert_ne!(first, second, "a listed port is not handed out again");
+        // Held here, or by something else if this bind fails: taken either way.
+        let _held = std::net::TcpListener::bind(("127.0.0.1", second + 1));
+        let third = free_port(7, &used).unwrap();
+        assert!(![first, second, second + 1].contains(&third));
+        assert_eq!(
+            std::fs::read_to_string(&used).unwrap(),
+            format!("{first}\n{second}\n{third}\n")
+        );
+        // The search wraps around the top of the range.
+        std::fs::write(&used, "31999\n").unwrap();
+        let wrapped = free_port(11_999, &used).unwrap();
+        assert!(wrapped != 31_999 && (20_000..32_000).contains(&wrapped));
     }
 
     #[test]

@@ -1,0 +1,132 @@
+//! k6's `--summary-export` JSON, read in one place: the lab's report, the load report's
+//! levels and bench-report's line after each run all take their figures from here, so a
+//! change in k6's format, or in the test script's metrics, is one change.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::{f, load_json};
+
+/// One run's figures. A figure the export lacks is `None`, except the test script's own
+/// counters (`successful_requests`, `failed_requests`), which k6 leaves out when nothing
+/// was added to them: there, absent means 0.
+pub struct Summary {
+    /// `http_reqs`: every request k6 sent, and per second over the run.
+    pub requests: Option<f64>,
+    pub req_per_s: Option<f64>,
+    /// `http_req_failed`: the share of requests k6 counts as failed (status, timeout).
+    pub failed_rate: Option<f64>,
+    /// The script's `error_rate`: the share of iterations whose checks did not all pass.
+    pub error_rate: Option<f64>,
+    pub successful_requests: f64,
+    pub failed_requests: f64,
+    /// Responses whose body carried the expected status: the script's `body status is`
+    /// check's passes.
+    pub acknowledged_responses: Option<f64>,
+    /// `http_req_duration` statistics, in ms, as `--summary-trend-stats` asked for them.
+    pub med_ms: Option<f64>,
+    pub p95_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    /// Every threshold, "metric expression", and whether it passed (the export's value
+    /// says whether it was crossed).
+    pub thresholds: BTreeMap<String, bool>,
+}
+
+impl Summary {
+    pub fn read(path: &Path) -> Option<Summary> {
+        load_json(path).map(|s| Summary::parse(&s))
+    }
+
+    pub fn parse(s: &Value) -> Summary {
+        let m = &s["metrics"];
+        let mut thresholds = BTreeMap::new();
+        for (metric, v) in m.as_object().into_iter().flatten() {
+            for (expr, crossed) in v["thresholds"].as_object().into_iter().flatten() {
+                thresholds.insert(
+                    format!("{metric} {expr}"),
+                    !crossed.as_bool().unwrap_or(false),
+                );
+            }
+        }
+        let duration = |stat: &str| f(m, &["http_req_duration", stat]);
+        Summary {
+            requests: f(m, &["http_reqs", "count"]),
+            req_per_s: f(m, &["http_reqs", "rate"]),
+            failed_rate: f(m, &["http_req_failed", "value"]),
+            error_rate: f(m, &["error_rate", "value"]),
+            successful_requests: f(m, &["successful_requests", "count"]).unwrap_or(0.0),
+            failed_requests: f(m, &["failed_requests", "count"]).unwrap_or(0.0),
+            acknowledged_responses: s["root_group"]["checks"]
+                .as_object()
+                .and_then(|c| c.iter().find(|(k, _)| k.starts_with("body status is")))
+                .and_then(|(_, v)| v["passes"].as_f64()),
+            med_ms: duration("med"),
+            p95_ms: duration("p(95)"),
+            p99_ms: duration("p(99)"),
+            max_ms: duration("max"),
+            thresholds,
+        }
+    }
+
+    /// The figures the lab's report JSON keeps of a run (`api_data`, `healthz_ceiling`).
+    pub fn lab_report(&self) -> Value {
+        json!({
+            "requests": self.requests,
+            "req_per_s": self.req_per_s,
+            "p95_ms": self.p95_ms,
+            "p99_ms": self.p99_ms,
+            "http_req_failed_rate": self.failed_rate,
+            "successful_requests": self.successful_requests,
+            "acknowledged_responses": self.acknowledged_responses,
+            "failed_requests": self.failed_requests,
+            "thresholds": self.thresholds,
+        })
+    }
+
+    /// bench-report's line after each run; None when the run lacks one of its figures.
+    pub fn line(&self) -> Option<String> {
+        Some(format!(
+            "    -> {:.0} req/s, p95 {:.0} ms, failed {:.1}%, {:.0} ok",
+            self.req_per_s?,
+            self.p95_ms?,
+            100.0 * self.failed_rate?,
+            self.successful_requests
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_read_as_passed() {
+        let s = json!({"metrics": {"http_req_failed": {"value": 0.05, "thresholds": {"rate<0.01": true}},
+            "http_req_duration": {"p(95)": 10, "thresholds": {"p(95)<2000": false}}},
+            "root_group": {"checks": {"body status is \"success\"": {"passes": 7}}}});
+        let k = Summary::parse(&s).lab_report();
+        assert_eq!(k["thresholds"]["http_req_failed rate<0.01"], false);
+        assert_eq!(k["thresholds"]["http_req_duration p(95)<2000"], true);
+        assert_eq!(k["acknowledged_responses"], 7.0);
+    }
+
+    #[test]
+    fn absent_counters_are_zero_and_absent_figures_none() {
+        let s = Summary::parse(&json!({"metrics": {
+            "http_reqs": {"count": 300, "rate": 10.0},
+            "http_req_duration": {"med": 4, "p(95)": 12.4, "p(99)": 20, "max": 31},
+            "http_req_failed": {"value": 0.0123}}}));
+        assert_eq!(s.successful_requests, 0.0);
+        assert_eq!(s.failed_requests, 0.0);
+        assert_eq!(s.error_rate, None);
+        assert_eq!((s.med_ms, s.max_ms), (Some(4.0), Some(31.0)));
+        assert_eq!(
+            s.line().unwrap(),
+            "    -> 10 req/s, p95 12 ms, failed 1.2%, 0 ok"
+        );
+        assert_eq!(Summary::parse(&json!({})).line(), None);
+    }
+}
