@@ -137,7 +137,6 @@ lab_up() {
   grep -q 'WARNING' "$RUN/setup-$mode.log" && grep -A1 'WARNING' "$RUN/setup-$mode.log" | sed 's/^/    /'
   # shellcheck disable=SC1091
   . "$LAB_STATE_DIR/lab.env"
-  PY=$VENV/python
   info "HAProxy $BASE_URL, database $MONGO_URI"
 }
 
@@ -159,17 +158,9 @@ cpu_json() {
 }
 
 # settle: until the database's inserted count stops moving (requests k6 gave up on may
-# still be storing), at most a minute, so one level's tail does not land in the next.
-settle() {
-  local prev=-1 cur i
-  for ((i = 0; i < 30; i++)); do
-    snapshot "$MONGO_URI" "$RUN/.settle.json" || return 0
-    cur=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$RUN/.settle.json")
-    [ "$cur" = "$prev" ] && return 0
-    prev=$cur
-    sleep 2
-  done
-}
+# still be storing), at most a minute, so one level's tail does not land in the next;
+# prints where it stopped.
+settle() { "$RUN/bin/lab" settle "$MONGO_URI" 2>>"$RUN/snapshot.log" || true; }
 
 # level TARGET VUS: one k6 run; TARGET sluice or naive hits /api/data, healthz /healthz.
 level() {
@@ -197,7 +188,7 @@ level() {
   fi
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-after.json"
   "$RUN/bin/lab" k6-line "$RUN/k6-$target-$vus.json"
-  [ "$target" = healthz ] || settle
+  [ "$target" = healthz ] || settle >/dev/null
 }
 
 CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
@@ -240,10 +231,9 @@ wait_quiet
 [ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 1000 --batch 5000 "${CONCURRENCY[@]}" \
   --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
 step "storage: bytes on disk per stored document"
-settle
 # serverStatus's inserted count, not an exact count: counting millions of documents on
 # the constrained database can cost it more memory than it has.
-DOCS=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["documents_inserted"])' "$RUN/.settle.json" || echo 0)
+DOCS=$(settle)
 DB_BYTES=$(du -sb "$LAB_STATE_DIR/mnt" 2>/dev/null | cut -f1 || echo 0)
 info "$DOCS documents inserted, $DB_BYTES bytes of database files"
 echo "{\"documents\": ${DOCS:-0}, \"bytes\": ${DB_BYTES:-0}}" >"$RUN/storage.json"
@@ -269,7 +259,7 @@ CONSTRAINED="0.5 CPU, 500 MiB, 100 read + 100 write IOPS"
   printf '  "database": "%s, %s",\n' "${DB_LINE:-unknown}" "$CONSTRAINED"
   printf '  "storage": %s\n}\n' "$(cat "$RUN/storage.json" 2>/dev/null || echo null)"
 } >"$RUN/meta.json"
-rm -f "$RUN/meta.json.part" "$RUN/.settle.json"
+rm -f "$RUN/meta.json.part"
 step "report"
 "$RUN/bin/lab" load-report "$RUN"
 ln -sfn "report-$TS" "$ROOT/results/report-latest"

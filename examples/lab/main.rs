@@ -68,7 +68,8 @@ enum Cmd {
         uri: String,
         out: PathBuf,
     },
-    /// Wait (up to 60 s) until serverStatus' inserted-documents counter stops moving.
+    /// Wait (up to 60 s) until serverStatus' inserted-documents counter stops moving;
+    /// print where it stopped.
     Settle { uri: String },
     /// Print "MIN MAX SURGE TARGET_PCT" from k8s/app/hpa.yaml and deployment.yaml.
     Hpa { root: PathBuf },
@@ -182,7 +183,10 @@ fn main() {
                 }
             },
             Cmd::Settle { uri } => match settle(&uri).await {
-                Ok(()) => 0,
+                Ok(inserted) => {
+                    println!("{inserted}");
+                    0
+                }
                 Err(e) => {
                     eprintln!("settle: {e}");
                     1
@@ -398,13 +402,13 @@ async fn server_status(c: &mongodb::Client) -> Result<DbCounters, Error> {
     Ok(out)
 }
 
-async fn settle(uri: &str) -> Result<(), Error> {
+async fn settle(uri: &str) -> Result<u64, Error> {
     let c = client(uri).await?;
     let mut prev = None;
     for _ in 0..30 {
         if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(5), server_status(&c)).await {
             if prev == Some(s.inserted) {
-                return Ok(());
+                return Ok(s.inserted);
             }
             prev = Some(s.inserted);
         }
