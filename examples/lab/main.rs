@@ -231,12 +231,18 @@ fn main() {
             },
             Cmd::Settings { root } => {
                 match std::fs::read_to_string(root.join("k8s/app/configmap.yaml")) {
-                    Ok(text) => {
-                        for (k, v) in configmap_data(&text) {
-                            println!("{k}={v}");
+                    Ok(text) => match configmap_data(&text) {
+                        Ok(data) => {
+                            for (k, v) in data {
+                                println!("{k}={v}");
+                            }
+                            0
                         }
-                        0
-                    }
+                        Err(e) => {
+                            eprintln!("settings: {e}");
+                            1
+                        }
+                    },
                     Err(e) => {
                         eprintln!("settings: {e}");
                         1
@@ -436,38 +442,18 @@ async fn snapshot(uri: &str, with_count: bool, out: &Path) -> Result<(), Error> 
     Ok(())
 }
 
-/// The `data:` map of a ConfigMap: `  KEY: "value"` lines until the next top-level key.
-fn configmap_data(text: &str) -> Vec<(String, String)> {
-    let mut out = vec![];
-    let mut in_data = false;
-    for line in text.lines() {
-        if line.trim_end() == "data:" {
-            in_data = true;
-            continue;
-        }
-        if in_data && !line.is_empty() && !line.starts_with(' ') && !line.starts_with('#') {
-            in_data = false;
-        }
-        let t = line.trim();
-        if !in_data || t.starts_with('#') {
-            continue;
-        }
-        if let Some((k, v)) = t.split_once(':') {
-            let ok = k.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-                && k.chars()
-                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
-            if ok {
-                let v = v.trim();
-                let v = v
-                    .strip_prefix('"')
-                    .and_then(|x| x.strip_suffix('"'))
-                    .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
-                    .unwrap_or(v);
-                out.push((k.to_string(), v.to_string()));
-            }
-        }
-    }
-    out
+/// The `data:` map of a ConfigMap, in the file's order: the replicas' environment.
+fn configmap_data(text: &str) -> Result<Vec<(String, String)>, Error> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(text)?;
+    let data = doc["data"]
+        .as_mapping()
+        .ok_or("configmap.yaml: no data map")?;
+    data.iter()
+        .map(|(k, v)| match (k.as_str(), v.as_str()) {
+            (Some(k), Some(v)) => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("configmap.yaml: {k:?} is not a string setting").into()),
+        })
+        .collect()
 }
 
 // ------------------------------------------------------------------------- the HPA
@@ -497,10 +483,67 @@ struct Hpa {
     cpu_request_cores: f64,
 }
 
-fn yaml_value(line: &str, key: &str) -> Option<String> {
-    let t = line.trim().trim_start_matches("- ");
-    let rest = t.strip_prefix(key)?.strip_prefix(':')?;
-    Some(rest.trim().trim_matches('"').trim_matches('\'').to_string())
+/// The parts of `autoscaling/v2` HorizontalPodAutoscaler the lab uses.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HpaSpec {
+    min_replicas: Option<u32>,
+    max_replicas: u32,
+    metrics: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    behavior: BehaviorSpec,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct BehaviorSpec {
+    scale_up: Option<RulesSpec>,
+    scale_down: Option<RulesSpec>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RulesSpec {
+    stabilization_window_seconds: Option<f64>,
+    select_policy: Option<String>,
+    #[serde(default)]
+    policies: Vec<PolicySpec>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicySpec {
+    #[serde(rename = "type")]
+    kind: String,
+    value: f64,
+    period_seconds: f64,
+}
+
+impl Behavior {
+    /// Kubernetes' defaults where the spec is silent: no scale-up window, a 300 s
+    /// scale-down window, the policy allowing the most change.
+    fn from_spec(spec: Option<RulesSpec>, default_window_s: f64) -> Behavior {
+        let spec = spec.unwrap_or(RulesSpec {
+            stabilization_window_seconds: None,
+            select_policy: None,
+            policies: vec![],
+        });
+        Behavior {
+            window_s: spec
+                .stabilization_window_seconds
+                .unwrap_or(default_window_s),
+            select_max: spec.select_policy.as_deref() != Some("Min"),
+            policies: spec
+                .policies
+                .into_iter()
+                .map(|p| Policy {
+                    pods: p.kind == "Pods",
+                    value: p.value,
+                    period_s: p.period_seconds,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Hpa {
@@ -510,92 +553,49 @@ impl Hpa {
         Hpa::parse(&hpa, &dep)
     }
 
-    /// Just the fields the lab uses, by indentation-free key matching within the
-    /// `scaleUp` / `scaleDown` sections (no YAML crate in the project).
+    /// From the HPA's spec, and the Deployment's `maxSurge` and the sluice container's
+    /// CPU request (what the HPA's utilisation is a percentage of).
     fn parse(hpa: &str, deployment: &str) -> Result<Hpa, Error> {
-        let mut h = Hpa {
-            min: 1,
-            max: 0,
-            target_pct: 0.0,
-            up: Behavior {
-                window_s: 0.0,
-                select_max: true,
-                policies: vec![],
-            },
-            down: Behavior {
-                window_s: 300.0,
-                select_max: true,
-                policies: vec![],
-            },
-            surge: 1,
-            cpu_request_cores: 0.0,
+        let hpa: serde_yaml::Value = serde_yaml::from_str(hpa)?;
+        let spec: HpaSpec = serde_yaml::from_value(hpa["spec"].clone())?;
+        let target_pct = spec
+            .metrics
+            .iter()
+            .filter(|m| m["resource"]["name"] == "cpu")
+            .find_map(|m| m["resource"]["target"]["averageUtilization"].as_f64())
+            .ok_or("hpa.yaml: no CPU averageUtilization target")?;
+        let dep: serde_yaml::Value = serde_yaml::from_str(deployment)?;
+        let surge = match &dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] {
+            serde_yaml::Value::Number(n) => n.as_u64().map_or(1, |n| n as u32),
+            // A percentage rounds up, as the Deployment controller does.
+            serde_yaml::Value::String(p) => {
+                let pct: f64 = p.trim_end_matches('%').parse()?;
+                (f64::from(spec.max_replicas) * pct / 100.0).ceil() as u32
+            }
+            _ => 1,
         };
-        let mut section = "";
-        let mut kind: Option<bool> = None;
-        let mut value: Option<f64> = None;
-        for line in hpa.lines() {
-            let t = line.trim();
-            if t.starts_with('#') {
-                continue;
-            }
-            if t == "scaleUp:" || t == "scaleDown:" {
-                section = if t == "scaleUp:" { "up" } else { "down" };
-                continue;
-            }
-            let b = match section {
-                "up" => Some(&mut h.up),
-                "down" => Some(&mut h.down),
-                _ => None,
-            };
-            if let Some(v) = yaml_value(line, "minReplicas") {
-                h.min = v.parse()?;
-            } else if let Some(v) = yaml_value(line, "maxReplicas") {
-                h.max = v.parse()?;
-            } else if let Some(v) = yaml_value(line, "averageUtilization") {
-                h.target_pct = v.parse()?;
-            } else if let Some(b) = b {
-                if let Some(v) = yaml_value(line, "stabilizationWindowSeconds") {
-                    b.window_s = v.parse()?;
-                } else if let Some(v) = yaml_value(line, "selectPolicy") {
-                    b.select_max = v != "Min";
-                } else if let Some(v) = yaml_value(line, "type") {
-                    kind = Some(v == "Pods");
-                } else if let Some(v) = yaml_value(line, "value") {
-                    value = Some(v.parse()?);
-                } else if let Some(v) = yaml_value(line, "periodSeconds") {
-                    if let (Some(k), Some(val)) = (kind.take(), value.take()) {
-                        b.policies.push(Policy {
-                            pods: k,
-                            value: val,
-                            period_s: v.parse()?,
-                        });
-                    }
-                }
-            }
-        }
-        let mut in_requests = false;
-        for line in deployment.lines() {
-            if let Some(v) = yaml_value(line, "maxSurge") {
-                h.surge = v.parse().unwrap_or(1);
-            }
-            if line.trim() == "requests:" {
-                in_requests = true;
-            } else if in_requests {
-                if let Some(v) = yaml_value(line, "cpu") {
-                    h.cpu_request_cores = match v.strip_suffix('m') {
-                        Some(m) => m.parse::<f64>()? / 1000.0,
-                        None => v.parse()?,
-                    };
-                    in_requests = false;
-                }
-            }
-        }
-        if h.max == 0 || h.target_pct <= 0.0 || h.cpu_request_cores <= 0.0 {
-            return Err(
-                "hpa.yaml / deployment.yaml: no maxReplicas, CPU target or CPU request".into(),
-            );
-        }
-        Ok(h)
+        let cpu = dep["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .and_then(|c| c.iter().find(|c| c["name"] == "sluice"))
+            .and_then(|c| {
+                c["resources"]["requests"]["cpu"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .ok_or("deployment.yaml: no CPU request on the sluice container")?;
+        let cpu_request_cores = match cpu.strip_suffix('m') {
+            Some(m) => m.parse::<f64>()? / 1000.0,
+            None => cpu.parse()?,
+        };
+        Ok(Hpa {
+            min: spec.min_replicas.unwrap_or(1),
+            max: spec.max_replicas,
+            target_pct,
+            up: Behavior::from_spec(spec.behavior.scale_up, 0.0),
+            down: Behavior::from_spec(spec.behavior.scale_down, 300.0),
+            surge,
+            cpu_request_cores,
+        })
     }
 }
 
@@ -2338,8 +2338,46 @@ mod tests {
 
     fn hpa() -> Hpa {
         Hpa::parse(
-            "minReplicas: 2\nmaxReplicas: 6\n          averageUtilization: 70\n  behavior:\n    scaleUp:\n      stabilizationWindowSeconds: 0\n      selectPolicy: Max\n      policies:\n        - type: Percent\n          value: 100\n          periodSeconds: 15\n        - type: Pods\n          value: 2\n          periodSeconds: 15\n    scaleDown:\n      stabilizationWindowSeconds: 300\n      selectPolicy: Min\n      policies:\n        - type: Pods\n          value: 1\n          periodSeconds: 60\n",
-            "  strategy:\n      maxSurge: 1\n  resources:\n    requests:\n      cpu: 500m\n",
+            "spec:
+  minReplicas: 2
+  maxReplicas: 6
+  metrics:
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: 70
+  behavior:
+    scaleUp:
+      stabilizationWindowSeconds: 0
+      selectPolicy: Max
+      policies:
+        - type: Percent
+          value: 100
+          periodSeconds: 15
+        - type: Pods
+          value: 2
+          periodSeconds: 15
+    scaleDown:
+      selectPolicy: Min
+      policies:
+        - type: Pods
+          value: 1
+          periodSeconds: 60
+",
+            "spec:
+  strategy:
+    rollingUpdate:
+      maxSurge: 1
+  template:
+    spec:
+      containers:
+        - name: sluice
+          resources:
+            requests:
+              cpu: 500m
+",
         )
         .unwrap()
     }
@@ -2408,7 +2446,8 @@ mod tests {
     fn configmap_data_is_read_as_environment() {
         let d = configmap_data(
             "metadata:\n  name: x\ndata:\n  # c\n  A_B: \"50\"\n  LOG: json\nother:\n  C: 1\n",
-        );
+        )
+        .unwrap();
         assert_eq!(
             d,
             vec![("A_B".into(), "50".into()), ("LOG".into(), "json".into())]
