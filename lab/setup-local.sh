@@ -350,7 +350,8 @@ lab_step "starting $REPLICAS sluice replica(s) with the cluster's settings"
 # exported, which wins.
 APP_ENV=()
 if [ -f "$LAB_ROOT/k8s/app/configmap.yaml" ]; then
-  mapfile -t APP_ENV < <("$LAB_BIN" settings "$LAB_ROOT")
+  settings=$("$LAB_BIN" settings "$LAB_ROOT") || lab_die "cannot read k8s/app/configmap.yaml's settings"
+  mapfile -t APP_ENV <<<"$settings"
   lab_info "settings from k8s/app/configmap.yaml: ${#APP_ENV[@]}"
 else
   lab_warn "k8s/app/configmap.yaml not found: sluice runs on its built-in defaults"
