@@ -228,8 +228,9 @@ impl Budget {
         let mut p = self.pacer.lock().expect("pacer lock");
         // The fallback count stays in the history like any other: when Redis comes back
         // (empty, after a restart), the first heartbeats see only the pods that have
-        // registered again, and the fallback keeps the share down until every pod has
-        // had time to. Clearing the history here once let a pod spend the whole budget.
+        // registered again, and the fallback keeps the share down for `RAISE_AFTER` after
+        // this pod's last failed heartbeat, time for the others' next heartbeats to
+        // register them. Clearing the history here once let a pod spend the whole budget.
         p.split = split;
         p.seen
             .retain(|&(at, _)| now.duration_since(at) < RAISE_AFTER);
