@@ -43,7 +43,6 @@ cd "$ROOT"
 TS=$(date -u +%Y%m%dT%H%M%SZ)
 RUN=$ROOT/results/cost-$TS
 mkdir -p "$RUN"
-ln -sfn "cost-$TS" results/cost-latest
 export LAB_STATE_DIR=$ROOT/results/.cost-state
 
 tools_step "cargo build --profile profiling (sluice, the lab, sluice_cost)"
@@ -87,4 +86,5 @@ if [ "$PERF" = 1 ]; then
     rm -f "$RUN/perf-$name.data"
   done
 fi
+ln -sfn "cost-$TS" results/cost-latest
 echo "results: ${RUN#"$ROOT"/}"

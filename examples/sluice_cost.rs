@@ -11,7 +11,7 @@
 //!    asks for. Only 2xx answers count as requests (a shed 503 costs less).
 //! 2. **Memory per idle connection.** `--idle` connections each send one `/healthz` and
 //!    then stay open and idle; the growth of sluice's RSS (`VmRSS`) divided by their
-//!    number is the cost of one. Then they close, and the RSS a few seconds later says
+//!    number is the cost of one. Then they close, and the RSS 12 seconds later says
 //!    whether that memory went back.
 //!
 //! The client is a minimal HTTP/1.1 loop over raw sockets, so the load generator takes as
@@ -78,8 +78,9 @@ struct MemoryRun {
     rss_open_kib: u64,
     rss_closed_kib: u64,
     kib_per_connection: f64,
-    /// Of the memory the open connections took, how much was back 5 s after closing.
-    returned_share: f64,
+    /// Of the memory the open connections took, how much was back `AFTER_CLOSE` after
+    /// they closed; none when they took none.
+    returned_share: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +89,10 @@ struct Report {
     data_over_healthz_cpu: Option<f64>,
     memory: Option<MemoryRun>,
 }
+
+/// How long after the idle connections close their memory is looked for: longer than
+/// sluice's check for closed connections (every 10 s), so a trim has had its chance.
+const AFTER_CLOSE: Duration = Duration::from_secs(12);
 
 /// Clock ticks per second for `/proc/PID/stat` (the kernel's USER_HZ, 100 on Linux).
 const TICKS: f64 = 100.0;
@@ -223,7 +228,7 @@ async fn memory_run(args: &Args) -> MemoryRun {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_open = rss_kib(args.pid());
     drop(open);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(AFTER_CLOSE).await;
     let rss_closed = rss_kib(args.pid());
     let grew = rss_open.saturating_sub(rss_before);
     MemoryRun {
@@ -232,11 +237,8 @@ async fn memory_run(args: &Args) -> MemoryRun {
         rss_open_kib: rss_open,
         rss_closed_kib: rss_closed,
         kib_per_connection: grew as f64 / args.idle.max(1) as f64,
-        returned_share: if grew == 0 {
-            1.0
-        } else {
-            rss_open.saturating_sub(rss_closed) as f64 / grew as f64
-        },
+        returned_share: (grew > 0)
+            .then(|| rss_open.saturating_sub(rss_closed) as f64 / grew as f64),
     }
 }
 
