@@ -274,25 +274,30 @@ async fn a_client_that_never_reads_loses_its_connection() {
     .await;
     // The readiness probe's connection may still hold the only slot for a moment: connect
     // until sluice answers this client with a 200 head, not the over-cap 503.
-    let mut stream = loop {
-        // A small receive buffer, as a slow mobile client's would be: the stall comes soon.
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut stream = socket
-            .connect(([127, 0, 0, 1], sluice.port).into())
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = [0u8; 12];
-        stream.read_exact(&mut head).await.unwrap();
-        if &head == b"HTTP/1.1 200" {
-            break stream;
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            // A small receive buffer, as a slow mobile client's would be: the stall comes soon.
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut stream = socket
+                .connect(([127, 0, 0, 1], sluice.port).into())
+                .await
+                .unwrap();
+            stream
+                .write_all(b"GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await.unwrap();
+            if &head == b"HTTP/1.1 200" {
+                break stream;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    });
+    let mut stream = connected
+        .await
+        .expect("the readiness probe's slot was never freed");
     // Pipelined requests for a large answer, a few at a time (sluice reads a head only
     // when it wants the next request), never reading the answers: the socket buffers
     // fill and sluice's writes stop making progress.
