@@ -2018,7 +2018,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
             }
             let verdict = match (passed, healthz) {
                 (true, _) if k6_passed => "pass",
-                (true, _) => "pass outside the fault windows (k6 failed it over the whole run)",
+                (true, _) => "pass outside the fault windows",
                 (false, Some(false)) => "machine's ceiling (/healthz fails it too)",
                 (false, _) => {
                     sluice_threshold_fail = true;
