@@ -18,6 +18,9 @@
 //! little of the machine's CPU as it can; run sluice pinned elsewhere if the machine has
 //! the cores. Needs the open-files limit raised for `--idle` (`ulimit -n 65536`).
 
+#[path = "lab/procfs.rs"]
+mod procfs;
+
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -98,22 +101,11 @@ const AFTER_CLOSE: Duration = Duration::from_secs(12);
 const TICKS: f64 = 100.0;
 
 fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("sluice's /proc");
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / TICKS
+    procfs::cpu_ticks(pid).expect("sluice's /proc/PID/stat") as f64 / TICKS
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("sluice's /proc");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
+    procfs::status_kib(pid, "VmRSS:").expect("sluice's VmRSS")
 }
 
 /// Sends one GET and reads its whole answer; returns the status code.

@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 mod db_args;
 mod k6;
 mod load_report;
+mod procfs;
 
 /// The commands counted against DB_COMMAND_BUDGET, per second, from serverStatus'
 /// `metrics.commands.<name>.total`: the one set, used by the sampler, the report and the
@@ -691,24 +692,6 @@ fn read_to_string(p: impl AsRef<Path>) -> Option<String> {
     std::fs::read_to_string(p).ok()
 }
 
-/// utime + stime in clock ticks (100 a second on Linux).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let s = read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = s.rsplit_once(") ")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn alive(pid: u32) -> bool {
     read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
@@ -1179,7 +1162,7 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
                 .as_ref()
                 .and_then(|(_, m)| metric_value(m, "sluice_writer_queue_depth"));
             queue += depth.unwrap_or(0.0);
-            let ticks = cpu_ticks(pid);
+            let ticks = procfs::cpu_ticks(pid);
             let mut cpu = None;
             {
                 let mut s = sh.lock().unwrap();
@@ -1198,7 +1181,7 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
             }
             reps.push(json!({
                 "slot": idx, "pid": pid, "port": port, "state": format!("{st:?}"), "ready": ready,
-                "cpu_cores": cpu, "rss_kib": status_kib(pid, "VmRSS:"), "hwm_kib": status_kib(pid, "VmHWM:"),
+                "cpu_cores": cpu, "rss_kib": procfs::status_kib(pid, "VmRSS:"), "hwm_kib": procfs::status_kib(pid, "VmHWM:"),
                 "connections": conns.get(&port).copied().unwrap_or(0), "queue_depth": depth,
             }));
         }
