@@ -37,12 +37,8 @@ pub struct Hex(ObjectId);
 
 impl Serialize for Hex {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 24];
-        for (pair, byte) in out.chunks_exact_mut(2).zip(self.0.bytes()) {
-            pair[0] = DIGITS[usize::from(byte >> 4)];
-            pair[1] = DIGITS[usize::from(byte & 0xf)];
-        }
+        hex::encode_to_slice(self.0.bytes(), &mut out).expect("12 bytes fill 24 digits");
         serializer.serialize_str(std::str::from_utf8(&out).expect("hex digits are ASCII"))
     }
 }
