@@ -541,6 +541,8 @@ run_k6() {
   local log=$LAB_STATE/k6-$name.log summary=$LAB_STATE/k6-$name.json
   local -a envs=(-e "PROFILE=$PROFILE" -e "BASE_URL=$BASE_URL" -e "TARGET_PATH=$path" -e "EXPECT_STATUS=$expect")
   [ -z "$MAX_VUS_ARG" ] || envs+=(-e "MAX_VUS=$MAX_VUS_ARG")
+  # With faults, the report places each failed iteration in time (the k6 log).
+  [ "$CHAOS" = 0 ] || envs+=(-e LOG_FAILED_CHECKS=1)
   # --duration: k6's own flags replace the script's scenario (it warns so, in its log).
   [ -z "$secs" ] || envs+=(--vus "${MAX_VUS_ARG:-100}" --duration "${secs}s")
   lab_info "k6 run ${envs[*]} stress-test/stress-test.js"

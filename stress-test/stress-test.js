@@ -17,6 +17,10 @@
 //   HOSTS          optional name=address pairs, comma-separated, that k6 resolves itself
 //                  (its `hosts` option), e.g. assessment.local=127.0.0.1: no /etc/hosts
 //                  line, and no mDNS lookup of a .local name on macOS
+//   LOG_FAILED_CHECKS  1: log each iteration that failed a check as
+//                  "failed-check <start ms> <end ms>" (Unix time), so that a run with
+//                  injected faults (the lab's --chaos) can tell which failures overlapped
+//                  a fault; k6's summary cannot be split by time
 // See README.md beside this file.
 
 import http from 'k6/http';
@@ -28,6 +32,7 @@ const BASE_URL = (__ENV.BASE_URL || 'http://assessment.local').replace(/\/+$/, '
 const PROFILE = (__ENV.PROFILE || 'full').toLowerCase();
 const TARGET_PATH = __ENV.TARGET_PATH || '/api/data';
 const EXPECT_STATUS = __ENV.EXPECT_STATUS || 'success';
+const LOG_FAILED_CHECKS = __ENV.LOG_FAILED_CHECKS === '1';
 
 // Each profile: its stages at full size and the peak they are written for.
 const PROFILES = {
@@ -129,6 +134,7 @@ function bodyStatus(res) {
 }
 
 export default function () {
+  const start = Date.now();
   const res = http.get(`${BASE_URL}${TARGET_PATH}`, params);
   const ok = check(res, {
     'status is 200': (r) => r.status === 200,
@@ -136,6 +142,9 @@ export default function () {
     'response time < 2s': (r) => r.timings.duration < 2000,
   });
   errorRate.add(!ok);
+  if (!ok && LOG_FAILED_CHECKS) {
+    console.log(`failed-check ${start} ${Date.now()}`);
+  }
   responseTime.add(res.timings.duration);
   if (ok) {
     successfulRequests.add(1);

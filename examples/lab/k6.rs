@@ -79,6 +79,7 @@ impl Summary {
             "p95_ms": self.p95_ms,
             "p99_ms": self.p99_ms,
             "http_req_failed_rate": self.failed_rate,
+            "error_rate": self.error_rate,
             "successful_requests": self.successful_requests,
             "acknowledged_responses": self.acknowledged_responses,
             "failed_requests": self.failed_requests,

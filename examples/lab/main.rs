@@ -1452,6 +1452,30 @@ fn latency_threshold(name: &str) -> Option<(f64, f64)> {
     Some((q.parse::<f64>().ok()? / 100.0, limit.parse().ok()?))
 }
 
+/// From k6's log of a run with `LOG_FAILED_CHECKS=1` (`failed-check <start ms> <end ms>`
+/// per iteration that failed a check): how many it logged, and how many of those
+/// overlapped none of `windows` (Unix seconds, end excluded).
+fn failed_checks(log: &str, windows: &[(f64, f64)]) -> (f64, f64) {
+    let (mut logged, mut outside) = (0.0, 0.0);
+    for line in log.lines() {
+        let Some(rest) = line.split("failed-check ").nth(1) else {
+            continue;
+        };
+        let mut ms = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|x| x.parse::<f64>().ok());
+        let (Some(start), Some(end)) = (ms.next(), ms.next()) else {
+            continue;
+        };
+        let (start, end) = (start / 1000.0, end / 1000.0);
+        logged += 1.0;
+        if !windows.iter().any(|(a, b)| start < *b && end >= *a) {
+            outside += 1.0;
+        }
+    }
+    (logged, outside)
+}
+
 /// From a Prometheus range query of cumulative histogram buckets by (instance, le): the
 /// share of answers within each bucket bound (`le` as a number, so "5" and "5.0" are the
 /// same), over the steps `keep` accepts, and how many answers that is. Each series'
@@ -1963,21 +1987,41 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
             let healthz = ceil.as_ref().and_then(|c| c["thresholds"][name].as_bool());
             let mut passed = k6_passed;
             let mut how = "k6".to_string();
-            // In a chaos run, `http_req_failed`, if k6 failed it over the whole run and
-            // /healthz passed it (so it decides the exit code), is judged again outside
-            // the fault windows, where HAProxy's 5xx place the failures in time. Latency
-            // cannot be placed in time from the client's side, so it is never re-judged.
+            // In a chaos run, `http_req_failed` and `error_rate`, if k6 failed them over
+            // the whole run and /healthz passed them (so they decide the exit code), are
+            // judged again outside the fault windows, where HAProxy's 5xx place the
+            // failed requests in time. Latency cannot be placed in time from the client's
+            // side: it is never re-judged, and every answer k6 saw slower than the
+            // script's 2 s check counts against `error_rate`, inside the windows too.
             if chaos && !k6_passed && healthz == Some(true) {
-                let rejudged = name
-                    .starts_with("http_req_failed")
-                    .then_some(failed_rate_outside)
-                    .flatten()
-                    .map(|r| {
-                        (r < 0.01, format!(
-                            "HAProxy's 5xx outside the fault windows plus the {unplaced:.0} failures k6 saw and HAProxy did not: {:.3}%",
-                            100.0 * r
-                        ))
+                let failed = |r: f64| {
+                    format!("HAProxy's 5xx outside the fault windows plus the {unplaced:.0} failures k6 saw and HAProxy did not: {:.3}%", 100.0 * r)
+                };
+                let rejudged = if name.starts_with("http_req_failed") {
+                    failed_rate_outside.map(|r| (r < 0.01, failed(r)))
+                } else if name.starts_with("error_rate") {
+                    // Any failed check (an error, a wrong body, an answer slower than 2 s),
+                    // placed in time by k6's own log of each failed iteration; failed
+                    // iterations k6 counted but did not log count as outside.
+                    let k6_failed = data.as_ref().and_then(|d| {
+                        d["requests"]
+                            .as_f64()
+                            .zip(d["error_rate"].as_f64())
+                            .map(|(n, r)| n * r)
                     });
+                    let log = read_to_string(st.join("k6-data.log")).unwrap_or_default();
+                    let (logged, outside) = failed_checks(&log, &windows);
+                    k6_failed.filter(|_| logged > 0.0 && req_out > 0.0).map(|k6_failed| {
+                        let unlogged = (k6_failed - logged).max(0.0).round();
+                        let rate = (outside + unlogged) / req_out;
+                        (rate < 0.01, format!(
+                            "k6's log of each failed iteration: {logged:.0} logged, {outside:.0} of them overlapping no fault window, plus {unlogged:.0} k6 counted and did not log, over {req_out:.0} requests outside the windows: {:.3}%",
+                            100.0 * rate
+                        ))
+                    })
+                } else {
+                    None
+                };
                 if let Some((ok, text)) = rejudged {
                     passed = ok;
                     how = text;
@@ -2052,7 +2096,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         .values()
         .all(|v| v == &json!(true));
     let pass = sluice_ok && !sluice_threshold_fail;
-    let rule = "exit 0 when sluice passed every one of its own checks and every k6 threshold that /healthz passed on this machine; a threshold /healthz also fails is the machine's ceiling; with --chaos, failed requests inside a fault's window (its start to 10 s after, or until every replica is ready again and HAProxy has seen it) are reported per event and left out (latency is k6's over the whole run: it cannot be split by time from the client's side)";
+    let rule = "exit 0 when sluice passed every one of its own checks and every k6 threshold that /healthz passed on this machine; a threshold /healthz also fails is the machine's ceiling; with --chaos, failed requests inside a fault's window (its start to 10 s after, or until every replica is ready again and HAProxy has seen it) are reported per event and left out, and so are iterations that failed a check (k6 logs each one with its start and end) and overlapped such a window; latency percentiles are k6's over the whole run";
     let tol_text = format!(
         "commands counted per wall-clock second from serverStatus ({}) may exceed DB_COMMAND_BUDGET = {budget} by at most the number of live pods, plus pods x FLUSH_CONCURRENCY ({flush_c}) in the two samples after a database stall or restart ends (the budget term scales with the sample's window, previous request to this answer, when serverStatus answers late)",
         COUNTED_COMMANDS.join(", ")
@@ -2570,6 +2614,24 @@ mod tests {
         std::fs::write(&used, "31999\n").unwrap();
         let wrapped = free_port(11_999, &used).unwrap();
         assert!(wrapped != 31_999 && (20_000..32_000).contains(&wrapped));
+    }
+
+    #[test]
+    fn failed_iterations_that_overlap_a_fault_window_are_left_out() {
+        let log = r#"time="2026-11-23T18:00:00Z" level=info msg="failed-check 100000 102500" source=console
+time="2026-11-23T18:00:01Z" level=info msg="failed-check 108000 108100" source=console
+time="2026-11-23T18:00:02Z" level=info msg="failed-check 119900 120300" source=console
+running (0m30.0s), 30/30 VUs, 1200 complete and 0 interrupted iterations
+time="2026-11-23T18:00:03Z" level=info msg="failed-check 130000" source=console"#;
+        // A fault from 101 s to 110 s: the first two overlap it; the third ends after
+        // it and starts before the next one; the last line is cut and not counted.
+        assert_eq!(
+            failed_checks(log, &[(101.0, 110.0), (120.5, 130.0)]),
+            (3.0, 1.0)
+        );
+        // An iteration ending exactly where a window starts overlaps it.
+        assert_eq!(failed_checks(log, &[(120.3, 125.0)]), (3.0, 2.0));
+        assert_eq!(failed_checks("", &[]), (0.0, 0.0));
     }
 
     #[test]
