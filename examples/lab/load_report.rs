@@ -154,15 +154,17 @@ fn tables(report: &Value) -> String {
     }
     let _ = writeln!(
         md,
-        "\n| VUs | sluice ÷ /healthz (req/s) | sluice ÷ naive (ok req/s) |"
+        "\n| VUs | sluice ÷ /healthz (req/s) | sluice ÷ min(/healthz, raw insert ceiling ÷ 5) (req/s) | stored docs/s ÷ raw insert ceiling | sluice ÷ naive (ok req/s) |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|");
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
     for r in report["ratios"].as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             fmt(r["vus"].as_f64(), 0),
             fmt(r["sluice_over_healthz"].as_f64(), 2),
+            fmt(r["sluice_over_bound"].as_f64(), 2),
+            fmt(r["stored_over_ceiling"].as_f64(), 2),
             fmt(r["sluice_over_naive"].as_f64(), 1),
         );
     }
@@ -302,6 +304,17 @@ fn chart(report: &Value, out: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// The most `/api/data` req/s the machine allows in one run: what its HTTP path carries
+/// (`/healthz` at the same VUs) or what the database stores (its raw insert ceiling, 5
+/// documents a request), whichever is lower; `None` when neither was measured.
+fn bound(healthz_req_per_s: Option<f64>, ceiling_docs_per_s: Option<f64>) -> Option<f64> {
+    let by_db = ceiling_docs_per_s.map(|d| d / DOCS_PER_REQUEST);
+    match (healthz_req_per_s, by_db) {
+        (Some(h), Some(d)) => Some(h.min(d)),
+        (h, d) => h.or(d),
+    }
+}
+
 pub fn run(dir: &Path) -> Result<(), Error> {
     let meta = load(&dir.join("meta.json")).ok_or("no meta.json in the run folder")?;
     let levels: Vec<u64> = meta["levels"]
@@ -328,17 +341,6 @@ pub fn run(dir: &Path) -> Result<(), Error> {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     };
-    let ratios: Vec<Value> = levels
-        .iter()
-        .map(|&v| {
-            json!({
-                "vus": v,
-                "sluice_over_healthz": ratio(at("sluice", v, "req_per_s"), at("healthz", v, "req_per_s")),
-                "sluice_ok_over_healthz": ratio(at("sluice", v, "ok_req_per_s"), at("healthz", v, "ok_req_per_s")),
-                "sluice_over_naive": ratio(at("sluice", v, "ok_req_per_s"), at("naive", v, "ok_req_per_s")),
-            })
-        })
-        .collect();
     let mut ceiling = load(&dir.join("insert-ceiling.json")).unwrap_or(Value::Null);
     let best = ceiling["runs"]
         .as_array()
@@ -349,6 +351,23 @@ pub fn run(dir: &Path) -> Result<(), Error> {
     if let Some(obj) = ceiling.as_object_mut() {
         obj.insert("best_documents_per_second".into(), json!(best));
     }
+    let ratios: Vec<Value> = levels
+        .iter()
+        .map(|&v| {
+            let stored = series["sluice"]
+                .iter()
+                .find(|l| l["vus"].as_u64() == Some(v))
+                .and_then(|l| l["db"]["documents_per_s"].as_f64());
+            json!({
+                "vus": v,
+                "sluice_over_healthz": ratio(at("sluice", v, "req_per_s"), at("healthz", v, "req_per_s")),
+                "sluice_ok_over_healthz": ratio(at("sluice", v, "ok_req_per_s"), at("healthz", v, "ok_req_per_s")),
+                "sluice_over_naive": ratio(at("sluice", v, "ok_req_per_s"), at("naive", v, "ok_req_per_s")),
+                "sluice_over_bound": ratio(at("sluice", v, "req_per_s"), bound(at("healthz", v, "req_per_s"), best)),
+                "stored_over_ceiling": ratio(stored, best),
+            })
+        })
+        .collect();
     let report = json!({
         "meta": meta,
         "series": series,
@@ -368,4 +387,19 @@ pub fn run(dir: &Path) -> Result<(), Error> {
         dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_is_the_lower_of_the_http_path_and_the_database() {
+        // The database binds: 20,000 documents/s is 4,000 requests/s.
+        assert_eq!(bound(Some(9_000.0), Some(20_000.0)), Some(4_000.0));
+        // The HTTP path binds.
+        assert_eq!(bound(Some(2_000.0), Some(20_000.0)), Some(2_000.0));
+        assert_eq!(bound(None, Some(20_000.0)), Some(4_000.0));
+        assert_eq!(bound(None, None), None);
+    }
 }
