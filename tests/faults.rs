@@ -265,3 +265,66 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
     assert!(checked > 100, "the load was real: {checked} documents");
     println!("SIGTERM under load: exited in {took:?}; {checked} acknowledged documents all stored");
 }
+
+/// An SRE paged at night greps the log for the `X-Request-Id` a client reported: a
+/// request sluice failed is warned about with that id, whatever made it fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_request_is_warned_about_with_its_request_id() {
+    let (_redis, mongo, sluice) = spawn_binary(FAST_FAIL).await;
+    mongo.signal(Signal::SIGSTOP);
+    let client = client();
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    let id = loop {
+        n += 1;
+        let id = format!("night-page-{n}");
+        let o = send(
+            client
+                .get(sluice.url("/api/data"))
+                .header("X-Request-Id", &id),
+        )
+        .await;
+        if o.status == 503 {
+            break id;
+        }
+        assert!(
+            Instant::now() < until,
+            "no 503 while the database was stopped"
+        );
+    };
+    mongo.signal(Signal::SIGCONT);
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = sluice.log();
+        if log.lines().any(|l| l.contains("WARN") && l.contains(&id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no warning names the failed request {id}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A request that did not fail is not warned about.
+    let until = Instant::now() + Duration::from_secs(20);
+    let calm = loop {
+        n += 1;
+        let id = format!("calm-{n}");
+        let o = send(
+            client
+                .get(sluice.url("/api/data"))
+                .header("X-Request-Id", &id),
+        )
+        .await;
+        if o.status == 200 {
+            break id;
+        }
+        assert!(
+            Instant::now() < until,
+            "no 200 after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = sluice.log();
+    assert!(!log.lines().any(|l| l.contains(&calm)), "{log}");
+}

@@ -68,8 +68,13 @@ impl ApiError {
         }
     }
 
+    /// sluice, not the request, is why it failed (a 5xx): worth a warning.
+    pub fn is_server_side(&self) -> bool {
+        self.status().is_server_error()
+    }
+
     /// The message, with the cause's own words where there is one.
-    fn message(&self) -> String {
+    pub fn message(&self) -> String {
         match std::error::Error::source(self) {
             Some(cause) => format!("{self} ({cause})"),
             None => self.to_string(),

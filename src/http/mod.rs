@@ -2,10 +2,12 @@
 //!
 //! Every request is counted and timed by route and status here, once, so handlers stay
 //! about their own work. Every answer carries an `X-Request-Id`: the client's own when it
-//! sent a usable one, else one made here. At `LOG_LEVEL=debug` the request runs inside a
-//! span that holds it, so what is logged while serving it carries it too. Not at info: the
-//! work that logs (loads, flushes) runs in tasks of its own, outside any request, so at
-//! info the span carried nothing and cost a tenth of a `/healthz` answer's CPU.
+//! sent a usable one, else one made here. A request sluice fails (a 5xx) is warned about
+//! here with that id, at most ten lines a second (each says how many were left out before
+//! it). At `LOG_LEVEL=debug` the request also runs inside a span that holds the id, so
+//! what is logged while serving it carries it too. Not at info: the work that logs
+//! (loads, flushes) runs in tasks of its own, outside any request, so at info the span
+//! carried nothing and cost a tenth of a `/healthz` answer's CPU.
 
 mod data;
 mod error;
@@ -26,6 +28,7 @@ use tracing::Instrument;
 pub use error::ApiError;
 
 use crate::app::App;
+use crate::telemetry::Sampler;
 
 pub type Response = hyper::Response<Full<Bytes>>;
 
@@ -93,7 +96,12 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response {
     let span = tracing::debug_span!("request", id = %request_id.to_str().unwrap_or("-"));
     let mut response = match dispatch(app, &req, route).instrument(span).await {
         Ok(response) => response,
-        Err(e) => e.into_response(app),
+        Err(e) => {
+            if e.is_server_side() {
+                warn_failed(route, &request_id, &e);
+            }
+            e.into_response(app)
+        }
     };
     response.headers_mut().insert(REQUEST_ID, request_id);
     let status = response.status();
@@ -104,6 +112,26 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response {
         .with_label_values(&labels)
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Warnings about failed requests, at most this many a second per process.
+static FAILED_REQUEST_WARNINGS: Sampler = Sampler::new(10);
+
+/// A warning, with the request's id, for a request sluice failed (a 5xx), sampled: the
+/// line carries how many were left out before it.
+fn warn_failed(route: Route, request_id: &HeaderValue, e: &ApiError) {
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if let Some(left_out) = FAILED_REQUEST_WARNINGS.admit(now_s) {
+        tracing::warn!(
+            request_id = request_id.to_str().unwrap_or("-"),
+            route = route.label(),
+            error = %e.message(),
+            left_out,
+            "request failed"
+        );
+    }
 }
 
 /// The client's `X-Request-Id` if it is usable (1-128 visible ASCII characters), else a
