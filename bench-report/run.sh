@@ -26,9 +26,11 @@
 #   3. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold) against
 #      /api/data at every level, with serverStatus snapshots around each run;
 #   4. the HTTP ceiling: the same stages against /healthz through the same HAProxy;
-#   5. the database ceiling: examples/insert_ceiling.rs, unordered insert_many of 1,000
-#      and 5,000 stored-shape documents with w:1, j:true, 1 and 4 in flight (4 = the 2
-#      replicas' FLUSH_CONCURRENCY of 2 each), on the same database;
+#   5. the database ceiling: examples/insert_ceiling.rs, unordered insert_many of 250
+#      stored-shape documents (about what one insert carries at 100 VUs: its time is
+#      the floor of a request's latency) and 2,000 (BATCH_MAX_DOCS) with w:1, j:true,
+#      1 and 2 in flight (2 = the 2 replicas' FLUSH_CONCURRENCY of 1 each), on the same
+#      database;
 #   6. the lab again, fresh, with NAIVE_MODE=true on the replicas, and step 3 for it;
 #   7. the lab example's load-report (examples/lab/load_report.rs): report.json,
 #      report.md and chart.svg.
@@ -60,7 +62,7 @@ if [ "$QUICK" = 1 ]; then
   CONCURRENCY=(--concurrency 1)
 else
   LEVELS=${LEVELS:-100 1000 10000} RAMP=${RAMP:-15} HOLD=${HOLD:-60} CEILING=${CEILING:-15}
-  CONCURRENCY=(--concurrency 1 --concurrency 4)
+  CONCURRENCY=(--concurrency 1 --concurrency 2)
 fi
 for n in $LEVELS $RAMP $HOLD $CEILING $REPLICAS; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "not a positive number: $n" >&2; exit 2; }
@@ -228,7 +230,7 @@ step "the HTTP ceiling: /healthz at $LEVELS VUs, same stages, same HAProxy"
 for v in $LEVELS; do level healthz "$v"; done
 step "the database ceiling: raw insert_many through the Rust driver, ${CEILING}s per size"
 wait_quiet
-[ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 1000 --batch 5000 "${CONCURRENCY[@]}" \
+[ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
   --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
 step "storage: bytes on disk per stored document"
 # serverStatus's inserted count, not an exact count: counting millions of documents on

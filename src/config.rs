@@ -186,7 +186,7 @@ pub struct BudgetSettings {
 #[command(next_help_heading = "Writes")]
 pub struct WriteSettings {
     /// Most documents in one insert command.
-    #[arg(long = "batch-max-docs", env = "BATCH_MAX_DOCS", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(5..=100_000).map(|n| n as usize))]
+    #[arg(long = "batch-max-docs", env = "BATCH_MAX_DOCS", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(5..=100_000).map(|n| n as usize))]
     pub batch_max_docs: usize,
 
     /// How long the first document of a batch waits for others before the batch is sent.
@@ -206,7 +206,7 @@ pub struct WriteSettings {
     pub write_timeout: Duration,
 
     /// Insert commands one pod may have in flight at once.
-    #[arg(long = "flush-concurrency", env = "FLUSH_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64).map(|n| n as usize))]
+    #[arg(long = "flush-concurrency", env = "FLUSH_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64).map(|n| n as usize))]
     pub flush_concurrency: usize,
 }
 
