@@ -533,13 +533,13 @@ if [ "$SMOKE" = 1 ]; then
       "kubectl --context $CONTEXT -n $NS exec deploy/sluice -- /usr/local/bin/sluice check" ;;
   esac
   # Not published: the Ingress routes only what clients use (k8s/app/ingress.yaml).
-  for path in /metrics /api/cache/status; do
+  for path in /metrics /api/cache/status /api/stats; do
     out=$(fetch "$path")
     [ "${out%% *}" = 404 ] ||
       die "GET $path through the Ingress answered ${out%% *}: it must not be published" \
         "kubectl --context $CONTEXT -n $NS get ingress sluice -o yaml"
   done
-  ok "GET /metrics and /api/cache/status -> 404 (internal only)"
+  ok "GET /metrics, /api/cache/status and /api/stats -> 404 (internal only)"
   # The status page, from inside a pod.
   out=$(k -n "$NS" exec deploy/sluice -- /usr/local/bin/sluice status --url http://127.0.0.1:8000 2>&1) ||
     die "sluice status inside a pod failed: ${out:0:300}" \

@@ -89,7 +89,9 @@ case "${1:-}" in
     # it, as the kubelet restarts a mongod that exited.
     pid=$(cat "$LAB_STATE/mongo.pid") || exit 1
     pos=$(cat "$LAB_STATE/fill-logpos" 2>/dev/null || echo 0)
-    if tail -c +$((pos + 1)) "$LAB_STATE/mongo.log" 2>/dev/null | grep -q WT_PANIC && kill -0 "$pid" 2>/dev/null; then
+    # grep reads tail's output through a file, not a pipe: under pipefail, grep quitting
+    # at the first match would fail the pipe (tail's SIGPIPE), and the panic go unseen.
+    if grep -q WT_PANIC <(tail -c +$((pos + 1)) "$LAB_STATE/mongo.log" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
       kill -KILL "$pid" && gone "$pid" 5 && echo "the database had panicked (WT_PANIC): restarted"
     fi
     ;;

