@@ -273,12 +273,20 @@ done
 ok "HelmChartConfig kube-system/traefik applied"
 # rollout status alone can pass on the old Traefik while k3s' helm-install-traefik job
 # has not yet re-run with these values (or has failed). Wait until the job has finished
-# and the Deployment runs with every argument and the replica count of the file.
+# and the Deployment runs with every argument, the replica count and the resources of
+# the file (a change of resources alone must not pass on the old pods).
 info "waiting for k3s' helm-install-traefik job to redeploy Traefik with it..."
 TRAEFIK_ARGS=$(grep -o -- '"--[^"]*"' "$ROOT/k8s/traefik/helmchartconfig.yaml" | tr -d '"')
 TRAEFIK_REPLICAS=$(sed -n 's/^ *replicas: *\([0-9][0-9]*\) *$/\1/p' "$ROOT/k8s/traefik/helmchartconfig.yaml" | head -n 1)
+# The values' resources as "requests.cpu=500m requests.memory=320Mi limits.memory=608Mi".
+TRAEFIK_RESOURCES=$(awk '
+  /^ *resources: *$/ { indent = match($0, /[^ ]/); inside = 1; next }
+  inside && match($0, /[^ ]/) <= indent { inside = 0 }
+  inside && $1 ~ /^(requests|limits):$/ { section = substr($1, 1, length($1) - 1) }
+  inside && $1 ~ /^(cpu|memory):$/ { gsub(/"/, "", $2); printf "%s.%s=%s ", section, substr($1, 1, length($1) - 1), $2 }
+' "$ROOT/k8s/traefik/helmchartconfig.yaml")
 traefik_state() { # prints what is still missing, nothing once Traefik runs with the tuning
-  local job args replicas a
+  local job args replicas got a
   if [ "$(k -n kube-system get job helm-install-traefik -o jsonpath='{.status.conditions[?(@.type=="Failed")].status}' 2>/dev/null)" = True ]; then
     echo failed; return
   fi
@@ -290,7 +298,11 @@ traefik_state() { # prints what is still missing, nothing once Traefik runs with
     case $args in *"$a"*) ;; *) echo "Traefik runs without $a"; return ;; esac
   done
   replicas=$(k -n kube-system get deployment traefik -o jsonpath='{.spec.replicas}' 2>/dev/null || true)
-  [ "$replicas" = "${TRAEFIK_REPLICAS:-1}" ] || echo "Traefik has ${replicas:-no} replicas, not ${TRAEFIK_REPLICAS:-1}"
+  [ "$replicas" = "${TRAEFIK_REPLICAS:-1}" ] || { echo "Traefik has ${replicas:-no} replicas, not ${TRAEFIK_REPLICAS:-1}"; return; }
+  for a in $TRAEFIK_RESOURCES; do
+    got=$(k -n kube-system get deployment traefik -o jsonpath="{.spec.template.spec.containers[0].resources.${a%%=*}}" 2>/dev/null || true)
+    [ "$got" = "${a#*=}" ] || { echo "Traefik runs with ${a%%=*} ${got:-unset}, not ${a#*=}"; return; }
+  done
 }
 deadline=$((SECONDS + TIMEOUT))
 while untuned=$(traefik_state) && [ -n "$untuned" ]; do

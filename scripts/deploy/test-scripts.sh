@@ -105,6 +105,9 @@ case "$args" in
   *"get job helm-install-traefik"*) echo "1/" ;;
   *"get deployment traefik -o jsonpath={.spec.template.spec.containers[0].args}") echo "[\"--serversTransport.maxIdleConnsPerHost=20000\",\"--serversTransport.forwardingTimeouts.idleConnTimeout=4s\"]" ;;
   *"get deployment traefik -o jsonpath={.spec.replicas}") echo 2 ;;
+  *"get deployment traefik -o jsonpath={.spec.template.spec.containers[0].resources.requests.cpu}") echo 500m ;;
+  *"get deployment traefik -o jsonpath={.spec.template.spec.containers[0].resources.requests.memory}") echo 320Mi ;;
+  *"get deployment traefik -o jsonpath={.spec.template.spec.containers[0].resources.limits.memory}") echo 608Mi ;;
   *"get deployment sluice -o jsonpath={.metadata.annotations"*) [ -e "$STATE/old-apply" ] && echo "{\"spec\":{\"replicas\":2}}" ;;
   *"get deployment sluice -o jsonpath="*) echo stamped ;;
   *"get deployment "*"-o jsonpath"*) echo 2 ;;
@@ -189,8 +192,8 @@ assert "it builds the image before importing it" before 'docker build' 'k3d imag
 assert "it imports the build's own tag with the image" grep -q 'k3d image import sluice:local sluice:build-0123456789ab' "$LOG"
 assert "k3d's import did nothing: every node was checked, then fed with ctr images import" \
   bash -c "[ \$(grep -c 'images ls -q' '$LOG') -ge 6 ] && [ \$(grep -c 'images import -' '$LOG') -eq 3 ] && grep -q 'is on every node' '$WORK/run1'"
-assert "it waits for the helm-install-traefik job and Traefik's arguments before the rollout" \
-  bash -c "grep -q 'get job helm-install-traefik' '$LOG' && grep -q 'get deployment traefik -o jsonpath={.spec.template.spec.containers\[0\].args}' '$LOG'"
+assert "it waits for the helm-install-traefik job and Traefik's arguments and resources before the rollout" \
+  bash -c "grep -q 'get job helm-install-traefik' '$LOG' && grep -q 'get deployment traefik -o jsonpath={.spec.template.spec.containers\[0\].args}' '$LOG' && grep -q 'resources.limits.memory}' '$LOG'"
 assert "it checks open files on every node and the load balancer" \
   test "$(grep -c "exec .* sh -c ulimit -n" "$LOG")" -eq 4
 assert "it applies traefik, base, mongodb, redis, app's files, then the stamped Deployment ($(apply_order))" \
