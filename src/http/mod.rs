@@ -118,7 +118,8 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response {
 static FAILED_REQUEST_WARNINGS: Sampler = Sampler::new(10);
 
 /// A warning, with the request's id, for a request sluice failed (a 5xx), sampled: the
-/// line carries how many were left out before it.
+/// line carries how many were left out before it, and since when (Unix seconds). Sheds
+/// (a full queue, a draining pod) are warned about too: the client got a 503 either way.
 fn warn_failed(route: Route, request_id: &HeaderValue, e: &ApiError) {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -128,7 +129,8 @@ fn warn_failed(route: Route, request_id: &HeaderValue, e: &ApiError) {
             request_id = request_id.to_str().unwrap_or("-"),
             route = route.label(),
             error = %e.message(),
-            left_out,
+            left_out = left_out.count,
+            left_out_since = left_out.since_s,
             "request failed"
         );
     }
