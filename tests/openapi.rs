@@ -57,7 +57,7 @@ const OPERATIONS: &str = r#"
 # Documented only to describe their 405: valid data must get exactly that answer, and
 # that valid data "mostly rejected" is no news.
 [[operations]]
-include-method = ["PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
+include-method = ["PUT", "POST", "DELETE", "PATCH", "OPTIONS", "TRACE"]
 checks.positive_data_acceptance.expected-statuses = ["405"]
 warnings = false
 
@@ -660,8 +660,9 @@ impl Findings {
 // ---------------------------------------------------------------------------------------
 
 /// The committed document plus what a careless or hostile client adds: paths sluice does
-/// not have, and arbitrary query parameters on every operation (sluice ignores the query
-/// string). The answers documented for the real operations are not touched.
+/// not have, arbitrary query parameters and headers sluice ignores (forwarding, cookies,
+/// caching, ranges, `Expect`) with any value on every operation, and TRACE on every
+/// route. The answers documented for the real operations are not touched.
 fn hostile_document(doc: &Value) -> Value {
     let mut doc = doc.clone();
     let any_query = json!({
@@ -673,11 +674,40 @@ fn hostile_document(doc: &Value) -> Value {
         "explode": true,
         "schema": {"type": "object", "additionalProperties": {"type": "string"}}
     });
+    // Headers a careless or hostile client sends, with any value schemathesis makes up:
+    // sluice must ignore them (proxies' forwarding headers, cookies, caching and
+    // content negotiation it does not do).
+    let any_headers: Vec<Value> = [
+        "X-Forwarded-For",
+        "Forwarded",
+        "Cookie",
+        "If-None-Match",
+        "Range",
+        "Expect",
+    ]
+    .iter()
+    .map(|name| {
+        json!({"name": name, "in": "header", "required": false,
+               "description": "Test only: a header sluice ignores.", "schema": {"type": "string"}})
+    })
+    .collect();
     let paths = doc["paths"].as_object_mut().unwrap();
     for item in paths.values_mut() {
-        for op in item.as_object_mut().unwrap().values_mut() {
+        let item = item.as_object_mut().unwrap();
+        // TRACE, which no route allows: the same 405 as DELETE.
+        if let Some(delete) = item.get("delete").cloned() {
+            let mut trace = delete;
+            let id = trace["operationId"]
+                .as_str()
+                .unwrap_or("")
+                .replacen("delete", "trace", 1);
+            trace["operationId"] = json!(id);
+            item.insert("trace".into(), trace);
+        }
+        for op in item.values_mut() {
             if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
                 params.push(any_query.clone());
+                params.extend(any_headers.iter().cloned());
             }
         }
     }
@@ -717,6 +747,7 @@ fn hostile_document(doc: &Value) -> Value {
                 json!({"$ref": "#/components/parameters/X-Request-Id"}),
                 any_query.clone(),
             ];
+            params.extend(any_headers.iter().cloned());
             if not.is_empty() {
                 params[0]["schema"].as_object_mut().unwrap().remove("not");
             }
