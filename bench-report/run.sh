@@ -173,6 +173,13 @@ level() {
     return 0
   fi
   wait_quiet
+  # The script's setup() aborts unless /readyz answers 200: after a level that
+  # overwhelmed it (naive mode), give the service a minute to see its database again.
+  local i
+  for ((i = 0; i < 60; i++)); do
+    curl -fsS -o /dev/null -m 2 "$BASE_URL/readyz" 2>/dev/null && break
+    sleep 1
+  done
   info "$target at $vus VUs: k6 --stage ${RAMP}s:$vus,${HOLD}s:$vus against $path"
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-before.json"
   cpu_json >"$RUN/cpu-$target-$vus-before.json"
@@ -185,6 +192,8 @@ level() {
   # 99: thresholds failed, which is a result, not an error.
   if [ "$rc" != 0 ] && [ "$rc" != 99 ]; then
     tail -n 20 "$RUN/k6-$target-$vus.log" >&2
+    # Not a measurement: --resume must run this level again.
+    rm -f "$RUN/k6-$target-$vus.json"
     echo "error: k6 failed (exit $rc)" >&2
     exit 1
   fi
@@ -261,7 +270,7 @@ CONSTRAINED="0.5 CPU, 500 MiB, 100 read + 100 write IOPS"
   printf '  "database": "%s, %s",\n' "${DB_LINE:-unknown}" "$CONSTRAINED"
   printf '  "storage": %s\n}\n' "$(cat "$RUN/storage.json" 2>/dev/null || echo null)"
 } >"$RUN/meta.json"
-rm -f "$RUN/meta.json.part"
+# meta.json.part stays: a --resume after the report keeps the run's own date and commit.
 step "report"
 "$RUN/bin/lab" load-report "$RUN"
 ln -sfn "report-$TS" "$ROOT/results/report-latest"

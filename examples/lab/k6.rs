@@ -18,8 +18,10 @@ pub struct Summary {
     pub req_per_s: Option<f64>,
     /// `http_req_failed`: the share of requests k6 counts as failed (status, timeout).
     pub failed_rate: Option<f64>,
-    /// The script's `error_rate`: the share of iterations whose checks did not all pass.
+    /// The script's `error_rate`: the share of iterations whose checks did not all pass,
+    /// and how many iterations that was (the Rate's `passes`: each adds `!ok`).
     pub error_rate: Option<f64>,
+    pub failed_iterations: Option<f64>,
     pub successful_requests: f64,
     pub failed_requests: f64,
     /// Responses whose body carried the expected status: the script's `body status is`
@@ -57,6 +59,7 @@ impl Summary {
             req_per_s: f(m, &["http_reqs", "rate"]),
             failed_rate: f(m, &["http_req_failed", "value"]),
             error_rate: f(m, &["error_rate", "value"]),
+            failed_iterations: f(m, &["error_rate", "passes"]),
             successful_requests: f(m, &["successful_requests", "count"]).unwrap_or(0.0),
             failed_requests: f(m, &["failed_requests", "count"]).unwrap_or(0.0),
             acknowledged_responses: s["root_group"]["checks"]
@@ -79,7 +82,7 @@ impl Summary {
             "p95_ms": self.p95_ms,
             "p99_ms": self.p99_ms,
             "http_req_failed_rate": self.failed_rate,
-            "error_rate": self.error_rate,
+            "failed_iterations": self.failed_iterations,
             "successful_requests": self.successful_requests,
             "acknowledged_responses": self.acknowledged_responses,
             "failed_requests": self.failed_requests,
@@ -106,12 +109,15 @@ mod tests {
     #[test]
     fn thresholds_read_as_passed() {
         let s = json!({"metrics": {"http_req_failed": {"value": 0.05, "thresholds": {"rate<0.01": true}},
-            "http_req_duration": {"p(95)": 10, "thresholds": {"p(95)<2000": false}}},
+            "http_req_duration": {"p(95)": 10, "thresholds": {"p(95)<2000": false}},
+            "error_rate": {"value": 0.25, "passes": 3, "fails": 9}},
             "root_group": {"checks": {"body status is \"success\"": {"passes": 7}}}});
         let k = Summary::parse(&s).lab_report();
         assert_eq!(k["thresholds"]["http_req_failed rate<0.01"], false);
         assert_eq!(k["thresholds"]["http_req_duration p(95)<2000"], true);
         assert_eq!(k["acknowledged_responses"], 7.0);
+        // error_rate adds !ok: its passes are the failed iterations.
+        assert_eq!(k["failed_iterations"], 3.0);
     }
 
     #[test]

@@ -53,7 +53,8 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
     let cpu_after = load(&dir.join(format!("cpu-{target}-{vus}-after.json")));
     if let (Some(b), Some(a)) = (cpu_before, cpu_after) {
         let tck = num(&a, &["clk_tck"]).unwrap_or(100.0);
-        let cpu_s = |k: &str| Some((num(&a, &[k])? - num(&b, &[k])?) / tck);
+        // Negative when a process restarted during the level (its pid's ticks began anew).
+        let cpu_s = |k: &str| Some((num(&a, &[k])? - num(&b, &[k])?) / tck).filter(|s| *s >= 0.0);
         let cores = |k: &str| cpu_s(k).map(per_s);
         out["cpu"] = json!({
             "sluice_cores": cores("sluice"),
@@ -66,7 +67,17 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
     }
     let before = load(&dir.join(format!("db-{target}-{vus}-before.json")));
     let after = load(&dir.join(format!("db-{target}-{vus}-after.json")));
+    // A database that restarted during the level (naive mode can overwhelm it) started
+    // its counters again: no difference of them means anything, so none is shown.
+    let restarted = |b: &Value, a: &Value| {
+        num(a, &["commands_total"]) < num(b, &["commands_total"])
+            || num(a, &["documents_inserted"]) < num(b, &["documents_inserted"])
+    };
     if let (Some(b), Some(a)) = (before, after) {
+        if restarted(&b, &a) {
+            out["db"] = json!({"restarted": true});
+            return Some(out);
+        }
         let delta = |p: &[&str]| Some(num(&a, p)? - num(&b, p)?);
         let docs = delta(&["documents_inserted"]).unwrap_or(0.0);
         let inserts = delta(&["commands", "insert"]).unwrap_or(0.0);
@@ -331,11 +342,13 @@ pub fn run(dir: &Path) -> Result<(), Error> {
             .collect();
         series.insert(target, found);
     }
-    let at = |target: &str, vus: u64, key: &str| {
+    // A figure of one level, by JSON pointer ("/req_per_s", "/db/documents_per_s").
+    let at = |target: &str, vus: u64, pointer: &str| {
         series[target]
             .iter()
             .find(|l| l["vus"].as_u64() == Some(vus))
-            .and_then(|l| l[key].as_f64())
+            .and_then(|l| l.pointer(pointer))
+            .and_then(Value::as_f64)
     };
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
@@ -354,17 +367,13 @@ pub fn run(dir: &Path) -> Result<(), Error> {
     let ratios: Vec<Value> = levels
         .iter()
         .map(|&v| {
-            let stored = series["sluice"]
-                .iter()
-                .find(|l| l["vus"].as_u64() == Some(v))
-                .and_then(|l| l["db"]["documents_per_s"].as_f64());
             json!({
                 "vus": v,
-                "sluice_over_healthz": ratio(at("sluice", v, "req_per_s"), at("healthz", v, "req_per_s")),
-                "sluice_ok_over_healthz": ratio(at("sluice", v, "ok_req_per_s"), at("healthz", v, "ok_req_per_s")),
-                "sluice_over_naive": ratio(at("sluice", v, "ok_req_per_s"), at("naive", v, "ok_req_per_s")),
-                "sluice_over_bound": ratio(at("sluice", v, "req_per_s"), bound(at("healthz", v, "req_per_s"), best)),
-                "stored_over_ceiling": ratio(stored, best),
+                "sluice_over_healthz": ratio(at("sluice", v, "/req_per_s"), at("healthz", v, "/req_per_s")),
+                "sluice_ok_over_healthz": ratio(at("sluice", v, "/ok_req_per_s"), at("healthz", v, "/ok_req_per_s")),
+                "sluice_over_naive": ratio(at("sluice", v, "/ok_req_per_s"), at("naive", v, "/ok_req_per_s")),
+                "sluice_over_bound": ratio(at("sluice", v, "/req_per_s"), bound(at("healthz", v, "/req_per_s"), best)),
+                "stored_over_ceiling": ratio(at("sluice", v, "/db/documents_per_s"), best),
             })
         })
         .collect();

@@ -1581,7 +1581,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
     let flush_c: f64 = settings
         .get("FLUSH_CONCURRENCY")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2.0);
+        .unwrap_or(1.0);
     let timeline: Vec<Value> = read_to_string(st.join("timeline.jsonl"))
         .unwrap_or_default()
         .lines()
@@ -1989,10 +1989,10 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
             let mut how = "k6".to_string();
             // In a chaos run, `http_req_failed` and `error_rate`, if k6 failed them over
             // the whole run and /healthz passed them (so they decide the exit code), are
-            // judged again outside the fault windows, where HAProxy's 5xx place the
-            // failed requests in time. Latency cannot be placed in time from the client's
-            // side: it is never re-judged, and every answer k6 saw slower than the
-            // script's 2 s check counts against `error_rate`, inside the windows too.
+            // judged again outside the fault windows: failed requests placed in time by
+            // HAProxy's 5xx, failed iterations (errors, wrong bodies, answers slower than
+            // 2 s) by k6's own log of each. The latency percentiles are never re-judged:
+            // k6's summary cannot be split by time.
             if chaos && !k6_passed && healthz == Some(true) {
                 let failed = |r: f64| {
                     format!("HAProxy's 5xx outside the fault windows plus the {unplaced:.0} failures k6 saw and HAProxy did not: {:.3}%", 100.0 * r)
@@ -2003,12 +2003,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
                     // Any failed check (an error, a wrong body, an answer slower than 2 s),
                     // placed in time by k6's own log of each failed iteration; failed
                     // iterations k6 counted but did not log count as outside.
-                    let k6_failed = data.as_ref().and_then(|d| {
-                        d["requests"]
-                            .as_f64()
-                            .zip(d["error_rate"].as_f64())
-                            .map(|(n, r)| n * r)
-                    });
+                    let k6_failed = data.as_ref().and_then(|d| d["failed_iterations"].as_f64());
                     let log = read_to_string(st.join("k6-data.log")).unwrap_or_default();
                     let (logged, outside) = failed_checks(&log, &windows);
                     k6_failed.filter(|_| logged > 0.0 && req_out > 0.0).map(|k6_failed| {
@@ -2590,9 +2585,29 @@ mod tests {
     }
 
     #[test]
-    fn memory_formula_is_the_deploy_docs() {
-        assert_eq!(mem_formula_mib(0.0), 80.0);
-        assert!((mem_formula_mib(5000.0) - 265.5).abs() < 0.1);
+    fn memory_formula_is_the_deploy_checks() {
+        // The same figures as scripts/deploy/check_manifests.py's SIZING, which sizes
+        // the Deployment: the lab checks each replica against what the pod is given.
+        let py = include_str!("../../scripts/deploy/check_manifests.py");
+        let line = py
+            .lines()
+            .find(|l| l.trim_start().starts_with("\"sluice\": {\"base\":"))
+            .expect("SIZING has a sluice line");
+        let figure = |key: &str| -> f64 {
+            let rest = &line[line.find(key).unwrap() + key.len()..];
+            rest.trim_start_matches([' ', ':'])
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            (MEM_BASE_MIB, MEM_PER_CONN_KIB),
+            (figure("\"base\""), figure("\"k_kib\""))
+        );
+        assert_eq!(mem_formula_mib(1024.0), MEM_BASE_MIB + MEM_PER_CONN_KIB);
     }
 
     #[test]
