@@ -279,12 +279,15 @@ info "waiting for k3s' helm-install-traefik job to redeploy Traefik with it..."
 TRAEFIK_ARGS=$(grep -o -- '"--[^"]*"' "$ROOT/k8s/traefik/helmchartconfig.yaml" | tr -d '"')
 TRAEFIK_REPLICAS=$(sed -n 's/^ *replicas: *\([0-9][0-9]*\) *$/\1/p' "$ROOT/k8s/traefik/helmchartconfig.yaml" | head -n 1)
 # The values' resources as "requests.cpu=500m requests.memory=320Mi limits.memory=608Mi".
+# (check_manifests.py traefik keeps them in the canonical form the API server returns.)
 TRAEFIK_RESOURCES=$(awk '
+  /^[[:space:]]*(#|$)/ { next }
   /^ *resources: *$/ { indent = match($0, /[^ ]/); inside = 1; next }
   inside && match($0, /[^ ]/) <= indent { inside = 0 }
   inside && $1 ~ /^(requests|limits):$/ { section = substr($1, 1, length($1) - 1) }
   inside && $1 ~ /^(cpu|memory):$/ { gsub(/"/, "", $2); printf "%s.%s=%s ", section, substr($1, 1, length($1) - 1), $2 }
 ' "$ROOT/k8s/traefik/helmchartconfig.yaml")
+[ -n "$TRAEFIK_RESOURCES" ] || die "found no resources in k8s/traefik/helmchartconfig.yaml's values (block style, one quantity a line)"
 traefik_state() { # prints what is still missing, nothing once Traefik runs with the tuning
   local job args replicas got a
   if [ "$(k -n kube-system get job helm-install-traefik -o jsonpath='{.status.conditions[?(@.type=="Failed")].status}' 2>/dev/null)" = True ]; then

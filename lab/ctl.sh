@@ -89,8 +89,9 @@ case "${1:-}" in
     # it, as the kubelet restarts a mongod that exited.
     pid=$(cat "$LAB_STATE/mongo.pid") || exit 1
     pos=$(cat "$LAB_STATE/fill-logpos" 2>/dev/null || echo 0)
-    # grep reads tail's output through a file, not a pipe: under pipefail, grep quitting
-    # at the first match would fail the pipe (tail's SIGPIPE), and the panic go unseen.
+    # Not `tail | grep -q`: under pipefail, grep quitting at the first match would fail
+    # the pipeline with tail's SIGPIPE, and the panic go unseen; here only grep's status
+    # counts.
     if grep -q WT_PANIC <(tail -c +$((pos + 1)) "$LAB_STATE/mongo.log" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; then
       kill -KILL "$pid" && gone "$pid" 5 && echo "the database had panicked (WT_PANIC): restarted"
     fi

@@ -499,8 +499,8 @@ lab_wait_http "$PROM_URL/-/ready" 30 "$PROM_PID" || { tail -n 20 "$LAB_STATE/pro
 # Prometheus hands new targets to its scrapers at most every 5 s: wait until it scrapes
 # every replica, so that the run is observed from its first second.
 for ((i = 0; i < 60; i++)); do
-  curl -fsS -m 2 "$PROM_URL/api/v1/query" --data-urlencode 'query=count(up == 1)' 2>/dev/null |
-    grep -q "\"$REPLICAS\"\]" && break
+  up=$(curl -fsS -m 2 "$PROM_URL/api/v1/query" --data-urlencode 'query=count(up == 1)' 2>/dev/null || true)
+  [[ $up == *"\"$REPLICAS\"]"* ]] && break
   sleep 0.5
 done
 [ "$i" -lt 60 ] || lab_warn "Prometheus did not scrape all $REPLICAS replicas within 30 s"

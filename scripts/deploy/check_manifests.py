@@ -356,7 +356,7 @@ def cmd_app():
             p.append(f"pod template lacks the {key} annotation setup.sh fills in")
     uri = (secret.get("stringData") or {}).get("MONGO_URI", "")
     pool = re.search(r"[?&]maxPoolSize=(\d+)", uri)
-    if not pool or int(pool.group(1)) < int(cm.get("FLUSH_CONCURRENCY", "2")) + 2:
+    if not pool or int(pool.group(1)) < int(cm.get("FLUSH_CONCURRENCY", "1")) + 2:
         p.append("MONGO_URI needs maxPoolSize >= FLUSH_CONCURRENCY + 2 (inserts, a refresh, a ping)")
     port = int(cm.get("APP_PORT", "0"))
     expect(p, "containerPort = APP_PORT", [x["containerPort"] for x in c.get("ports", [])], [port])
@@ -467,6 +467,18 @@ def cmd_traefik():
     if not idle or not re.fullmatch(r"\d+s", idle[0]) or int(idle[0][:-1]) * 1000 >= sluice_idle_ms:
         expect_problems.append(
             f"Traefik's idleConnTimeout must be set in whole seconds below sluice's HEADER_READ_TIMEOUT_MS ({sluice_idle_ms} ms)")
+    # setup.sh waits until the running Deployment shows each of these strings, which the
+    # API server writes in canonical form: 1Gi, not 1024Mi; 500m, not 0.5; 1, not 1000m.
+    resources = values.get("resources", {})
+    quantities = [(f"{kind}.{name}", str(q)) for kind in ("requests", "limits")
+                  for name, q in (resources.get(kind) or {}).items()]
+    if not quantities:
+        expect_problems.append("the values set no resources (setup.sh waits for them)")
+    for where, q in quantities:
+        m = re.fullmatch(r"([1-9][0-9]*)(m|Ki|Mi|Gi)?", q)
+        step = {"m": 1000, "Ki": 1024, "Mi": 1024}.get(m.group(2) if m else None)
+        if not m or (step and int(m.group(1)) % step == 0):
+            expect_problems.append(f"resources {where} {q!r} is not in Kubernetes' canonical form")
     for prob in expect_problems:
         print(f"  {prob}")
     if expect_problems:
