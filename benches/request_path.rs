@@ -190,12 +190,12 @@ fn writes(c: &mut Criterion) {
             let (writer, _flusher) = rt.block_on(async {
                 Writer::start(
                     WriteSettings {
-                        batch_max_docs: 5000,
+                        batch_max_docs: 2000,
                         linger: Duration::ZERO,
                         queue_capacity: 1 << 20,
                         enqueue_timeout: LONG,
                         write_timeout: 2 * LONG,
-                        flush_concurrency: 2,
+                        flush_concurrency: 1,
                     },
                     Instant0,
                     Arc::new(Metrics::new()),

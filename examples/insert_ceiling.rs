@@ -6,7 +6,7 @@
 //! figure, so the load report sets sluice's documents/s against it.
 //!
 //!     cargo run --release --example insert_ceiling -- \
-//!         --uri mongodb://127.0.0.1:27017/assessmentdb --batch 1000 --batch 5000 \
+//!         --uri mongodb://127.0.0.1:27017/assessmentdb --batch 250 --batch 2000 \
 //!         --seconds 15 --out ceiling.json
 //!
 //! It writes into the collection sluice uses, so point it at a lab database, never at one
@@ -30,7 +30,8 @@ struct Args {
     /// The database to measure; its path names the database (default assessmentdb).
     #[arg(long, env = "MONGO_URI")]
     uri: String,
-    /// Documents per insert command; repeat for several sizes (default: 1000 and 5000).
+    /// Documents per insert command; repeat for several sizes (default: 250, about one insert's
+    /// worth at 100 VUs, and 2000, sluice's BATCH_MAX_DOCS).
     #[arg(long = "batch")]
     batches: Vec<usize>,
     /// How long to insert at each batch size.
@@ -79,7 +80,7 @@ fn batch(docs: usize) -> Vec<RawDocumentBuf> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = Args::parse();
     if args.batches.is_empty() {
-        args.batches = vec![1000, 5000];
+        args.batches = vec![250, 2000];
     }
     if args.concurrencies.is_empty() {
         args.concurrencies = vec![1];
