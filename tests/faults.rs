@@ -271,60 +271,44 @@ async fn sigterm_under_load_drains_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_request_is_warned_about_with_its_request_id() {
     let (_redis, mongo, sluice) = spawn_binary(FAST_FAIL).await;
-    mongo.signal(Signal::SIGSTOP);
     let client = client();
-    let until = Instant::now() + Duration::from_secs(20);
     let mut n = 0;
-    let id = loop {
-        n += 1;
-        let id = format!("night-page-{n}");
-        let o = send(
-            client
+    // Requests, each with an id of its own, until one is answered `status`: its id.
+    let mut first_answered = async |status: u16, prefix: &str, what: &str| {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            n += 1;
+            let id = format!("{prefix}-{n}");
+            let request = client
                 .get(sluice.url("/api/data"))
-                .header("X-Request-Id", &id),
-        )
-        .await;
-        if o.status == 503 {
-            break id;
+                .header("X-Request-Id", &id);
+            if send(request).await.status == status {
+                return id;
+            }
+            assert!(Instant::now() < until, "no {status} {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            Instant::now() < until,
-            "no 503 while the database was stopped"
-        );
     };
+    mongo.signal(Signal::SIGSTOP);
+    let failed = first_answered(503, "night-page", "while the database was stopped").await;
     mongo.signal(Signal::SIGCONT);
     let until = Instant::now() + Duration::from_secs(5);
     loop {
         let log = sluice.log();
-        if log.lines().any(|l| l.contains("WARN") && l.contains(&id)) {
+        if log
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&failed))
+        {
             break;
         }
         assert!(
             Instant::now() < until,
-            "no warning names the failed request {id}:\n{log}"
+            "no warning names the failed request {failed}:\n{log}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A request that did not fail is not warned about.
-    let until = Instant::now() + Duration::from_secs(20);
-    let calm = loop {
-        n += 1;
-        let id = format!("calm-{n}");
-        let o = send(
-            client
-                .get(sluice.url("/api/data"))
-                .header("X-Request-Id", &id),
-        )
-        .await;
-        if o.status == 200 {
-            break id;
-        }
-        assert!(
-            Instant::now() < until,
-            "no 200 after the database came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let calm = first_answered(200, "calm", "after the database came back").await;
     let log = sluice.log();
     assert!(!log.lines().any(|l| l.contains(&calm)), "{log}");
 }
