@@ -122,6 +122,8 @@ cp target/release/examples/lab "$RUN/bin/"
 export SLUICE_BIN=$RUN/bin/sluice
 # shellcheck source=scripts/tools.sh
 . scripts/tools.sh
+# shellcheck source=lab/lib.sh
+. lab/lib.sh
 VENV=$(tools_venv)
 K6=$VENV/k6
 
@@ -175,11 +177,7 @@ level() {
   wait_quiet
   # The script's setup() aborts unless /readyz answers 200: after a level that
   # overwhelmed it (naive mode), give the service a minute to see its database again.
-  local i
-  for ((i = 0; i < 60; i++)); do
-    curl -fsS -o /dev/null -m 2 "$BASE_URL/readyz" 2>/dev/null && break
-    sleep 1
-  done
+  lab_wait_http "$BASE_URL/readyz" 60 || info "/readyz still not 200 after 60 s; k6 will say so"
   info "$target at $vus VUs: k6 --stage ${RAMP}s:$vus,${HOLD}s:$vus against $path"
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-before.json"
   cpu_json >"$RUN/cpu-$target-$vus-before.json"

@@ -42,23 +42,18 @@ tools_have() {
 # PATH, else secantusd-rs, built once into $SLUICE_TOOLS.
 tools_mongo_server() {
   if command -v mongod >/dev/null; then command -v mongod; return 0; fi
-  local bin=$SLUICE_TOOLS/bin/secantusd-rs
-  if ! tools_have secantus-mdb "$SECANTUS_VERSION" secantusd-rs; then
-    tools_apt cmake || return 1
-    tools_step "cargo install secantus-mdb $SECANTUS_VERSION into $SLUICE_TOOLS (about 7 minutes, once)"
-    cargo install secantus-mdb --version "$SECANTUS_VERSION" --locked --ignore-rust-version \
-      --root "$SLUICE_TOOLS" >&2 || return 1
-  fi
-  echo "$bin"
+  # Building it needs cmake; about 7 minutes, once.
+  tools_have secantus-mdb "$SECANTUS_VERSION" secantusd-rs || tools_apt cmake || return 1
+  tools_cargo_install secantus-mdb "$SECANTUS_VERSION" secantusd-rs --ignore-rust-version
 }
 
-# tools_cargo_install CRATE VERSION BIN: prints BIN, from `cargo install CRATE` once into
-# $SLUICE_TOOLS.
+# tools_cargo_install CRATE VERSION BIN [CARGO-INSTALL-ARGS...]: prints BIN, from
+# `cargo install CRATE` once into $SLUICE_TOOLS.
 tools_cargo_install() {
   local bin=$SLUICE_TOOLS/bin/$3
   if ! tools_have "$1" "$2" "$3"; then
     tools_step "cargo install $1 $2 into $SLUICE_TOOLS (a few minutes, once)"
-    cargo install "$1" --version "$2" --locked --root "$SLUICE_TOOLS" >&2 || return 1
+    cargo install "$1" --version "$2" --locked --root "$SLUICE_TOOLS" "${@:4}" >&2 || return 1
   fi
   echo "$bin"
 }
