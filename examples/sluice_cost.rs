@@ -8,7 +8,11 @@
 //!    `/healthz` (the same server's floor), then on `/api/data`, each for `--seconds`.
 //!    CPU is sluice's own user + system time from `/proc/PID/stat` over the window,
 //!    divided by the requests answered in it; the ratio of the two is what the table
-//!    asks for. Only 2xx answers count as requests (a shed 503 costs less).
+//!    asks for. Only 2xx answers count as requests (a shed 503 costs less). Then
+//!    `/healthz` once more, its clients held to the rate `/api/data` reached: the
+//!    database sets that rate, far below what `/healthz` alone reaches, and a request
+//!    costs more CPU when fewer share each wake-up and system call, so this second ratio
+//!    compares the two paths at the same operating point.
 //! 2. **Memory per idle connection.** `--idle` connections each send one `/healthz` and
 //!    then stay open and idle; the growth of sluice's RSS (`VmRSS`) divided by their
 //!    number is the cost of one. Then they close, and the RSS 12 seconds later says
@@ -67,6 +71,8 @@ impl Args {
 #[derive(Debug, Serialize)]
 struct CpuRun {
     path: String,
+    /// The rate the clients were held to, if any.
+    paced_to_per_second: Option<f64>,
     requests: u64,
     non_2xx: u64,
     cpu_seconds: f64,
@@ -89,7 +95,10 @@ struct MemoryRun {
 #[derive(Debug, Serialize)]
 struct Report {
     cpu: Vec<CpuRun>,
+    /// /api/data against /healthz each as fast as it goes (the table).
     data_over_healthz_cpu: Option<f64>,
+    /// /api/data against /healthz held to /api/data's rate.
+    data_over_healthz_cpu_same_rate: Option<f64>,
     memory: Option<MemoryRun>,
 }
 
@@ -148,13 +157,31 @@ fn host_port(url: &str) -> String {
         .to_string()
 }
 
-async fn closed_loop(addr: &str, path: &str, clients: usize, window: Duration) -> (u64, u64) {
+/// `clients` keep-alive connections asking for `path` until `window` is over; with a
+/// `rate`, spread evenly over them, each waits for its turn before asking again (unless
+/// the answer came too late for it), so together they ask at most `rate` a second.
+async fn closed_loop(
+    addr: &str,
+    path: &str,
+    clients: usize,
+    window: Duration,
+    rate: Option<f64>,
+) -> (u64, u64) {
     let request =
         format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\naccept: application/json\r\n\r\n");
-    let until = Instant::now() + window;
+    let start = Instant::now();
+    let until = start + window;
+    let period = rate.map(|r| Duration::from_secs_f64(clients as f64 / r));
     let tasks: Vec<_> = (0..clients)
-        .map(|_| {
+        .map(|i| {
             let (addr, request) = (addr.to_string(), request.clone());
+            // Staggered, so the clients' turns do not all fall on the same instant.
+            let mut turns = period.map(|p| {
+                let first = start + p.mul_f64(i as f64 / clients as f64);
+                let mut t = tokio::time::interval_at(first.into(), p);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             tokio::spawn(async move {
                 let (mut ok, mut other) = (0u64, 0u64);
                 let mut buf = Vec::with_capacity(4096);
@@ -164,6 +191,9 @@ async fn closed_loop(addr: &str, path: &str, clients: usize, window: Duration) -
                         continue;
                     };
                     while Instant::now() < until {
+                        if let Some(turns) = &mut turns {
+                            turns.tick().await;
+                        }
                         match exchange(&mut stream, request.as_bytes(), &mut buf).await {
                             Ok(s) if (200..300).contains(&s) => ok += 1,
                             Ok(_) => other += 1,
@@ -184,18 +214,25 @@ async fn closed_loop(addr: &str, path: &str, clients: usize, window: Duration) -
     total
 }
 
-async fn cpu_run(args: &Args, path: &str) -> CpuRun {
+async fn cpu_run(args: &Args, path: &str, rate: Option<f64>) -> CpuRun {
     let addr = host_port(&args.url);
     // A short warm-up, so connection set-up is not in the window.
-    closed_loop(&addr, path, args.clients, Duration::from_secs(2)).await;
+    closed_loop(&addr, path, args.clients, Duration::from_secs(2), rate).await;
     let cpu0 = cpu_seconds(args.pid());
     let t0 = Instant::now();
-    let (requests, non_2xx) =
-        closed_loop(&addr, path, args.clients, Duration::from_secs(args.seconds)).await;
+    let (requests, non_2xx) = closed_loop(
+        &addr,
+        path,
+        args.clients,
+        Duration::from_secs(args.seconds),
+        rate,
+    )
+    .await;
     let cpu = cpu_seconds(args.pid()) - cpu0;
     let elapsed = t0.elapsed().as_secs_f64();
     CpuRun {
         path: path.into(),
+        paced_to_per_second: rate,
         requests,
         non_2xx,
         cpu_seconds: cpu,
@@ -281,13 +318,21 @@ async fn main() {
     let mut cpu = vec![];
     for path in ["/healthz", "/api/data"] {
         if args.only.as_deref().is_none_or(|only| only == path) {
-            cpu.push(cpu_run(&args, path).await);
+            cpu.push(cpu_run(&args, path, None).await);
         }
     }
-    let ratio = match cpu.as_slice() {
-        [healthz, data] => Some(data.cpu_us_per_request / healthz.cpu_us_per_request),
-        _ => None,
-    };
+    let ratio =
+        |healthz: &CpuRun, data: &CpuRun| data.cpu_us_per_request / healthz.cpu_us_per_request;
+    let (mut full_rate, mut same_rate) = (None, None);
+    if let [healthz, data] = cpu.as_slice() {
+        full_rate = Some(ratio(healthz, data));
+        // The same work per request costs more CPU at a lower rate: fewer requests share
+        // each wake-up and each system call. /api/data's rate is set by the database, so
+        // /healthz held to that rate is the reference at the same operating point.
+        let paced = cpu_run(&args, "/healthz", Some(data.requests_per_second)).await;
+        same_rate = Some(ratio(&paced, data));
+        cpu.push(paced);
+    }
     let memory = if args.idle > 0 {
         Some(memory_run(&args).await)
     } else {
@@ -295,7 +340,8 @@ async fn main() {
     };
     let report = Report {
         cpu,
-        data_over_healthz_cpu: ratio,
+        data_over_healthz_cpu: full_rate,
+        data_over_healthz_cpu_same_rate: same_rate,
         memory,
     };
     let json = serde_json::to_string_pretty(&report).expect("serializable");
