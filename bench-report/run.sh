@@ -13,6 +13,9 @@
 #   --hold S           seconds held at each level
 #   --ceiling S        seconds per raw-insert measurement
 #   --replicas N       sluice replicas behind HAProxy (default 2, as ./setup.sh --local)
+#   --direct           k6 straight at one replica, no HAProxy (sets --replicas 1): what
+#                      one sluice does with the machine's CPU left to it and k6, the
+#                      performance issue's "direct" rows
 #   --resume DIR       finish an interrupted run in DIR (results/report-<time>): what it
 #                      measured already is kept, the rest is run, then the report is made
 #   -h, --help         this text
@@ -25,7 +28,7 @@
 #      N replicas, HAProxy;
 #   3. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold) against
 #      /api/data at every level, with serverStatus snapshots around each run;
-#   4. the HTTP ceiling: the same stages against /healthz through the same HAProxy;
+#   4. the HTTP ceiling: the same stages against /healthz by the same route;
 #   5. the database ceiling: examples/insert_ceiling.rs, unordered insert_many of 250
 #      stored-shape documents (about what one insert carries at 100 VUs: its time is
 #      the floor of a request's latency) and 2,000 (BATCH_MAX_DOCS) with w:1, j:true,
@@ -42,7 +45,7 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2 RESUME=""
+QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2 RESUME="" DIRECT=0
 ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
     --ceiling) CEILING=${2:?--ceiling needs seconds}; shift 2 ;;
     --replicas) REPLICAS=${2:?--replicas needs a number}; shift 2 ;;
     --resume) RESUME=${2:?--resume needs a run folder}; shift 2 ;;
+    --direct) DIRECT=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -64,6 +68,8 @@ else
   LEVELS=${LEVELS:-100 1000 10000} RAMP=${RAMP:-15} HOLD=${HOLD:-60} CEILING=${CEILING:-15}
   CONCURRENCY=(--concurrency 1 --concurrency 2)
 fi
+ROUTE="HAProxy in front of $REPLICAS replicas"
+[ "$DIRECT" = 0 ] || REPLICAS=1 ROUTE="one replica directly, no HAProxy"
 for n in $LEVELS $RAMP $HOLD $CEILING $REPLICAS; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "not a positive number: $n" >&2; exit 2; }
 done
@@ -141,7 +147,8 @@ lab_up() {
   grep -q 'WARNING' "$RUN/setup-$mode.log" && grep -A1 'WARNING' "$RUN/setup-$mode.log" | sed 's/^/    /'
   # shellcheck disable=SC1091
   . "$LAB_STATE_DIR/lab.env"
-  info "HAProxy $BASE_URL, database $MONGO_URI"
+  [ "$DIRECT" = 0 ] || BASE_URL=${REPLICA_URLS%% *}
+  info "k6 against $ROUTE ($BASE_URL), database $MONGO_URI"
 }
 
 snapshot() { "$RUN/bin/lab" snapshot "$@" 2>>"$RUN/snapshot.log"; }
@@ -156,9 +163,15 @@ cpu_ticks() {
   done < <(awk -v re="$1" '$1 ~ re {print $2}' "$LAB_STATE_DIR/pids")
   echo "$total"
 }
+# The whole machine's busy ticks (/proc/stat's first line less idle and iowait) too:
+# what is left after the lab's processes is mostly k6, and all of it against the
+# cores says whether the machine, rather than sluice or the database, set the pace.
+# The uptime makes each share a share of the wall-clock time between two snapshots.
 cpu_json() {
-  printf '{"clk_tck": %s, "sluice": %s, "database": %s, "haproxy": %s}' "$(getconf CLK_TCK)" \
-    "$(cpu_ticks '^sluice-')" "$(cpu_ticks '^mongo$')" "$(cpu_ticks '^haproxy$')"
+  printf '{"clk_tck": %s, "uptime_s": %s, "sluice": %s, "database": %s, "haproxy": %s, "machine": %s, "cores": %s}' \
+    "$(getconf CLK_TCK)" "$(cut -d' ' -f1 /proc/uptime)" \
+    "$(cpu_ticks '^sluice-')" "$(cpu_ticks '^mongo$')" "$(cpu_ticks '^haproxy$')" \
+    "$(awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat)" "$(nproc)"
 }
 
 # settle: until the database's inserted count stops moving (requests k6 gave up on may
@@ -176,8 +189,9 @@ level() {
   fi
   wait_quiet
   # The script's setup() aborts unless /readyz answers 200: after a level that
-  # overwhelmed it (naive mode), give the service a minute to see its database again.
-  lab_wait_http "$BASE_URL/readyz" 60 || info "/readyz still not 200 after 60 s; k6 will say so"
+  # overwhelmed it (naive mode), the database works through what the level left queued
+  # before it answers sluice's health checks again (over a minute after 1,000 naive VUs).
+  lab_wait_http "$BASE_URL/readyz" 300 || info "/readyz still not 200 after 300 s; k6 will say so"
   info "$target at $vus VUs: k6 --stage ${RAMP}s:$vus,${HOLD}s:$vus against $path"
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-before.json"
   cpu_json >"$RUN/cpu-$target-$vus-before.json"
@@ -211,6 +225,7 @@ CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
   printf '  "levels": [%s],\n' "$(echo "$LEVELS" | tr -s ' ' ',')"
   printf '  "stages": "%ss ramp + %ss hold per level, k6 %s",\n' "$RAMP" "$HOLD" "$("$K6" version | awk '{print $2}')"
   printf '  "replicas": %s,\n' "$REPLICAS"
+  printf '  "route": "%s",\n' "$ROUTE"
   printf '  "commit": "%s%s",\n' "$(git rev-parse --short HEAD)" "$(git diff --quiet HEAD -- src Cargo.toml || echo '+local changes')"
 } >"$RUN/meta.json.part"
 
@@ -233,11 +248,12 @@ for u in $REPLICA_URLS; do
   curl -fsS -m 5 "$u/api/cache/status" -o "$RUN/cache-sluice-$i.json" || true
   i=$((i + 1))
 done
-step "the HTTP ceiling: /healthz at $LEVELS VUs, same stages, same HAProxy"
+step "the HTTP ceiling: /healthz at $LEVELS VUs, same stages, same route"
 for v in $LEVELS; do level healthz "$v"; done
 step "the database ceiling: raw insert_many through the Rust driver, ${CEILING}s per size"
 wait_quiet
 [ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
+  --db-pid "$(awk '$1 == "mongo" {print $2}' "$LAB_STATE_DIR/pids")" \
   --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
 step "storage: bytes on disk per stored document"
 # serverStatus's inserted count, not an exact count: counting millions of documents on

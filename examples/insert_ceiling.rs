@@ -9,8 +9,21 @@
 //!         --uri mongodb://127.0.0.1:27017/assessmentdb --batch 250 --batch 2000 \
 //!         --seconds 15 --out ceiling.json
 //!
+//! Each run also says what the client spent: this process's CPU per document stored,
+//! making the documents and driving them through the driver. That is the work an
+//! `/api/data` request does beyond answering HTTP, five documents' worth, measured with a
+//! real server answering, so it is the floor under what a request can cost more than
+//! `/healthz`. With `--db-pid`, the database's CPU too: documents stored per database
+//! CPU-second is the efficiency to hold sluice's inserts against when a load run leaves
+//! the database less CPU than this idle machine did.
+//!
 //! It writes into the collection sluice uses, so point it at a lab database, never at one
 //! whose data matters.
+
+// Only its CPU reader is used here; the memory one is the lab's and sluice_cost's.
+#[allow(dead_code)]
+#[path = "lab/procfs.rs"]
+mod procfs;
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -44,6 +57,9 @@ struct Args {
     /// Where to write the JSON result (it is printed either way).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// The database server's process, to read its CPU time from `/proc` (same machine).
+    #[arg(long)]
+    db_pid: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,6 +74,17 @@ struct Run {
     command_ms_p50: f64,
     command_ms_max: f64,
     errors: u64,
+    /// This process's user + system CPU over the run, per document stored.
+    client_cpu_us_per_document: f64,
+    /// The database's CPU over the run, in cores (with `--db-pid`).
+    database_cores: Option<f64>,
+    /// Documents stored per second of the database's CPU (with `--db-pid`).
+    documents_per_database_cpu_second: Option<f64>,
+}
+
+/// A process's user + system CPU so far, in seconds (`/proc`'s ticks are 1/100 s).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    procfs::cpu_ticks(pid).map(|t| t as f64 / 100.0)
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +140,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (docs, concurrency) in plan {
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
         let started = Instant::now();
+        let own_pid = std::process::id();
+        let cpu_before = cpu_seconds(own_pid).unwrap_or(0.0);
+        let db_before = args.db_pid.and_then(cpu_seconds);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
             let records = records.clone();
@@ -147,24 +177,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             errors += e;
         }
         let seconds = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(own_pid).unwrap_or(0.0) - cpu_before;
+        let db_cpu = match (db_before, args.db_pid.and_then(cpu_seconds)) {
+            (Some(b), Some(a)) => Some(a - b),
+            _ => None,
+        };
         latencies.sort_unstable();
         let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
         let commands = latencies.len() as u64;
+        let documents = commands * docs as u64;
         let run = Run {
             batch_docs: docs,
             concurrency,
             seconds,
             commands,
-            documents: commands * docs as u64,
-            documents_per_second: (commands * docs as u64) as f64 / seconds,
+            documents,
+            documents_per_second: documents as f64 / seconds,
             commands_per_second: commands as f64 / seconds,
             command_ms_p50: ms(latencies.get(latencies.len() / 2)),
             command_ms_max: ms(latencies.last()),
             errors,
+            client_cpu_us_per_document: 1e6 * cpu / documents.max(1) as f64,
+            database_cores: db_cpu.map(|c| c / seconds),
+            documents_per_database_cpu_second: db_cpu
+                .filter(|c| *c > 0.0)
+                .map(|c| documents as f64 / c),
         };
         eprintln!(
-            "batch {docs} x{concurrency} in flight: {:.0} documents/s, {:.1} commands/s, p50 {:.0} ms per command",
-            run.documents_per_second, run.commands_per_second, run.command_ms_p50
+            "batch {docs} x{concurrency} in flight: {:.0} documents/s, {:.1} commands/s, p50 {:.0} ms per command, client {:.1} µs CPU a document",
+            run.documents_per_second, run.commands_per_second, run.command_ms_p50, run.client_cpu_us_per_document
         );
         runs.push(run);
     }
