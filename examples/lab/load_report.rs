@@ -395,18 +395,17 @@ pub fn run(dir: &Path) -> Result<(), Error> {
         _ => None,
     };
     let mut ceiling = load(&dir.join("insert-ceiling.json")).unwrap_or(Value::Null);
-    let best = ceiling["runs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["documents_per_second"].as_f64())
-        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
-    let best_per_db_cpu = ceiling["runs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|r| r["documents_per_database_cpu_second"].as_f64())
-        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+    // The ceiling's best run by one figure, None when no run has it.
+    let best_of = |key: &str| {
+        ceiling["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r[key].as_f64())
+            .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))))
+    };
+    let best = best_of("documents_per_second");
+    let best_per_db_cpu = best_of("documents_per_database_cpu_second");
     if let Some(obj) = ceiling.as_object_mut() {
         obj.insert("best_documents_per_second".into(), json!(best));
         obj.insert(
