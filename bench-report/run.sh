@@ -252,7 +252,7 @@ for v in $LEVELS; do level healthz "$v"; done
 step "the database ceiling: raw insert_many through the Rust driver, ${CEILING}s per size"
 wait_quiet
 [ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
-  --db-pid "$(awk '$1 == "mongo" {print $2}' "$LAB_STATE_DIR/pids")" \
+  --db-pid "$(cat "$LAB_STATE_DIR/mongo.pid")" \
   --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
 step "storage: bytes on disk per stored document"
 # serverStatus's inserted count, not an exact count: counting millions of documents on

@@ -20,7 +20,7 @@
 //! It writes into the collection sluice uses, so point it at a lab database, never at one
 //! whose data matters.
 
-// Only its CPU reader is used here; the memory one is the lab's and sluice_cost's.
+// Only its CPU readers are used here; the memory one is the lab's and sluice_cost's.
 #[allow(dead_code)]
 #[path = "lab/procfs.rs"]
 mod procfs;
@@ -82,11 +82,6 @@ struct Run {
     documents_per_database_cpu_second: Option<f64>,
 }
 
-/// A process's user + system CPU so far, in seconds (`/proc`'s ticks are 1/100 s).
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    procfs::cpu_ticks(pid).map(|t| t as f64 / 100.0)
-}
-
 #[derive(Debug, Serialize)]
 struct Report {
     what: &'static str,
@@ -141,8 +136,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
         let started = Instant::now();
         let own_pid = std::process::id();
-        let cpu_before = cpu_seconds(own_pid).unwrap_or(0.0);
-        let db_before = args.db_pid.and_then(cpu_seconds);
+        let cpu_before = procfs::cpu_seconds(own_pid).unwrap_or(0.0);
+        let db_before = args.db_pid.and_then(procfs::cpu_seconds);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
             let records = records.clone();
@@ -177,8 +172,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             errors += e;
         }
         let seconds = started.elapsed().as_secs_f64();
-        let cpu = cpu_seconds(own_pid).unwrap_or(0.0) - cpu_before;
-        let db_cpu = match (db_before, args.db_pid.and_then(cpu_seconds)) {
+        let cpu = procfs::cpu_seconds(own_pid).unwrap_or(0.0) - cpu_before;
+        let db_cpu = match (db_before, args.db_pid.and_then(procfs::cpu_seconds)) {
             (Some(b), Some(a)) => Some(a - b),
             _ => None,
         };

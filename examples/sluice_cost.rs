@@ -12,7 +12,8 @@
 //!    `/healthz` once more, its clients held to the rate `/api/data` reached: the
 //!    database sets that rate, far below what `/healthz` alone reaches, and a request
 //!    costs more CPU when fewer share each wake-up and system call, so this second ratio
-//!    compares the two paths at the same operating point.
+//!    compares the two paths at the same request rate (their arrivals still differ:
+//!    paced ones come one at a time, `/api/data`'s in bursts as batches are answered).
 //! 2. **Memory per idle connection.** `--idle` connections each send one `/healthz` and
 //!    then stay open and idle; the growth of sluice's RSS (`VmRSS`) divided by their
 //!    number is the cost of one. Then they close, and the RSS 12 seconds later says
@@ -106,11 +107,8 @@ struct Report {
 /// sluice's check for closed connections (every 10 s), so a trim has had its chance.
 const AFTER_CLOSE: Duration = Duration::from_secs(12);
 
-/// Clock ticks per second for `/proc/PID/stat` (the kernel's USER_HZ, 100 on Linux).
-const TICKS: f64 = 100.0;
-
 fn cpu_seconds(pid: u32) -> f64 {
-    procfs::cpu_ticks(pid).expect("sluice's /proc/PID/stat") as f64 / TICKS
+    procfs::cpu_seconds(pid).expect("sluice's /proc/PID/stat")
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -193,6 +191,9 @@ async fn closed_loop(
                     while Instant::now() < until {
                         if let Some(turns) = &mut turns {
                             turns.tick().await;
+                            if Instant::now() >= until {
+                                break 'connect;
+                            }
                         }
                         match exchange(&mut stream, request.as_bytes(), &mut buf).await {
                             Ok(s) if (200..300).contains(&s) => ok += 1,
@@ -328,10 +329,12 @@ async fn main() {
         full_rate = Some(ratio(healthz, data));
         // The same work per request costs more CPU at a lower rate: fewer requests share
         // each wake-up and each system call. /api/data's rate is set by the database, so
-        // /healthz held to that rate is the reference at the same operating point.
-        let paced = cpu_run(&args, "/healthz", Some(data.requests_per_second)).await;
-        same_rate = Some(ratio(&paced, data));
-        cpu.push(paced);
+        // /healthz held to that rate is the reference at the same request rate.
+        if data.requests_per_second > 0.0 {
+            let paced = cpu_run(&args, "/healthz", Some(data.requests_per_second)).await;
+            same_rate = Some(ratio(&paced, data));
+            cpu.push(paced);
+        }
     }
     let memory = if args.idle > 0 {
         Some(memory_run(&args).await)

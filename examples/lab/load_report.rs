@@ -66,7 +66,9 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
             .filter(|w| *w > 0.0)
             .unwrap_or(seconds);
         let cores = |k: &str| cpu_s(k).map(|c| c / wall);
-        // What the machine spent beyond the lab's own processes: k6, mostly.
+        // What the machine spent beyond sluice, the database and HAProxy: k6 mostly, and
+        // Prometheus, the lab's conductor, the kernel's interrupts, and any of the three
+        // that restarted during the level (its ticks are not counted above).
         let rest = || {
             let lab: f64 = ["sluice", "database", "haproxy"]
                 .iter()
@@ -95,6 +97,7 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
         num(a, &["commands_total"]) < num(b, &["commands_total"])
             || num(a, &["documents_inserted"]) < num(b, &["documents_inserted"])
     };
+    // Over the same window as the database snapshots (both taken around k6's run).
     let database_cpu_s = out["cpu"]["database_cores"]
         .as_f64()
         .zip(out["cpu"]["wall_s"].as_f64())
@@ -165,7 +168,7 @@ fn tables(report: &Value) -> String {
     );
     let _ = writeln!(
         md,
-        "| target | VUs | req/s | ok req/s | failed | p50 ms | p95 ms | p99 ms | docs/s stored | DB commands/s | docs per insert | sluice µs CPU per request | cores: sluice / DB / HAProxy / rest (k6) = machine busy of N |"
+        "| target | VUs | req/s | ok req/s | failed | p50 ms | p95 ms | p99 ms | docs/s stored | DB commands/s | docs per insert | sluice µs CPU per request | cores: sluice / DB / HAProxy / rest (k6 mostly) = machine busy of N |"
     );
     let _ = writeln!(
         md,

@@ -841,7 +841,8 @@ struct Slot {
     port: u16,
     pid: Option<u32>,
     state: SlotState,
-    ticks: Option<(f64, u64)>,
+    /// When its CPU time was last read, and that time in seconds.
+    cpu_seconds: Option<(f64, f64)>,
     /// Set while the lab itself stops or kills it: its death is expected.
     expected_exit: bool,
 }
@@ -915,7 +916,7 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
             s.slots[idx].pid = Some(pid);
             s.slots[idx].port = port;
             s.slots[idx].state = SlotState::Ready;
-            s.slots[idx].ticks = None;
+            s.slots[idx].cpu_seconds = None;
             // A new pod, a new address: the slot's server gets the replica's port.
             let name = server_name(idx);
             let _ = haproxy(
@@ -1009,7 +1010,7 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
                 } else {
                     SlotState::Off
                 },
-                ticks: None,
+                cpu_seconds: None,
                 expected_exit: false,
             });
         }
@@ -1162,15 +1163,15 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
                 .as_ref()
                 .and_then(|(_, m)| metric_value(m, "sluice_writer_queue_depth"));
             queue += depth.unwrap_or(0.0);
-            let ticks = procfs::cpu_ticks(pid);
+            let cpu_s = procfs::cpu_seconds(pid);
             let mut cpu = None;
             {
                 let mut s = sh.lock().unwrap();
                 let slot = &mut s.slots[idx];
-                if let (Some((pt, pticks)), Some(tk)) = (slot.ticks, ticks) {
-                    cpu = Some((tk.saturating_sub(pticks)) as f64 / 100.0 / (t - pt).max(0.1));
+                if let (Some((pt, prev)), Some(now)) = (slot.cpu_seconds, cpu_s) {
+                    cpu = Some((now - prev).max(0.0) / (t - pt).max(0.1));
                 }
-                slot.ticks = ticks.map(|tk| (t, tk));
+                slot.cpu_seconds = cpu_s.map(|c| (t, c));
             }
             if st == SlotState::Ready {
                 n_ready += 1;

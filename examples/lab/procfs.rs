@@ -1,13 +1,15 @@
 //! A process's CPU time and memory from `/proc`, for the lab's per-replica samples and
-//! for `sluice_cost` (which includes this file by path).
+//! for `sluice_cost` and `insert_ceiling` (which include this file by path).
 
-/// utime + stime in clock ticks (`USER_HZ`, 100 a second on Linux).
-pub fn cpu_ticks(pid: u32) -> Option<u64> {
+/// utime + stime in seconds: `/proc` counts them in clock ticks (`USER_HZ`, 100 a
+/// second on Linux).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses and may hold spaces.
     let rest = s.rsplit_once(") ")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// A `/proc/PID/status` line's value in KiB, such as `VmRSS:`.
