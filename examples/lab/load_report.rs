@@ -52,6 +52,9 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
         "p99_ms": k6.p99_ms,
         "max_ms": k6.max_ms,
     });
+    // The database's CPU seconds over the same window as its snapshots (both are taken
+    // around k6's run).
+    let mut database_cpu_s = None;
     let cpu_before = load(&dir.join(format!("cpu-{target}-{vus}-before.json")));
     let cpu_after = load(&dir.join(format!("cpu-{target}-{vus}-after.json")));
     if let (Some(b), Some(a)) = (cpu_before, cpu_after) {
@@ -66,6 +69,7 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
             .filter(|w| *w > 0.0)
             .unwrap_or(seconds);
         let cores = |k: &str| cpu_s(k).map(|c| c / wall);
+        database_cpu_s = cpu_s("database");
         // What the machine spent beyond sluice, the database and HAProxy: k6 mostly, and
         // Prometheus, the lab's conductor, the kernel's interrupts, and any of the three
         // that restarted during the level (its ticks are not counted above).
@@ -97,11 +101,6 @@ fn level(dir: &Path, target: &str, vus: u64) -> Option<Value> {
         num(a, &["commands_total"]) < num(b, &["commands_total"])
             || num(a, &["documents_inserted"]) < num(b, &["documents_inserted"])
     };
-    // Over the same window as the database snapshots (both taken around k6's run).
-    let database_cpu_s = out["cpu"]["database_cores"]
-        .as_f64()
-        .zip(out["cpu"]["wall_s"].as_f64())
-        .map(|(c, w)| c * w);
     if let (Some(b), Some(a)) = (before, after) {
         if restarted(&b, &a) {
             out["db"] = json!({"restarted": true});
