@@ -5,13 +5,13 @@
 # usage: bench-report/run.sh [--quick] [options]
 #
 #   (default)          100, 1,000 and 10,000 VUs; each level a 15 s ramp and a 60 s hold
-#                      (about 25 minutes on 2 cores)
+#                      (about 30 minutes on 2 cores)
 #   --quick            100 and 1,000 VUs; 5 s ramp, 20 s hold; 5 s insert ceiling
 #                      (about 8 minutes): is the tool and the system sane
 #   --levels "A B"     VU levels to run
 #   --ramp S           seconds of ramp to each level
 #   --hold S           seconds held at each level
-#   --ceiling S        seconds per raw-insert measurement
+#   --ceiling S        seconds per raw-insert measurement (default 10, 5 with --quick)
 #   --replicas N       sluice replicas behind HAProxy (default 2, as ./setup.sh --local)
 #   --direct           k6 straight at one replica, no HAProxy (sets --replicas 1): what
 #                      one sluice does with the machine's CPU left to it and k6, the
@@ -26,16 +26,18 @@
 #   2. brings the lab up with lab/setup-local.sh --no-load (its own state folder, so it
 #      never touches another lab): the 100-IOPS, 0.5-CPU, 500 MiB database, Redis,
 #      N replicas, HAProxy;
-#   3. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold) against
-#      /api/data at every level, with serverStatus snapshots around each run;
-#   4. the HTTP ceiling: the same stages against /healthz by the same route;
-#   5. the database ceiling: examples/insert_ceiling.rs, unordered insert_many of 250
-#      stored-shape documents (about what one insert carries at 100 VUs: its time is
-#      the floor of a request's latency) and 2,000 (BATCH_MAX_DOCS) with w:1, j:true,
-#      1 and 2 in flight (2 = the 2 replicas' FLUSH_CONCURRENCY of 1 each), on the same
-#      database;
-#   6. the lab again, fresh, with NAIVE_MODE=true on the replicas, and step 3 for it;
-#   7. the lab example's load-report (examples/lab/load_report.rs): report.json,
+#   3. for each level, on a lab of its own (step 2 again: the database's 500 MiB fill
+#      with what it holds, so a level must not inherit the levels before it):
+#      a. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold)
+#         against /api/data, with serverStatus snapshots around the run;
+#      b. the database ceiling right after, on the same database:
+#         examples/insert_ceiling.rs, unordered insert_many of 250 stored-shape
+#         documents (about what one insert carries at 100 VUs: its time is the floor of
+#         a request's latency) and 2,000 (BATCH_MAX_DOCS) with w:1, j:true, 1 and 2 in
+#         flight (2 = the 2 replicas' FLUSH_CONCURRENCY of 1 each);
+#      c. the HTTP ceiling: the same stages against /healthz by the same route;
+#   4. the lab again, fresh, with NAIVE_MODE=true on the replicas, and step 3a for it;
+#   5. the lab example's load-report (examples/lab/load_report.rs): report.json,
 #      report.md and chart.svg.
 #
 # Output: results/report-<time>/ (git-ignored); results/report-latest points at it.
@@ -65,7 +67,7 @@ if [ "$QUICK" = 1 ]; then
   LEVELS=${LEVELS:-100 1000} RAMP=${RAMP:-5} HOLD=${HOLD:-20} CEILING=${CEILING:-5}
   CONCURRENCY=(--concurrency 1)
 else
-  LEVELS=${LEVELS:-100 1000 10000} RAMP=${RAMP:-15} HOLD=${HOLD:-60} CEILING=${CEILING:-15}
+  LEVELS=${LEVELS:-100 1000 10000} RAMP=${RAMP:-15} HOLD=${HOLD:-60} CEILING=${CEILING:-10}
   CONCURRENCY=(--concurrency 1 --concurrency 2)
 fi
 ROUTE="HAProxy in front of $REPLICAS replicas"
@@ -139,12 +141,13 @@ lab_up() {
   [ "$mode" = naive ] && naive=true
   wait_quiet
   step "lab up for $mode (lab/setup-local.sh --no-load --replicas $REPLICAS, NAIVE_MODE=$naive)"
-  NAIVE_MODE=$naive lab/setup-local.sh --no-load --replicas "$REPLICAS" >"$RUN/setup-$mode.log" 2>&1 || {
+  # Appended: a mode's labs share one log, the database supervisor's restarts included.
+  NAIVE_MODE=$naive lab/setup-local.sh --no-load --replicas "$REPLICAS" >>"$RUN/setup-$mode.log" 2>&1 || {
     tail -n 30 "$RUN/setup-$mode.log" >&2
     echo "error: the lab did not come up; see $(rel "$RUN/setup-$mode.log")" >&2
     exit 1
   }
-  grep -q 'WARNING' "$RUN/setup-$mode.log" && grep -A1 'WARNING' "$RUN/setup-$mode.log" | sed 's/^/    /'
+  grep -q 'WARNING' "$RUN/setup-$mode.log" && grep -A1 'WARNING' "$RUN/setup-$mode.log" | sort -u | sed 's/^/    /'
   # shellcheck disable=SC1091
   . "$LAB_STATE_DIR/lab.env"
   [ "$DIRECT" = 0 ] || BASE_URL=${REPLICA_URLS%% *}
@@ -236,33 +239,45 @@ done_phase() {
     for t in "$@"; do [ -s "$RUN/k6-$t-$v.json" ] || return 1; done
   done
 }
-if done_phase sluice healthz && [ -s "$RUN/insert-ceiling.json" ]; then
-  info "sluice, /healthz and the insert ceiling: measured already"
-else
-lab_up sluice
-step "sluice: /api/data at $LEVELS VUs"
-for v in $LEVELS; do level sluice "$v"; done
-i=0
-for u in $REPLICA_URLS; do
-  curl -fsS -m 5 "$u/api/cache/status" -o "$RUN/cache-sluice-$i.json" || true
-  i=$((i + 1))
+
+# ceiling VUS: the database's raw insert rate right after that level, on its database.
+ceiling() {
+  step "the database ceiling after $1 VUs: raw insert_many through the Rust driver, ${CEILING}s per size"
+  "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
+    --db-pid "$(cat "$LAB_STATE_DIR/mongo.pid")" \
+    --seconds "$CEILING" --out "$RUN/insert-ceiling-$1.json" 2>&1 >/dev/null | sed 's/^/    /'
+}
+
+for v in $LEVELS; do
+  if [ -s "$RUN/k6-sluice-$v.json" ] && [ -s "$RUN/k6-healthz-$v.json" ] && [ -s "$RUN/insert-ceiling-$v.json" ]; then
+    info "sluice, its insert ceiling and /healthz at $v VUs: measured already"
+    continue
+  fi
+  # The three are one measurement: the ceiling is only comparable on the database the
+  # level left behind, so a level interrupted part-way is run again whole.
+  rm -f "$RUN/k6-sluice-$v.json" "$RUN/k6-healthz-$v.json" "$RUN/insert-ceiling-$v.json"
+  lab_up sluice
+  step "sluice: /api/data at $v VUs"
+  level sluice "$v"
+  wait_quiet
+  ceiling "$v"
+  step "the HTTP ceiling: /healthz at $v VUs, same stages, same route"
+  level healthz "$v"
+  i=0
+  for u in $REPLICA_URLS; do
+    curl -fsS -m 5 "$u/api/cache/status" -o "$RUN/cache-sluice-$v-$i.json" || true
+    i=$((i + 1))
+  done
+  step "storage: bytes on disk per stored document"
+  # serverStatus's inserted count, not an exact count: counting millions of documents on
+  # the constrained database can cost it more memory than it has. The last level's
+  # database, which holds the most, is the one the report keeps.
+  DOCS=$(settle)
+  DB_BYTES=$(du -sb "$LAB_STATE_DIR/mnt" 2>/dev/null | cut -f1 || echo 0)
+  info "$DOCS documents inserted, $DB_BYTES bytes of database files"
+  echo "{\"documents\": ${DOCS:-0}, \"bytes\": ${DB_BYTES:-0}}" >"$RUN/storage.json"
+  lab_down
 done
-step "the HTTP ceiling: /healthz at $LEVELS VUs, same stages, same route"
-for v in $LEVELS; do level healthz "$v"; done
-step "the database ceiling: raw insert_many through the Rust driver, ${CEILING}s per size"
-wait_quiet
-[ -s "$RUN/insert-ceiling.json" ] || "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
-  --db-pid "$(cat "$LAB_STATE_DIR/mongo.pid")" \
-  --seconds "$CEILING" --out "$RUN/insert-ceiling.json" 2>&1 >/dev/null | sed 's/^/    /'
-step "storage: bytes on disk per stored document"
-# serverStatus's inserted count, not an exact count: counting millions of documents on
-# the constrained database can cost it more memory than it has.
-DOCS=$(settle)
-DB_BYTES=$(du -sb "$LAB_STATE_DIR/mnt" 2>/dev/null | cut -f1 || echo 0)
-info "$DOCS documents inserted, $DB_BYTES bytes of database files"
-echo "{\"documents\": ${DOCS:-0}, \"bytes\": ${DB_BYTES:-0}}" >"$RUN/storage.json"
-lab_down
-fi
 
 # ------------------------------------------------------------------ naive
 if done_phase naive; then

@@ -13,7 +13,9 @@
 //!   naive, healthz);
 //! - `db-<target>-<vus>-before.json` / `-after.json`: serverStatus snapshots around each
 //!   `/api/data` run (`snapshot`);
-//! - `insert-ceiling.json`: the `insert_ceiling` example's output.
+//! - `insert-ceiling-<vus>.json`: the `insert_ceiling` example's output, measured right
+//!   after that level on the same database (older runs have one `insert-ceiling.json`,
+//!   measured after every level, which stands in for each).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -218,27 +220,40 @@ fn tables(report: &Value) -> String {
             fmt(r["sluice_over_naive"].as_f64(), 1),
         );
     }
-    let ceiling = &report["insert_ceiling"];
+    let ceilings = report["insert_ceiling"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
     let _ = writeln!(
         md,
-        "\nRaw insert ceiling ({}; {}):\n",
-        ceiling["what"].as_str().unwrap_or("not measured"),
-        ceiling["write_concern"].as_str().unwrap_or("-"),
+        "\nRaw insert ceiling, right after each level on its database ({}; {}):\n",
+        ceilings
+            .first()
+            .and_then(|c| c["what"].as_str())
+            .unwrap_or("not measured"),
+        ceilings
+            .first()
+            .and_then(|c| c["write_concern"].as_str())
+            .unwrap_or("-"),
     );
     let _ = writeln!(
         md,
-        "| docs per insert | in flight | docs/s | commands/s | p50 ms per command | client µs CPU per document | database cores | docs per database CPU-second |"
+        "| after VUs | docs per insert | in flight | docs/s | commands/s | p50 ms per command | errors | client µs CPU per document | database cores | docs per database CPU-second |"
     );
-    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for r in ceiling["runs"].as_array().into_iter().flatten() {
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (vus, r) in ceilings.iter().flat_map(|c| {
+        let runs = c["runs"].as_array().map_or(&[][..], Vec::as_slice);
+        runs.iter().map(move |r| (&c["vus"], r))
+    }) {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt(vus.as_f64(), 0),
             fmt(r["batch_docs"].as_f64(), 0),
             fmt(r["concurrency"].as_f64(), 0),
             fmt(r["documents_per_second"].as_f64(), 0),
             fmt(r["commands_per_second"].as_f64(), 1),
             fmt(r["command_ms_p50"].as_f64(), 0),
+            fmt(r["errors"].as_f64(), 0),
             fmt(r["client_cpu_us_per_document"].as_f64(), 1),
             fmt(r["database_cores"].as_f64(), 2),
             fmt(r["documents_per_database_cpu_second"].as_f64(), 0),
@@ -267,7 +282,16 @@ fn chart(report: &Value, out: &Path) -> Result<(), Error> {
         "naive" => "naive mode".to_string(),
         t => t.to_string(),
     };
-    let insert_ceiling = report["insert_ceiling"]["best_documents_per_second"].as_f64();
+    // Each level's database ceiling, in requests' worth.
+    let insert_ceiling: Vec<(f64, f64)> = report["insert_ceiling"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| {
+            let docs = c["best_documents_per_second"].as_f64()?;
+            Some((c["vus"].as_f64()?, docs / DOCS_PER_REQUEST))
+        })
+        .collect();
     let root = SVGBackend::new(out, (1280, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
@@ -285,7 +309,7 @@ fn chart(report: &Value, out: &Path) -> Result<(), Error> {
         .iter()
         .flat_map(|t| points(report, t, "ok_req_per_s"))
         .map(|p| p.1)
-        .chain(insert_ceiling.map(|d| d / DOCS_PER_REQUEST))
+        .chain(insert_ceiling.iter().map(|p| p.1))
         .fold(100.0, f64::max)
         * 1.15;
     let mut rps = ChartBuilder::on(&left)
@@ -305,15 +329,16 @@ fn chart(report: &Value, out: &Path) -> Result<(), Error> {
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
         rps.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))?;
     }
-    if let Some(docs) = insert_ceiling {
+    if !insert_ceiling.is_empty() {
         let c = RGBColor(0x2c, 0xa0, 0x2c);
-        let y = docs / DOCS_PER_REQUEST;
-        rps.draw_series(LineSeries::new(
-            vec![(70.0, y), (14000.0, y)],
-            c.stroke_width(2),
-        ))?
-        .label("raw insert ceiling ÷ 5 docs")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        rps.draw_series(LineSeries::new(insert_ceiling.clone(), c.stroke_width(2)))?
+            .label("raw insert ceiling ÷ 5 docs, after each level")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        rps.draw_series(
+            insert_ceiling
+                .into_iter()
+                .map(|p| Cross::new(p, 5, c.stroke_width(2))),
+        )?;
     }
     rps.configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
@@ -368,6 +393,32 @@ fn bound(healthz_req_per_s: Option<f64>, ceiling_docs_per_s: Option<f64>) -> Opt
     }
 }
 
+/// The raw insert ceiling measured right after level `vus` on its database, with its best
+/// run's figures added; older runs measured one after every level, which stands in.
+fn ceiling(dir: &Path, vus: u64) -> Option<Value> {
+    let mut c = load(&dir.join(format!("insert-ceiling-{vus}.json")))
+        .or_else(|| load(&dir.join("insert-ceiling.json")))?;
+    // The best run by one figure, None when no run has it.
+    let best_of = |key: &str| {
+        c["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r[key].as_f64())
+            .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))))
+    };
+    let best = best_of("documents_per_second");
+    let best_per_db_cpu = best_of("documents_per_database_cpu_second");
+    let obj = c.as_object_mut()?;
+    obj.insert("vus".into(), json!(vus));
+    obj.insert("best_documents_per_second".into(), json!(best));
+    obj.insert(
+        "best_documents_per_database_cpu_second".into(),
+        json!(best_per_db_cpu),
+    );
+    Some(c)
+}
+
 pub fn run(dir: &Path) -> Result<(), Error> {
     let meta = load(&dir.join("meta.json")).ok_or("no meta.json in the run folder")?;
     let levels: Vec<u64> = meta["levels"]
@@ -396,28 +447,18 @@ pub fn run(dir: &Path) -> Result<(), Error> {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     };
-    let mut ceiling = load(&dir.join("insert-ceiling.json")).unwrap_or(Value::Null);
-    // The ceiling's best run by one figure, None when no run has it.
-    let best_of = |key: &str| {
-        ceiling["runs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r[key].as_f64())
-            .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))))
-    };
-    let best = best_of("documents_per_second");
-    let best_per_db_cpu = best_of("documents_per_database_cpu_second");
-    if let Some(obj) = ceiling.as_object_mut() {
-        obj.insert("best_documents_per_second".into(), json!(best));
-        obj.insert(
-            "best_documents_per_database_cpu_second".into(),
-            json!(best_per_db_cpu),
-        );
-    }
+    let ceilings: Vec<Value> = levels.iter().filter_map(|&v| ceiling(dir, v)).collect();
     let ratios: Vec<Value> = levels
         .iter()
         .map(|&v| {
+            let of_ceiling = |key: &str| {
+                ceilings
+                    .iter()
+                    .find(|c| c["vus"].as_u64() == Some(v))
+                    .and_then(|c| c[key].as_f64())
+            };
+            let best = of_ceiling("best_documents_per_second");
+            let best_per_db_cpu = of_ceiling("best_documents_per_database_cpu_second");
             json!({
                 "vus": v,
                 "sluice_over_healthz": ratio(at("sluice", v, "/req_per_s"), at("healthz", v, "/req_per_s")),
@@ -442,7 +483,7 @@ pub fn run(dir: &Path) -> Result<(), Error> {
         "meta": meta,
         "series": series,
         "ratios": ratios,
-        "insert_ceiling": ceiling,
+        "insert_ceiling": ceilings,
     });
     std::fs::write(
         dir.join("report.json"),
@@ -471,5 +512,33 @@ mod tests {
         assert_eq!(bound(Some(2_000.0), Some(20_000.0)), Some(2_000.0));
         assert_eq!(bound(None, Some(20_000.0)), Some(4_000.0));
         assert_eq!(bound(None, None), None);
+    }
+
+    #[test]
+    fn each_level_is_held_against_its_own_ceiling_and_old_runs_against_their_one() {
+        let run = |batch: u64, docs_per_s: f64| json!({"batch_docs": batch, "documents_per_second": docs_per_s});
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, runs: Vec<Value>| {
+            std::fs::write(dir.path().join(name), json!({ "runs": runs }).to_string()).unwrap()
+        };
+        write(
+            "insert-ceiling-100.json",
+            vec![run(250, 9_000.0), run(2000, 21_000.0)],
+        );
+        write("insert-ceiling-10000.json", vec![run(2000, 17_500.0)]);
+        let best = |vus| ceiling(dir.path(), vus).unwrap()["best_documents_per_second"].as_f64();
+        assert_eq!(best(100), Some(21_000.0));
+        assert_eq!(best(10_000), Some(17_500.0));
+        assert!(
+            ceiling(dir.path(), 1_000).is_none(),
+            "no ceiling was measured after 1,000 VUs"
+        );
+        write("insert-ceiling.json", vec![run(2000, 18_000.0)]);
+        assert_eq!(best(1_000), Some(18_000.0));
+        assert_eq!(
+            best(100),
+            Some(21_000.0),
+            "a level's own ceiling comes first"
+        );
     }
 }
