@@ -214,5 +214,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(out, &json)?;
     }
     println!("{json}");
+    // Dropped instead, the client ends its sessions from a task that outlives the
+    // runtime, and that task panics on the way out.
+    client.shutdown().await;
     Ok(())
 }
