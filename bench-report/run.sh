@@ -23,20 +23,22 @@
 # What it does, in order:
 #   1. builds sluice and the two examples once (cargo build --release --locked) and copies
 #      the binaries into the run folder, so a rebuild meanwhile cannot change the run;
-#   2. brings the lab up with lab/setup-local.sh --no-load (its own state folder, so it
-#      never touches another lab): the 100-IOPS, 0.5-CPU, 500 MiB database, Redis,
-#      N replicas, HAProxy;
-#   3. for each level, on a lab of its own (step 2 again: the database's 500 MiB fill
-#      with what it holds, so a level must not inherit the levels before it):
+#   2. for each level, a fresh lab: lab/setup-local.sh --no-load (its own state folder,
+#      so it never touches another lab): the 100-IOPS, 0.5-CPU, 500 MiB database,
+#      Redis, N replicas, HAProxy. The database's 500 MiB fill with what it stores, so
+#      a level must not inherit the levels before it;
+#   3. on that lab:
 #      a. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold)
 #         against /api/data, with serverStatus snapshots around the run;
 #      b. the database ceiling right after, on the same database:
 #         examples/insert_ceiling.rs, unordered insert_many of 250 stored-shape
 #         documents (about what one insert carries at 100 VUs: its time is the floor of
 #         a request's latency) and 2,000 (BATCH_MAX_DOCS) with w:1, j:true, 1 and 2 in
-#         flight (2 = the 2 replicas' FLUSH_CONCURRENCY of 1 each);
+#         flight (2 = the 2 replicas' FLUSH_CONCURRENCY of 1 each; --quick: 1);
 #      c. the HTTP ceiling: the same stages against /healthz by the same route;
-#   4. the lab again, fresh, with NAIVE_MODE=true on the replicas, and step 3a for it;
+#   4. one fresh lab with NAIVE_MODE=true on the replicas, and step 3a for each level on
+#      it (naive mode stores about 50 documents a second: nothing to fill), a fresh one
+#      again only when a level left it not ready;
 #   5. the lab example's load-report (examples/lab/load_report.rs): report.json,
 #      report.md and chart.svg.
 #
@@ -141,13 +143,16 @@ lab_up() {
   [ "$mode" = naive ] && naive=true
   wait_quiet
   step "lab up for $mode (lab/setup-local.sh --no-load --replicas $REPLICAS, NAIVE_MODE=$naive)"
-  # Appended: a mode's labs share one log, the database supervisor's restarts included.
+  # Appended: a mode's labs share one log, the database supervisor's restarts included;
+  # only this setup's warnings are shown.
+  local from
+  from=$(($(wc -l <"$RUN/setup-$mode.log" 2>/dev/null || echo 0) + 1))
   NAIVE_MODE=$naive lab/setup-local.sh --no-load --replicas "$REPLICAS" >>"$RUN/setup-$mode.log" 2>&1 || {
     tail -n 30 "$RUN/setup-$mode.log" >&2
     echo "error: the lab did not come up; see $(rel "$RUN/setup-$mode.log")" >&2
     exit 1
   }
-  grep -q 'WARNING' "$RUN/setup-$mode.log" && grep -A1 'WARNING' "$RUN/setup-$mode.log" | sort -u | sed 's/^/    /'
+  tail -n "+$from" "$RUN/setup-$mode.log" | grep -A1 'WARNING' | sed 's/^/    /' || true
   # shellcheck disable=SC1091
   . "$LAB_STATE_DIR/lab.env"
   [ "$DIRECT" = 0 ] || BASE_URL=${REPLICA_URLS%% *}
@@ -213,7 +218,9 @@ level() {
   fi
   [ "$target" = healthz ] || snapshot "$MONGO_URI" "$RUN/db-$target-$vus-after.json"
   "$RUN/bin/lab" k6-line "$RUN/k6-$target-$vus.json"
-  [ "$target" = healthz ] || settle >/dev/null
+  # The insert ceiling follows: it must not share the database with sluice's tail.
+  [ "$target" = healthz ] || [ -n "$(settle)" ] ||
+    info "the database's inserted count was still moving a minute after k6 ended"
 }
 
 CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
@@ -232,14 +239,6 @@ CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
 } >"$RUN/meta.json.part"
 
 # ------------------------------------------------------------------ sluice
-# done_phase TARGET...: every level of these targets is in the run folder (--resume).
-done_phase() {
-  local v t
-  for v in $LEVELS; do
-    for t in "$@"; do [ -s "$RUN/k6-$t-$v.json" ] || return 1; done
-  done
-}
-
 # ceiling VUS: the database's raw insert rate right after that level, on its database.
 ceiling() {
   step "the database ceiling after $1 VUs: raw insert_many through the Rust driver, ${CEILING}s per size"
@@ -270,8 +269,8 @@ for v in $LEVELS; do
   done
   step "storage: bytes on disk per stored document"
   # serverStatus's inserted count, not an exact count: counting millions of documents on
-  # the constrained database can cost it more memory than it has. The last level's
-  # database, which holds the most, is the one the report keeps.
+  # the constrained database can cost it more memory than it has. Each level's lab
+  # overwrites it: the report keeps the last level's (its documents and its ceiling's).
   DOCS=$(settle)
   DB_BYTES=$(du -sb "$LAB_STATE_DIR/mnt" 2>/dev/null | cut -f1 || echo 0)
   info "$DOCS documents inserted, $DB_BYTES bytes of database files"
@@ -280,6 +279,14 @@ for v in $LEVELS; do
 done
 
 # ------------------------------------------------------------------ naive
+# done_phase TARGET...: every level of these targets is in the run folder (--resume).
+done_phase() {
+  local v t
+  for v in $LEVELS; do
+    for t in "$@"; do [ -s "$RUN/k6-$t-$v.json" ] || return 1; done
+  done
+}
+
 if done_phase naive; then
   info "naive mode: measured already"
 else

@@ -1,6 +1,7 @@
 //! `load-report DIR`: turns one load-report run's raw files into `report.json`,
 //! `report.md` (the tables) and `chart.svg`: req/s and p95 per VU level for sluice, naive
-//! mode and the `/healthz` ceiling, with the database's raw insert ceiling drawn across.
+//! mode and the `/healthz` ceiling, with the database's raw insert ceiling after each
+//! level.
 //!
 //! `bench-report/run.sh` drives the lab and then runs this; run it alone to redraw:
 //!
