@@ -146,7 +146,7 @@ lab_up() {
   # Appended: a mode's labs share one log, the database supervisor's restarts included;
   # only this setup's warnings are shown.
   local from
-  from=$(($(wc -l <"$RUN/setup-$mode.log" 2>/dev/null || echo 0) + 1))
+  from=$(($(wc -l 2>/dev/null <"$RUN/setup-$mode.log" || echo 0) + 1))
   NAIVE_MODE=$naive lab/setup-local.sh --no-load --replicas "$REPLICAS" >>"$RUN/setup-$mode.log" 2>&1 || {
     tail -n 30 "$RUN/setup-$mode.log" >&2
     echo "error: the lab did not come up; see $(rel "$RUN/setup-$mode.log")" >&2
