@@ -1,8 +1,13 @@
 //! The accept loop.
 //!
-//! A semaphore caps open connections (`MAX_CONNECTIONS`): past the cap a connection gets
-//! a 503 with `Retry-After` and is closed, so an overload costs a few bytes instead of
-//! unbounded memory. Every connection has a header-read timeout, so a client dribbling
+//! A semaphore caps open connections (`MAX_CONNECTIONS`). A connection past the cap waits
+//! up to [`SLOT_WAIT`] for a slot to free, then gets a 503 with `Retry-After` and is
+//! closed, so an overload costs a few bytes instead of unbounded memory. The wait is
+//! what keeps a refusal cheap: answered at once, a client that ignores `Retry-After`
+//! (k6 does) comes straight back. Measured: 10,000 k6 clients on one replica capped at
+//! 10,000 connections (a probe or a scrape takes the last slot) drew 92,100 instant
+//! refusals in 76 s, 22 % of k6's requests, CPU taken from k6 and the database.
+//! Every connection has a header-read timeout, so a client dribbling
 //! its head a byte at a time is cut off, and a write-progress timeout, so a client that
 //! sends requests but never reads the answers cannot hold its slot (and shutdown) for
 //! ever: hyper has no write timeout of its own.
@@ -35,6 +40,12 @@ use crate::metrics::ShedReason;
 
 /// Request heads larger than this are refused by hyper with 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// How long a connection past the cap waits for a slot before its 503: as long as the
+/// `Retry-After` it would be told, so a client that ignores it comes back no sooner.
+pub const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// Connections waiting for a slot at most; past them, refused at once. A waiting
+/// connection holds a socket and a small task, no HTTP buffers.
+const MAX_WAITING: usize = 1024;
 
 /// Serves until `shutdown`, then waits up to `drain` for open connections to finish
 /// their requests.
@@ -46,6 +57,7 @@ pub async fn serve(
     drain: Duration,
 ) {
     let slots = Arc::new(Semaphore::new(settings.max_connections as usize));
+    let waiting = Arc::new(Semaphore::new(MAX_WAITING));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
@@ -53,6 +65,7 @@ pub async fn serve(
         .header_read_timeout(settings.header_read_timeout)
         .keep_alive(true)
         .max_buf_size(MAX_HEAD_BYTES);
+    let http = Arc::new(http);
     let write_timeout = settings.write_progress_timeout;
     tokio::pin!(shutdown);
     let mut trim = tokio::time::interval(TRIM_EVERY);
@@ -82,21 +95,44 @@ pub async fn serve(
         };
         while connections.try_join_next().is_some() {}
         peak_open = peak_open.max(connections.len() + 1);
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            app.metrics.shed.get(ShedReason::Connections).inc();
-            tokio::spawn(refuse(stream));
-            continue;
+        let slot = Arc::clone(&slots).try_acquire_owned().ok();
+        let waiter = match slot {
+            Some(_) => None,
+            None => match Arc::clone(&waiting).try_acquire_owned() {
+                Ok(waiter) => Some(waiter),
+                Err(_) => {
+                    app.metrics.shed.get(ShedReason::Connections).inc();
+                    tokio::spawn(refuse(stream));
+                    continue;
+                }
+            },
         };
         let _ = stream.set_nodelay(true);
-        let app = Arc::clone(&app);
-        let service = service_fn(move |req| {
-            let app = Arc::clone(&app);
-            async move { Ok::<_, Infallible>(crate::http::handle(&app, req).await) }
-        });
-        let io = TokioIo::new(WriteProgress::new(stream, write_timeout));
-        let connection = graceful.watch(http.serve_connection(io, service));
+        let (app, http, slots) = (Arc::clone(&app), Arc::clone(&http), Arc::clone(&slots));
+        // Taken now, not once a slot is free: a shutdown that starts meanwhile must
+        // reach this connection too.
+        let watcher = graceful.watcher();
         connections.spawn(async move {
-            if let Err(e) = connection.await {
+            let slot = match slot {
+                Some(slot) => slot,
+                None => {
+                    let freed = tokio::time::timeout(SLOT_WAIT, slots.acquire_owned()).await;
+                    drop(waiter);
+                    match freed {
+                        Ok(Ok(slot)) => slot,
+                        _ => {
+                            app.metrics.shed.get(ShedReason::Connections).inc();
+                            return refuse(stream).await;
+                        }
+                    }
+                }
+            };
+            let service = service_fn(move |req| {
+                let app = Arc::clone(&app);
+                async move { Ok::<_, Infallible>(crate::http::handle(&app, req).await) }
+            });
+            let io = TokioIo::new(WriteProgress::new(stream, write_timeout));
+            if let Err(e) = watcher.watch(http.serve_connection(io, service)).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
             drop(slot);
@@ -149,7 +185,8 @@ async fn refuse(mut stream: TcpStream) {
     let body = r#"{"status":"error","message":"too many open connections; retry shortly"}"#;
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+         retry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        SLOT_WAIT.as_secs(),
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -166,6 +166,7 @@ async fn connections_over_the_cap_get_503() {
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
         held.push(stream);
     }
+    let asked = Instant::now();
     let response = exchange(
         sluice.port,
         &get_with("", "/healthz"),
@@ -175,6 +176,29 @@ async fn connections_over_the_cap_get_503() {
     assert_eq!(status_of(&response), 503, "{response}");
     assert!(response.to_lowercase().contains("retry-after: 1"));
     assert!(response.contains("too many open connections"));
+    // Not at once: a client that ignores Retry-After must not be able to spin.
+    assert!(
+        asked.elapsed() >= Duration::from_millis(900),
+        "refused after {:?}, without waiting for a slot",
+        asked.elapsed()
+    );
+    // A slot that frees while a connection waits is that connection's.
+    let waiting = tokio::spawn(async move {
+        exchange(
+            sluice.port,
+            &get_with("", "/healthz"),
+            Duration::from_secs(3),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.pop();
+    let response = waiting.await.unwrap();
+    assert_eq!(
+        status_of(&response),
+        200,
+        "served once a slot freed: {response}"
+    );
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let response = exchange(
