@@ -1,7 +1,7 @@
 //! The accept loop.
 //!
 //! A semaphore caps open connections (`MAX_CONNECTIONS`). A connection past the cap waits
-//! up to [`SLOT_WAIT`] for a slot to free, then gets a 503 with `Retry-After` and is
+//! up to `SLOT_WAIT` (1 s) for a slot to free, then gets a 503 with `Retry-After` and is
 //! closed, so an overload costs a few bytes instead of unbounded memory. The wait is
 //! what keeps a refusal cheap: answered at once, a client that ignores `Retry-After`
 //! (k6 does) comes straight back. Measured: 10,000 k6 clients on one replica capped at
@@ -42,7 +42,7 @@ use crate::metrics::ShedReason;
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a connection past the cap waits for a slot before its 503: as long as the
 /// `Retry-After` it would be told, so a client that ignores it comes back no sooner.
-pub const SLOT_WAIT: Duration = Duration::from_secs(1);
+const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// Connections waiting for a slot at most; past them, refused at once. A waiting
 /// connection holds a socket and a small task, no HTTP buffers.
 const MAX_WAITING: usize = 1024;
