@@ -107,6 +107,9 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// Requests refused to protect the service.
     pub shed: Counters<ShedReason>,
+    /// Connections past `MAX_CONNECTIONS` that waited for a slot: served if one freed,
+    /// else also counted in `shed` (`connections`).
+    pub connection_waits: IntCounter,
     pub cache_hits: Counters<Tier>,
     pub cache_misses: Counters<Tier>,
     pub cache_errors: Counters<Tier>,
@@ -281,6 +284,10 @@ impl Metrics {
                 "Documents acknowledged by MongoDB",
             ),
             write_retries: counter("sluice_writer_retries_total", "Insert commands retried"),
+            connection_waits: counter(
+                "sluice_connection_waits_total",
+                "Connections past MAX_CONNECTIONS that waited for a slot (refused ones are in sluice_shed_total too)",
+            ),
             write_failures: counter(
                 "sluice_writer_failed_requests_total",
                 "Requests whose documents could not be stored before their deadline",

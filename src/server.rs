@@ -13,7 +13,8 @@
 //! ever: hyper has no write timeout of its own.
 //!
 //! When `shutdown` completes the loop stops accepting and hyper's graceful shutdown lets
-//! in-flight requests finish while idle keep-alive connections close. That phase has its
+//! in-flight requests finish while idle keep-alive connections close (a connection still
+//! waiting for a slot is served one request at most, or refused). That phase has its
 //! own limit (`drain`); connections still open after it are cut, so the writer's own
 //! drain always gets its turn.
 
@@ -29,7 +30,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -43,8 +44,11 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a connection past the cap waits for a slot before its 503: as long as the
 /// `Retry-After` it would be told, so a client that ignores it comes back no sooner.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
+// `Retry-After` is sent in whole seconds.
+const _: () = assert!(SLOT_WAIT.as_secs() >= 1);
 /// Connections waiting for a slot at most; past them, refused at once. A waiting
-/// connection holds a socket and a small task, no HTTP buffers.
+/// connection holds a socket and its task, no HTTP buffers (hyper allocates them once
+/// it serves).
 const MAX_WAITING: usize = 1024;
 
 /// Serves until `shutdown`, then waits up to `drain` for open connections to finish
@@ -99,7 +103,10 @@ pub async fn serve(
         let waiter = match slot {
             Some(_) => None,
             None => match Arc::clone(&waiting).try_acquire_owned() {
-                Ok(waiter) => Some(waiter),
+                Ok(waiter) => {
+                    app.metrics.connection_waits.inc();
+                    Some(waiter)
+                }
                 Err(_) => {
                     app.metrics.shed.get(ShedReason::Connections).inc();
                     tokio::spawn(refuse(stream));
@@ -191,7 +198,12 @@ async fn refuse(mut stream: TcpStream) {
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Closed with the client's request unread, the socket would send a reset, which
+        // can reach the client before the 503 does: read until the client closes.
+        let mut unread = [0u8; 1024];
+        while stream.read(&mut unread).await? > 0 {}
+        Ok::<_, io::Error>(())
     })
     .await;
 }

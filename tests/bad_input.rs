@@ -183,6 +183,7 @@ async fn connections_over_the_cap_get_503() {
         asked.elapsed()
     );
     // A slot that frees while a connection waits is that connection's.
+    let asked = Instant::now();
     let waiting = tokio::spawn(async move {
         exchange(
             sluice.port,
@@ -198,6 +199,10 @@ async fn connections_over_the_cap_get_503() {
         status_of(&response),
         200,
         "served once a slot freed: {response}"
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_millis(250),
+        "answered before any slot was freed"
     );
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
