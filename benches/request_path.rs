@@ -93,7 +93,8 @@ impl Sink for Instant0 {
     async fn pay(&self) {}
     async fn insert(
         &self,
-        _docs: Vec<&RawDocumentBuf>,
+        _docs: Arc<[RawDocumentBuf]>,
+        _which: Vec<usize>,
         _paid: (),
         _limit: Duration,
     ) -> Result<Rejected, StoreError> {

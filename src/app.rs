@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::budget::{Budget, Split};
-use crate::metrics::{Metrics, RefreshSource, Tier};
+use crate::budget::Budget;
+use crate::metrics::{DbOp, Label as _, Metrics, RefreshSource, Tier};
 use crate::reads::{ReadCache, StoreSource};
 use crate::record::IdempotencyKey;
 use crate::secret::SecretUrl;
@@ -99,15 +99,14 @@ impl App {
             },
             budget: BudgetStatus {
                 cluster_commands_per_second: self.budget.cluster_rate(),
-                pod_share_per_second: self.budget.share(),
-                used_last_second: m.budget_used.get(),
-                live_pods: self.budget.live_pods(),
-                pods_counted_by: match self.budget.split() {
-                    Split::Joining => "joining",
-                    Split::Redis => "redis",
-                    Split::Fallback => "fallback",
-                }
-                .into(),
+                fallback_commands_per_second: self.budget.fallback_rate(),
+                mode: self.budget.mode().as_str().into(),
+                commands_sent: DbOp::ALL
+                    .iter()
+                    .map(|&op| m.db_commands_sent.get(op).get())
+                    .sum(),
+                in_flight: self.budget.in_flight() as u64,
+                in_flight_cap: self.budget.in_flight_cap() as u64,
             },
             database: DatabaseStatus {
                 healthy: self.health.store.is_healthy(),
@@ -122,16 +121,14 @@ impl App {
 pub struct Health {
     pub(crate) store: Arc<Store>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) budget: Arc<Budget>,
     draining: AtomicBool,
 }
 
 impl Health {
-    pub fn new(store: Arc<Store>, shared: Arc<Shared>, budget: Arc<Budget>) -> Self {
+    pub fn new(store: Arc<Store>, shared: Arc<Shared>) -> Self {
         Health {
             store,
             shared,
-            budget,
             draining: AtomicBool::new(false),
         }
     }
@@ -142,8 +139,6 @@ impl Health {
             Err("draining for shutdown")
         } else if !self.store.is_healthy() {
             Err("mongodb is not answering")
-        } else if !self.budget.is_spending() {
-            Err("joining the database budget split")
         } else {
             Ok(())
         }

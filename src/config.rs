@@ -147,11 +147,11 @@ pub struct StoreSettings {
     pub write_journal: bool,
 }
 
-/// Redis: the shared cache tier, the refresh lock and the pod heartbeats.
+/// Redis: the shared cache tier, the refresh lock and the cluster's command schedule.
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Redis")]
 pub struct SharedSettings {
-    /// Redis URL for the shared cache tier, the refresh lock and pod heartbeats.
+    /// Redis URL for the shared cache tier, the refresh lock and the command schedule.
     #[arg(long, env = "REDIS_URL", default_value = "redis://redis:6379", value_parser = SecretUrl::parse_arg)]
     pub redis_url: SecretUrl,
 
@@ -165,17 +165,18 @@ pub struct SharedSettings {
 #[command(next_help_heading = "Budget")]
 pub struct BudgetSettings {
     /// MongoDB commands per second the whole cluster may send (reads, writes, stats and
-    /// pings). Each pod takes an equal share of the live pods counted in Redis.
+    /// pings). Every command takes its token from one schedule in Redis.
     #[arg(long, env = "DB_COMMAND_BUDGET", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub db_command_budget: u32,
 
-    /// Pods assumed to share the budget while Redis cannot be reached. Set it to at least
-    /// the autoscaler's maximum plus the rollout's surge, so a Redis outage can never push
-    /// the database over its cap.
+    /// A pod that cannot reach Redis spends `DB_COMMAND_BUDGET / BUDGET_FALLBACK_PODS`.
+    /// Set it to at least the autoscaler's maximum plus the rollout's surge, so a Redis
+    /// outage for every pod can never push the database over its cap.
     #[arg(long, env = "BUDGET_FALLBACK_PODS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub budget_fallback_pods: u32,
 
-    /// This instance's name in the pod heartbeat set (Kubernetes: the pod name). Defaults
+    /// This instance's name in its status, refresh-lock tokens and logs (Kubernetes: the
+    /// pod name). Defaults
     /// to the host name plus the process id.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -278,7 +279,7 @@ impl Config {
         Ok(())
     }
 
-    /// The name this instance uses in the shared pod set.
+    /// The name this instance goes by in its status and refresh-lock tokens.
     pub fn pod_name(&self) -> String {
         self.budget.pod_name.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

@@ -12,7 +12,7 @@
 use std::marker::PhantomData;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -69,23 +69,34 @@ labels!(
     }
 );
 labels!(
+    /// Where the database budget's tokens come from.
+    BudgetMode { Cluster => "cluster", Fallback => "fallback", Local => "local" }
+);
+labels!(
     /// How a MongoDB command ended.
     DbOutcome { Ok => "ok", Error => "error", Unavailable => "unavailable" }
 );
 
-/// A counter family with one enum label, one counter per value.
-pub struct Counters<L: Label> {
-    by_value: Vec<IntCounter>,
+/// A metric family with one enum label, one metric per value.
+pub struct Family<L: Label, M> {
+    by_value: Vec<M>,
     label: PhantomData<L>,
 }
 
-impl<L: Label> Counters<L> {
-    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
-        let family = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+/// Counters by an enum label.
+pub type Counters<L> = Family<L, IntCounter>;
+/// Gauges by an enum label (a state: the one in force is 1, the others 0).
+pub type Gauges<L> = Family<L, IntGauge>;
+
+impl<L: Label, M> Family<L, M> {
+    fn of<B>(registry: &Registry, family: prometheus::core::MetricVec<B>) -> Self
+    where
+        B: prometheus::core::MetricVecBuilder<M = M> + 'static,
+    {
         registry
             .register(Box::new(family.clone()))
             .expect("unique metric");
-        Counters {
+        Family {
             by_value: L::ALL
                 .iter()
                 .map(|l| family.with_label_values(&[l.as_str()]))
@@ -94,8 +105,22 @@ impl<L: Label> Counters<L> {
         }
     }
 
-    pub fn get(&self, label: L) -> &IntCounter {
+    pub fn get(&self, label: L) -> &M {
         &self.by_value[label.index()]
+    }
+}
+
+impl<L: Label> Counters<L> {
+    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let family = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        Family::of(registry, family)
+    }
+}
+
+impl<L: Label> Gauges<L> {
+    fn register(registry: &Registry, name: &str, help: &str, label: &str) -> Self {
+        let family = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        Family::of(registry, family)
     }
 }
 
@@ -126,11 +151,15 @@ pub struct Metrics {
     pub write_retries: IntCounter,
     /// Requests answered 503 because their documents could not be stored in time.
     pub write_failures: IntCounter,
-    /// This pod's share of the cluster budget, in commands per second.
-    pub budget_share: Gauge,
-    /// Commands this pod sent during the last whole second.
-    pub budget_used: IntGauge,
-    pub live_pods: IntGauge,
+    /// MongoDB commands sent, by operation, counted as they leave (not when answered).
+    pub db_commands_sent: Counters<DbOp>,
+    /// `DB_COMMAND_BUDGET`: commands per second the whole cluster may send.
+    pub db_command_budget: IntGauge,
+    /// Commands sent and not yet answered (a stalled database runs them when it resumes).
+    pub db_commands_in_flight: IntGauge,
+    pub db_commands_in_flight_cap: IntGauge,
+    /// Where the budget's tokens come from now: 1 for the mode in force.
+    pub budget_mode: Gauges<BudgetMode>,
 }
 
 impl Metrics {
@@ -179,14 +208,6 @@ impl Metrics {
         .expect("valid metric");
         registry
             .register(Box::new(http_duration.clone()))
-            .expect("unique metric");
-        let budget_share = Gauge::new(
-            "sluice_budget_share_commands_per_second",
-            "This pod's share of the cluster's MongoDB command budget",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(budget_share.clone()))
             .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -292,12 +313,30 @@ impl Metrics {
                 "sluice_writer_failed_requests_total",
                 "Requests whose documents could not be stored before their deadline",
             ),
-            budget_share,
-            budget_used: int_gauge(
-                "sluice_budget_used_commands_last_second",
-                "MongoDB commands this pod sent during the last whole second",
+            db_commands_sent: Counters::register(
+                &registry,
+                "sluice_db_commands_sent_total",
+                "MongoDB commands sent, by operation, counted as they leave",
+                "op",
             ),
-            live_pods: int_gauge("sluice_live_pods", "Pods sharing the command budget"),
+            db_command_budget: int_gauge(
+                "sluice_db_command_budget",
+                "DB_COMMAND_BUDGET: MongoDB commands per second the whole cluster may send",
+            ),
+            db_commands_in_flight: int_gauge(
+                "sluice_db_commands_in_flight",
+                "MongoDB commands this pod sent that are not answered yet",
+            ),
+            db_commands_in_flight_cap: int_gauge(
+                "sluice_db_commands_in_flight_cap",
+                "MongoDB commands this pod may have sent and not yet seen answered",
+            ),
+            budget_mode: Gauges::register(
+                &registry,
+                "sluice_budget_mode",
+                "Where the budget's tokens come from: cluster (Redis), fallback (Redis unreachable) or local; 1 for the mode in force",
+                "mode",
+            ),
             registry,
         }
     }

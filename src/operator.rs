@@ -19,7 +19,7 @@ use crate::store::Store;
 /// Returns whether both answered.
 pub async fn check(config: &Config) -> Result<bool, ConfigError> {
     let metrics = Arc::new(Metrics::new());
-    let budget = Budget::standalone(config.budget.db_command_budget, Arc::clone(&metrics));
+    let budget = Budget::local(config.budget.db_command_budget, 1, Arc::clone(&metrics));
     let store = Store::connect(&config.store, metrics).await?;
     println!("MongoDB  {}", config.store.mongo_uri);
     let mongo_ok = match store.server_version(budget.acquire().await).await {
@@ -170,12 +170,15 @@ fn render(s: &Status) -> String {
                     s.budget.cluster_commands_per_second.to_string(),
                 ),
                 (
-                    "pod_share_per_second",
-                    format!("{:.2}", s.budget.pod_share_per_second),
+                    "fallback_per_second",
+                    format!("{:.2}", s.budget.fallback_commands_per_second),
                 ),
-                ("used_last_second", s.budget.used_last_second.to_string()),
-                ("live_pods", s.budget.live_pods.to_string()),
-                ("pods_counted_by", s.budget.pods_counted_by.clone()),
+                ("mode", s.budget.mode.clone()),
+                ("commands_sent", s.budget.commands_sent.to_string()),
+                (
+                    "in_flight",
+                    format!("{} of {}", s.budget.in_flight, s.budget.in_flight_cap),
+                ),
             ],
         ),
         (

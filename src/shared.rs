@@ -1,5 +1,5 @@
 //! Everything the pods share through Redis: the L2 read cache, the refresh lock that lets
-//! one pod in the whole cluster query MongoDB, and the heartbeats that split the budget.
+//! one pod in the whole cluster query MongoDB, and the cluster's one command schedule.
 //!
 //! This is the only module that talks to Redis. Redis is a cache here, never a source of
 //! truth: every call fails fast (no queueing while disconnected) and has a short timeout,
@@ -19,17 +19,26 @@ use crate::config::SharedSettings;
 
 const READ_KEY: &str = "sluice:read:first-write";
 const LOCK_KEY: &str = "sluice:lock:first-write";
-const PODS_KEY: &str = "sluice:pods";
+const BUDGET_KEY: &str = "sluice:budget:next";
 
-/// Adds this pod with the server's clock (so pods' clocks need not agree), forgets pods
-/// that missed their heartbeats, and counts the rest, in one round trip.
-const HEARTBEAT_SCRIPT: &str = r"
+/// The cluster's command schedule (GCRA by virtual scheduling), on Redis's clock so the
+/// pods' clocks need not agree. `KEYS[1]` holds the theoretical arrival time of the next
+/// token, in microseconds. A token is reserved only if it is due within one `period`
+/// (`ARGV[1]`, microseconds): the answer is then the wait until it is due (0 or more).
+/// Otherwise nothing is reserved and the answer is minus the wait until asking again.
+/// Keeping reservations within one period means at most one token is promised and not
+/// yet due at any moment, so losing the key (a Redis restart) frees at most that one.
+/// The key expires once it lies in the past, so an idle cluster leaves nothing behind.
+const RESERVE_SCRIPT: &str = r"
 local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return redis.call('ZCARD', KEYS[1])
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local period = tonumber(ARGV[1])
+local due = tonumber(redis.call('GET', KEYS[1]) or '0')
+if due < now then due = now end
+local wait = due - now
+if wait > period then return -(wait - period) end
+redis.call('SET', KEYS[1], string.format('%d', due + period), 'PX', math.floor((wait + period) / 1000) + 1000)
+return wait
 ";
 
 /// Deletes the shared read only if it says the collection is empty: once a document is
@@ -55,6 +64,8 @@ pub struct SharedError(#[from] fred::error::Error);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedRead {
     /// The first `type: "write"` document's id; `None` while the collection is empty.
+    /// Required, though it may be null: a value without it is damaged, not "empty".
+    #[serde(deserialize_with = "Option::deserialize")]
     pub id: Option<ObjectId>,
     /// When MongoDB answered, in milliseconds since the Unix epoch.
     pub fetched_at_ms: u64,
@@ -106,11 +117,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Builds the client and starts connecting in the background. Start-up does not wait
-    /// for Redis: sluice serves without it.
+    /// Builds the client and starts connecting in the background, for as long as the
+    /// process lives. Start-up does not wait for Redis: sluice serves without it.
     pub fn connect(settings: &SharedSettings) -> Result<Self, SharedError> {
         let timeout = settings.redis_timeout;
-        let config = RedisConfig::from_url(settings.redis_url.expose())?;
+        let mut config = RedisConfig::from_url(settings.redis_url.expose())?;
+        // fred's default tries the first connection once and gives up for good; the
+        // reconnect policy below (unlimited attempts) then covers the first one too, so a
+        // pod started while Redis is down joins it when it comes up.
+        config.fail_fast = false;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = timeout.max(Duration::from_millis(500));
@@ -194,19 +209,37 @@ impl Shared {
         Ok(())
     }
 
-    /// Records this pod as alive and returns how many pods are.
-    pub async fn heartbeat(&self, pod: &str, ttl: Duration) -> Result<u32, SharedError> {
-        let ttl_ms = ttl.as_millis().to_string();
-        let pods: i64 = self
+    /// Reserves the cluster's next database command `period_us` microseconds after the
+    /// last one: the wait until it is due, or a negative number (minus the wait before
+    /// asking again) when the schedule is full.
+    pub async fn reserve_command(&self, period_us: u64) -> Result<i64, SharedError> {
+        let period = period_us.to_string();
+        Ok(self
             .call()
-            .eval(HEARTBEAT_SCRIPT, vec![PODS_KEY], vec![pod, ttl_ms.as_str()])
-            .await?;
-        Ok(u32::try_from(pods).unwrap_or(1))
+            .eval(RESERVE_SCRIPT, vec![BUDGET_KEY], vec![period.as_str()])
+            .await?)
     }
 
-    pub async fn leave(&self, pod: &str) -> Result<(), SharedError> {
-        let _: i64 = self.call().zrem(PODS_KEY, pod).await?;
-        Ok(())
+    /// Logs each time the connection to Redis is lost or made, until `stop`: an operator
+    /// reading the log sees when a pod joined a Redis that came up after it.
+    pub async fn watch_connection(&self, stop: tokio_util::sync::CancellationToken) {
+        const EVERY: Duration = Duration::from_millis(250);
+        let mut was = self.client.is_connected();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(EVERY) => {}
+            }
+            let now = self.client.is_connected();
+            match (was, now) {
+                (false, true) => tracing::info!("connected to redis"),
+                (true, false) => {
+                    tracing::warn!("lost the connection to redis; reconnecting every 500 ms")
+                }
+                _ => {}
+            }
+            was = now;
+        }
     }
 
     /// Round trip to Redis, for the `check` subcommand.

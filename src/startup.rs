@@ -14,8 +14,10 @@
 //!    half of the drain time; connections still open then are cut.
 //! 3. The writer closes its queue, flushes everything in it and waits for the last
 //!    insert to be acknowledged.
-//! 4. Heartbeats stop and the pod leaves the shared pod set, so the others take its
-//!    share of the budget at once; the health checker stops.
+//! 4. The health checker and the Redis connection watcher stop.
+//!
+//! From step 1 on, the pod draws nothing from the budget's fallback: while Redis answers
+//! its queue drains through the cluster limiter like any pod's commands.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,12 +28,12 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Health, InFlight, Naive, Stats, Urls};
-use crate::budget::Budget;
+use crate::budget::{Budget, Cluster};
 use crate::config::{Config, ConfigError, ServerSettings};
 use crate::metrics::Metrics;
 use crate::reads::{ReadCache, StoreSource};
 use crate::shared::Shared;
-use crate::store::Store;
+use crate::store::{in_flight_cap, Store, MAX_POOL_SIZE};
 use crate::writes::{StoreSink, Writer};
 
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +68,8 @@ struct Tasks {
     background: tokio::task::JoinSet<()>,
 }
 
-/// Builds the app, binds its port and starts its writer, heartbeats and health checks.
+/// Builds the app, binds its port and starts its writer, health checks and the Redis
+/// connection watcher.
 /// Fails only on settings that cannot work; unreachable dependencies are waited out
 /// while serving.
 pub async fn build(config: Config) -> Result<Application, StartError> {
@@ -82,17 +85,18 @@ pub async fn build(config: Config) -> Result<Application, StartError> {
         ))
     })?);
     // The naive comparison mode has no budget worth the name, like the service it
-    // imitates.
-    let rate = if config.naive_mode {
-        1_000_000
+    // imitates: a local rate that never binds, as many commands at once as the pool.
+    let budget = Arc::new(if config.naive_mode {
+        Budget::local(1_000_000, MAX_POOL_SIZE as usize, Arc::clone(&metrics))
     } else {
-        config.budget.db_command_budget
-    };
-    let budget = Arc::new(Budget::new(
-        rate,
-        config.budget.budget_fallback_pods,
-        Arc::clone(&metrics),
-    ));
+        Budget::clustered(
+            Arc::clone(&shared) as Arc<dyn Cluster>,
+            config.budget.db_command_budget,
+            config.budget.budget_fallback_pods,
+            in_flight_cap(config.writes.flush_concurrency),
+            Arc::clone(&metrics),
+        )
+    });
 
     let stop_writer = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
@@ -115,16 +119,18 @@ pub async fn build(config: Config) -> Result<Application, StartError> {
         Arc::clone(&metrics),
     ));
 
+    // A moment for Redis before the first command asks it for a token: without it the
+    // health check's first ping would find the connection still opening and take its
+    // token from the fallback.
+    if !shared.wait_connected(Duration::from_secs(1)).await {
+        tracing::warn!(redis = %config.shared.redis_url,
+            "redis is not answering; serving from L1 and MongoDB until it is");
+    }
     let stop_background = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
     {
-        let (budget, shared, pod, stop) = (
-            Arc::clone(&budget),
-            Arc::clone(&shared),
-            pod.clone(),
-            stop_background.clone(),
-        );
-        background.spawn(async move { budget.run_heartbeats(&shared, &pod, stop).await });
+        let (shared, stop) = (Arc::clone(&shared), stop_background.clone());
+        background.spawn(async move { shared.watch_connection(stop).await });
     }
     {
         let (store, budget, stop) = (
@@ -145,7 +151,7 @@ pub async fn build(config: Config) -> Result<Application, StartError> {
     let addr = listener.local_addr().unwrap_or(addr);
     let app = Arc::new(App {
         pod,
-        health: Health::new(Arc::clone(&store), Arc::clone(&shared), Arc::clone(&budget)),
+        health: Health::new(Arc::clone(&store), Arc::clone(&shared)),
         reads,
         writer,
         read_timeout: config.store.db_timeout,
@@ -197,10 +203,6 @@ impl Application {
             shared,
             tasks,
         } = self;
-        if !shared.wait_connected(Duration::from_secs(1)).await {
-            tracing::warn!(redis = %app.urls.redis,
-                "redis is not answering; serving from L1 and MongoDB until it is");
-        }
         tracing::info!(
             %addr,
             pod = %app.pod,
@@ -222,6 +224,7 @@ impl Application {
 
         tracing::info!(?drain, "shutting down");
         app.health.start_draining();
+        app.budget.start_draining();
         stop_accepting.cancel();
         let started = Instant::now();
         let finished = tokio::time::timeout(drain, async {

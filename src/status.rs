@@ -66,12 +66,17 @@ pub struct WriterStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BudgetStatus {
+    /// `DB_COMMAND_BUDGET`: commands per second for the whole cluster.
     pub cluster_commands_per_second: u32,
-    pub pod_share_per_second: f64,
-    pub used_last_second: i64,
-    pub live_pods: u32,
-    /// `redis`, `fallback`, or `joining` (registered less than a heartbeat ago).
-    pub pods_counted_by: String,
+    /// What this pod spends at most while it cannot reach Redis.
+    pub fallback_commands_per_second: f64,
+    /// Where tokens come from now: `cluster` (Redis), `fallback` or `local`.
+    pub mode: String,
+    /// Commands this pod has sent since it started.
+    pub commands_sent: u64,
+    /// Commands sent and not yet answered, and the most there may be.
+    pub in_flight: u64,
+    pub in_flight_cap: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,7 +8,10 @@
 //!
 //! Every command runs under a time limit: the driver has no socket timeout, and a stalled
 //! database (SIGSTOP, a saturated disk) must turn into a fast 503 instead of requests
-//! piling up until the client gives up.
+//! piling up until the client gives up. The limit ends the caller's wait, not the command:
+//! a command that reached the server runs when a stalled database resumes. So each
+//! command runs in a task of its own that keeps its budget [`Token`] (and with it one of
+//! the pod's in-flight slots) until the database answers it, or [`ORPHAN_LIMIT`] passes.
 //!
 //! The store keeps one health bit. A *slow* database is not a dead one: only a command
 //! that got no answer within the full `DB_TIMEOUT_MS`, an I/O error or a failed server
@@ -19,7 +22,7 @@
 //! fast-fail path of `/api/data` read the bit, and [`Store::run_health_checks`] keeps it
 //! current while no other command runs.
 
-use std::future::IntoFuture;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,8 +43,20 @@ pub const COLLECTION: &str = "records";
 /// MongoDB's error code for a duplicate `_id`: on a retry, proof the document is stored.
 const DUPLICATE_KEY: i32 = 11000;
 /// Connections one pod keeps to the database at most. Each in-flight command holds one;
-/// sluice never has more than a few in flight (flushes, one read refresh, a ping).
+/// the budget caps those at `FLUSH_CONCURRENCY` + 1 (see [`in_flight_cap`]).
 pub const MAX_POOL_SIZE: u32 = 8;
+/// How long a command the caller gave up on may still hold its in-flight slot. Past it
+/// the command is dropped (the driver closes its connection) and its slot freed; a
+/// database that answers nothing for this long is down, not stalled, and the slot must
+/// not be lost for good to a connection that never answers.
+pub const ORPHAN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Commands one pod may have sent and not yet seen answered: one per flush slot, plus one
+/// for a read, a count or a ping. No more than the connection pool, which a command
+/// would otherwise wait for after it was paid.
+pub fn in_flight_cap(flush_concurrency: usize) -> usize {
+    (flush_concurrency + 1).min(MAX_POOL_SIZE as usize)
+}
 /// Error codes that no retry can fix: the document or the command is wrong, or the user
 /// may not do it. Retrying them only holds a flush slot until the deadline.
 const PERMANENT: &[i32] = &[
@@ -91,10 +106,17 @@ pub struct Store {
     /// The same collection, for queries whose answers are read as documents.
     queries: Collection<Document>,
     timeout: Duration,
+    pulse: Arc<Pulse>,
+}
+
+/// The health bit and what feeds it, shared with command tasks that outlive their caller
+/// (an answer that comes after the caller's limit still proves the database is back).
+struct Pulse {
     healthy: AtomicBool,
     /// Milliseconds since `started` of the last answered command.
     last_answer_ms: AtomicU64,
     started: Instant,
+    timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -151,16 +173,19 @@ impl Store {
             db,
             records,
             timeout,
-            healthy: AtomicBool::new(false),
-            last_answer_ms: AtomicU64::new(0),
-            started: Instant::now(),
-            metrics,
+            pulse: Arc::new(Pulse {
+                healthy: AtomicBool::new(false),
+                last_answer_ms: AtomicU64::new(0),
+                started: Instant::now(),
+                timeout,
+                metrics,
+            }),
         })
     }
 
     /// Whether the last command was answered. False until the first one is.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.pulse.healthy.load(Ordering::Relaxed)
     }
 
     /// The full time limit of one command (`DB_TIMEOUT_MS`).
@@ -172,23 +197,38 @@ impl Store {
         self.db.name()
     }
 
-    /// Stores documents with one unordered `insert_many`, within `limit` (capped at the
-    /// store's own timeout), and says which were not stored. A duplicate `_id` is not
-    /// among them: ids are made before the first attempt, so a duplicate means an earlier
-    /// attempt (or an earlier request with the same idempotency key) stored it.
-    pub async fn insert_many<'a>(
+    /// Stores `docs[i]` for each `i` in `which` with one unordered `insert_many`, within
+    /// `limit` (capped at the store's own timeout), and says which were not stored, as
+    /// positions in `which`. A duplicate `_id` is not among them: ids are made before the
+    /// first attempt, so a duplicate means an earlier attempt (or an earlier request with
+    /// the same idempotency key) stored it. A reply that names a document the command did
+    /// not hold fails the whole command, so the caller retries it rather than crediting a
+    /// request that was never stored.
+    pub async fn insert_many(
         &self,
-        docs: impl IntoIterator<Item = &'a RawDocumentBuf>,
-        _paid: Token,
+        docs: Arc<[RawDocumentBuf]>,
+        which: Vec<usize>,
+        paid: Token,
         limit: Duration,
     ) -> Result<Rejected, StoreError> {
-        let command = self.records.insert_many(docs).ordered(false);
-        match self.run(DbOp::Insert, limit, command).await {
+        let sent = which.len();
+        let records = self.records.clone();
+        let command = async move {
+            records
+                .insert_many(which.iter().map(|&i| &docs[i]))
+                .ordered(false)
+                .await
+        };
+        match self.run(DbOp::Insert, limit, paid, command).await {
             Ok(_) => Ok(Rejected::default()),
             Err(StoreError::Refused(e)) => match e.kind.as_ref() {
                 ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => {
                     let mut rejected = Rejected::default();
                     for w in failure.write_errors.iter().flatten() {
+                        if w.index >= sent {
+                            tracing::error!(index = w.index, sent, "the database named a document the insert did not hold; retrying the batch");
+                            return Err(StoreError::Refused(e));
+                        }
                         if w.code == DUPLICATE_KEY {
                             continue;
                         }
@@ -208,12 +248,15 @@ impl Store {
 
     /// The read every `/api/data` makes five times: the first `type: "write"` document.
     /// Only its id is fetched, since only the id is returned.
-    pub async fn first_write(&self, _paid: Token) -> Result<Option<ObjectId>, StoreError> {
-        let query = self
-            .queries
-            .find_one(doc! { "type": "write" })
-            .projection(doc! { "_id": 1 });
-        let found = self.run(DbOp::Find, self.timeout, query).await?;
+    pub async fn first_write(&self, paid: Token) -> Result<Option<ObjectId>, StoreError> {
+        let queries = self.queries.clone();
+        let query = async move {
+            queries
+                .find_one(doc! { "type": "write" })
+                .projection(doc! { "_id": 1 })
+                .await
+        };
+        let found = self.run(DbOp::Find, self.timeout, paid, query).await?;
         Ok(found.and_then(|d| d.get_object_id("_id").ok()))
     }
 
@@ -221,30 +264,50 @@ impl Store {
     /// ever appended, so the first one stays first while it exists: this revalidates a
     /// known answer of [`Store::first_write`] by `_id` instead of running the query again,
     /// which some servers answer by reading every match before applying the limit.
-    pub async fn still_stored(&self, id: ObjectId, _paid: Token) -> Result<bool, StoreError> {
-        let query = self
-            .queries
-            .find_one(doc! { "_id": id, "type": "write" })
-            .projection(doc! { "_id": 1 });
-        Ok(self.run(DbOp::Find, self.timeout, query).await?.is_some())
+    pub async fn still_stored(&self, id: ObjectId, paid: Token) -> Result<bool, StoreError> {
+        let queries = self.queries.clone();
+        let query = async move {
+            queries
+                .find_one(doc! { "_id": id, "type": "write" })
+                .projection(doc! { "_id": 1 })
+                .await
+        };
+        Ok(self
+            .run(DbOp::Find, self.timeout, paid, query)
+            .await?
+            .is_some())
     }
 
     /// The collection's size from its metadata: no scan, so it costs no disk reads.
-    pub async fn estimated_count(&self, _paid: Token, limit: Duration) -> Result<u64, StoreError> {
-        let count = self.records.estimated_document_count();
-        self.run(DbOp::Count, limit, count).await
+    pub async fn estimated_count(&self, paid: Token, limit: Duration) -> Result<u64, StoreError> {
+        let records = self.records.clone();
+        let count = async move { records.estimated_document_count().await };
+        self.run(DbOp::Count, limit, paid, count).await
     }
 
-    pub async fn ping(&self, _paid: Token) -> Result<(), StoreError> {
-        let ping = self.db.run_command(doc! { "ping": 1 });
-        self.run(DbOp::Ping, self.timeout, ping).await?;
+    pub async fn ping(&self, paid: Token) -> Result<(), StoreError> {
+        self.run_command(DbOp::Ping, paid, doc! { "ping": 1 })
+            .await?;
         Ok(())
     }
 
+    fn run_command(
+        &self,
+        op: DbOp,
+        paid: Token,
+        command: Document,
+    ) -> impl Future<Output = Result<Document, StoreError>> + '_ {
+        let db = self.db.clone();
+        self.run(op, self.timeout, paid, async move {
+            db.run_command(command).await
+        })
+    }
+
     /// The server's version string, for the `check` subcommand.
-    pub async fn server_version(&self, _paid: Token) -> Result<String, StoreError> {
-        let build_info = self.db.run_command(doc! { "buildInfo": 1 });
-        let info = self.run(DbOp::BuildInfo, self.timeout, build_info).await?;
+    pub async fn server_version(&self, paid: Token) -> Result<String, StoreError> {
+        let info = self
+            .run_command(DbOp::BuildInfo, paid, doc! { "buildInfo": 1 })
+            .await?;
         Ok(info.get_str("version").unwrap_or("unknown").to_string())
     }
 
@@ -259,58 +322,91 @@ impl Store {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let since_answer = self.started.elapsed().saturating_sub(Duration::from_millis(
-                self.last_answer_ms.load(Ordering::Relaxed),
-            ));
-            if self.is_healthy() && since_answer < 2 * EVERY {
+            if self.is_healthy() && self.pulse.since_answer() < 2 * EVERY {
                 continue;
             }
-            // While down, wait for a token: knowing when it is back is the point. While
-            // merely idle, skip if the budget is busy, since busy means commands answer.
-            let token = if self.is_healthy() {
-                budget.try_acquire()
-            } else {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    token = budget.acquire() => Some(token),
-                }
+            // Down, or idle for two ticks: one ping, paid like any command. While
+            // commands flow they answer, and this never gets here.
+            let token = tokio::select! {
+                _ = stop.cancelled() => return,
+                token = budget.acquire() => token,
             };
-            if let Some(token) = token {
-                let _ = self.ping(token).await;
-            }
+            let _ = self.ping(token).await;
         }
     }
 
-    /// Runs one command under `limit` (at most the store's timeout), then records its
-    /// outcome in the health bit and the metrics.
-    async fn run<T>(
+    /// Runs one command in a task of its own that keeps `paid` until the database answers
+    /// (or [`ORPHAN_LIMIT`]), and waits for it at most `limit` (capped at the store's
+    /// timeout); records the outcome in the health bit and the metrics.
+    async fn run<T, F>(
         &self,
         op: DbOp,
         limit: Duration,
-        command: impl IntoFuture<Output = mongodb::error::Result<T>>,
-    ) -> Result<T, StoreError> {
+        paid: Token,
+        command: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = mongodb::error::Result<T>> + Send + 'static,
+    {
         let limit = limit.min(self.timeout);
-        let result = match tokio::time::timeout(limit, command.into_future()).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) if is_unreachable(&e) => Err(StoreError::Unavailable(e.kind.to_string())),
-            Ok(Err(e)) => Err(StoreError::Refused(e)),
-            Err(_) if limit < self.timeout => Err(StoreError::Slow(limit)),
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within DB_TIMEOUT_MS ({limit:?})"
+        let pulse = &self.pulse;
+        pulse.metrics.db_commands_sent.get(op).inc();
+        let late = Arc::clone(pulse);
+        let answered_late = Arc::new(AtomicBool::new(false));
+        let waiting = Arc::clone(&answered_late);
+        let mut task = tokio::spawn(async move {
+            let result = tokio::time::timeout(ORPHAN_LIMIT, command).await;
+            drop(paid);
+            // The caller stopped waiting: an answer now still says the database is back.
+            if waiting.load(Ordering::Acquire) && matches!(result, Ok(Ok(_))) {
+                late.answered();
+            }
+            result
+        });
+        let result = match tokio::time::timeout(limit, &mut task).await {
+            Ok(Ok(Ok(Ok(value)))) => Ok(value),
+            Ok(Ok(Ok(Err(e)))) if is_unreachable(&e) => {
+                Err(StoreError::Unavailable(e.kind.to_string()))
+            }
+            Ok(Ok(Ok(Err(e)))) => Err(StoreError::Refused(e)),
+            Ok(Ok(Err(_orphan_limit))) => Err(StoreError::Unavailable(format!(
+                "no answer within {ORPHAN_LIMIT:?}"
             ))),
+            Ok(Err(join)) => Err(StoreError::Unavailable(format!(
+                "the command's task failed: {join}"
+            ))),
+            Err(_) => {
+                answered_late.store(true, Ordering::Release);
+                if limit < self.timeout {
+                    Err(StoreError::Slow(limit))
+                } else {
+                    Err(StoreError::Unavailable(format!(
+                        "no answer within DB_TIMEOUT_MS ({limit:?})"
+                    )))
+                }
+            }
         };
         let outcome = match &result {
             Ok(_) => DbOutcome::Ok,
             Err(StoreError::Refused(_)) => DbOutcome::Error,
             Err(_) => DbOutcome::Unavailable,
         };
-        self.metrics.db_command(op, outcome);
+        pulse.metrics.db_command(op, outcome);
         match &result {
-            Ok(_) | Err(StoreError::Refused(_)) => self.answered(),
-            Err(StoreError::Unavailable(e)) => self.unanswered(op, e),
+            Ok(_) | Err(StoreError::Refused(_)) => pulse.answered(),
+            Err(StoreError::Unavailable(e)) => pulse.unanswered(op, e),
             Err(StoreError::Slow(_)) => {}
         }
         result
+    }
+}
+
+impl Pulse {
+    fn since_answer(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(
+            self.last_answer_ms.load(Ordering::Relaxed),
+        ))
     }
 
     fn answered(&self) {
@@ -326,10 +422,7 @@ impl Store {
     /// `DB_TIMEOUT_MS`: a connection reset right after a stall (the server resuming and
     /// dropping a connection whose command sluice gave up on) is not an outage.
     fn unanswered(&self, op: DbOp, error: &str) {
-        let since_answer = self.started.elapsed().saturating_sub(Duration::from_millis(
-            self.last_answer_ms.load(Ordering::Relaxed),
-        ));
-        if since_answer < self.timeout {
+        if self.since_answer() < self.timeout {
             return;
         }
         if self.healthy.swap(false, Ordering::Relaxed) {

@@ -123,9 +123,10 @@ async fn probes_stats_status_and_metrics() {
         "/writer/batches_flushed",
         "/writer/documents_per_batch_avg",
         "/writer/flush_latency_ms_avg",
-        "/budget/pod_share_per_second",
-        "/budget/used_last_second",
-        "/budget/live_pods",
+        "/budget/fallback_commands_per_second",
+        "/budget/commands_sent",
+        "/budget/in_flight",
+        "/budget/in_flight_cap",
     ] {
         assert!(
             status.pointer(path).is_some(),
@@ -133,7 +134,7 @@ async fn probes_stats_status_and_metrics() {
         );
     }
     assert_eq!(status.pointer("/writer/documents_stored").unwrap(), 15);
-    assert_eq!(status.pointer("/budget/live_pods").unwrap(), 1);
+    assert_eq!(status.pointer("/budget/mode").unwrap(), "cluster");
 
     let metrics = reqwest::get(sluice.url("/metrics")).await.unwrap();
     assert!(metrics.headers()["content-type"]
@@ -146,7 +147,9 @@ async fn probes_stats_status_and_metrics() {
         "sluice_http_request_duration_seconds_bucket",
         "sluice_writer_batch_documents_count",
         "sluice_cache_hits_total",
-        "sluice_budget_share_commands_per_second 50",
+        "sluice_db_command_budget 50",
+        "sluice_budget_mode{mode=\"cluster\"} 1",
+        "sluice_db_commands_sent_total{op=\"insert\"}",
         "sluice_shed_total",
     ] {
         assert!(text.contains(name), "/metrics lacks {name}:\n{text}");

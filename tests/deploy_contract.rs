@@ -72,7 +72,7 @@ fn the_fallback_split_covers_every_pod_there_can_be() {
     };
     assert!(
         fallback >= max_replicas + surge,
-        "BUDGET_FALLBACK_PODS ({fallback}) must be at least maxReplicas ({max_replicas}) + maxSurge ({surge}): pods cut off from Redis would overspend the budget"
+        "BUDGET_FALLBACK_PODS ({fallback}) must be at least maxReplicas ({max_replicas}) + maxSurge ({surge}), the most pods that spend at once (a terminating pod draws nothing from the fallback): pods all cut off from Redis would overspend the budget"
     );
 }
 

@@ -17,11 +17,12 @@ pub async fn handle(naive: &Naive) -> Result<Response, ApiError> {
     }
     let timeout = naive.store.timeout();
     let (ids, docs) = record::new_batch(None);
-    for doc in &docs {
+    let docs: std::sync::Arc<[bson::RawDocumentBuf]> = docs.into();
+    for i in 0..docs.len() {
         let token = naive.budget.acquire().await;
         let rejected = naive
             .store
-            .insert_many([doc], token, timeout)
+            .insert_many(std::sync::Arc::clone(&docs), vec![i], token, timeout)
             .await
             .map_err(|e| WriteError::NotStored(e.to_string()))?;
         if !rejected.retry.is_empty() || !rejected.refused.is_empty() {

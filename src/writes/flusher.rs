@@ -234,6 +234,7 @@ impl<K: Sink> Flush<K> {
             });
             docs.extend(job.docs);
         }
+        let docs: Arc<[RawDocumentBuf]> = docs.into();
         // Positions in `docs` still to be stored, ascending.
         let mut todo: Vec<usize> = (0..docs.len()).collect();
         let mut delays = ExponentialBuilder::default()
@@ -265,7 +266,7 @@ impl<K: Sink> Flush<K> {
             let sent = Instant::now();
             let outcome = self
                 .sink
-                .insert(todo.iter().map(|&i| &docs[i]).collect(), paid_now, limit)
+                .insert(Arc::clone(&docs), todo.clone(), paid_now, limit)
                 .await;
             let outcome_answered = outcome.is_ok();
             let (retry, refused) = match outcome {
@@ -274,6 +275,7 @@ impl<K: Sink> Flush<K> {
                     self.last_insert_us.store(us, Ordering::Relaxed);
                     reason = "the database rejected documents".into();
                     let to_todo = |v: Vec<usize>| {
+                        // The sink checked the positions against what it was sent.
                         let mut v: Vec<usize> = v.into_iter().map(|i| todo[i]).collect();
                         v.sort_unstable();
                         v

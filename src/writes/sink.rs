@@ -15,10 +15,13 @@ pub trait Sink: Send + Sync + 'static {
     type Paid: Send + 'static;
     /// Waits until one more insert command may be sent.
     fn pay(&self) -> impl Future<Output = Self::Paid> + Send;
-    /// Sends one unordered insert of `docs` within `limit`; says which were not stored.
+    /// Sends one unordered insert of `docs[i]` for each `i` in `which`, within `limit`;
+    /// says which were not stored, as positions in `which`. The documents are shared, not
+    /// lent: a command the caller stops waiting for may still be on its way.
     fn insert(
         &self,
-        docs: Vec<&RawDocumentBuf>,
+        docs: Arc<[RawDocumentBuf]>,
+        which: Vec<usize>,
         paid: Self::Paid,
         limit: Duration,
     ) -> impl Future<Output = Result<Rejected, StoreError>> + Send;
@@ -39,10 +42,11 @@ impl Sink for StoreSink {
 
     async fn insert(
         &self,
-        docs: Vec<&RawDocumentBuf>,
+        docs: Arc<[RawDocumentBuf]>,
+        which: Vec<usize>,
         paid: Token,
         limit: Duration,
     ) -> Result<Rejected, StoreError> {
-        self.store.insert_many(docs, paid, limit).await
+        self.store.insert_many(docs, which, paid, limit).await
     }
 }

@@ -58,10 +58,12 @@ impl Sink for MemorySink {
 
     async fn insert(
         &self,
-        docs: Vec<&RawDocumentBuf>,
+        all: Arc<[RawDocumentBuf]>,
+        which: Vec<usize>,
         _paid: (),
         _limit: Duration,
     ) -> Result<Rejected, StoreError> {
+        let docs: Vec<&RawDocumentBuf> = which.iter().map(|&i| &all[i]).collect();
         self.0
             .inserts
             .lock()

@@ -378,11 +378,19 @@ pub async fn budgeted_commands(mongo: &Mongo) -> i64 {
         .sum()
 }
 
-/// Samples [`budgeted_commands`] once a second until dropped; `per_second` gives the
-/// commands the server ran in each whole second.
+/// Samples [`budgeted_commands`] once a second until dropped. A stalled database answers
+/// nothing, so a window can span several seconds: each carries its own span.
 pub struct CommandMeter {
-    samples: std::sync::Arc<std::sync::Mutex<Vec<i64>>>,
+    samples: std::sync::Arc<std::sync::Mutex<Vec<(Instant, i64)>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Commands the server ran between two samples, and when that window ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub end: Instant,
+    pub span: Duration,
+    pub commands: i64,
 }
 
 impl CommandMeter {
@@ -393,23 +401,28 @@ impl CommandMeter {
             let mongo = Mongo::attach(port);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
-                tick.tick().await;
-                // A stalled database answers nothing: that second's count lands in the next.
+                let at = tick.tick().await.into_std();
                 if let Ok(n) =
                     tokio::time::timeout(Duration::from_millis(900), budgeted_commands(&mongo))
                         .await
                 {
-                    out.lock().unwrap().push(n);
+                    out.lock().unwrap().push((at, n));
                 }
             }
         });
         CommandMeter { samples, task }
     }
 
-    /// Commands in each second between samples.
-    pub fn per_second(&self) -> Vec<i64> {
+    /// Every window between consecutive samples.
+    pub fn windows(&self) -> Vec<Window> {
         let s = self.samples.lock().unwrap();
-        s.windows(2).map(|w| w[1] - w[0]).collect()
+        s.windows(2)
+            .map(|w| Window {
+                end: w[1].0,
+                span: w[1].0 - w[0].0,
+                commands: w[1].1 - w[0].1,
+            })
+            .collect()
     }
 }
 
@@ -419,22 +432,28 @@ impl Drop for CommandMeter {
     }
 }
 
-/// A TCP proxy that can stall: while stalled it forwards nothing in either direction,
-/// as a congested or partitioned link would, without closing anything.
-pub struct StallProxy {
+/// A TCP relay the test can slow down or stall: it adds a fixed delay to every byte in
+/// each direction, as a long or congested link would, and while stalled it forwards
+/// nothing, as a partitioned one would, without closing anything.
+pub struct Relay {
     pub port: u16,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    link: std::sync::Arc<Link>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl StallProxy {
-    pub async fn start(upstream: u16) -> StallProxy {
-        use std::sync::atomic::AtomicBool;
+#[derive(Default)]
+struct Link {
+    stalled: std::sync::atomic::AtomicBool,
+    delay_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Relay {
+    pub async fn start(upstream: u16) -> Relay {
         use std::sync::Arc;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let stalled = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stalled);
+        let link = Arc::new(Link::default());
+        let shared = Arc::clone(&link);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
@@ -443,45 +462,72 @@ impl StallProxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, Arc::clone(&flag)));
-                tokio::spawn(pump(sr, cw, Arc::clone(&flag)));
+                tokio::spawn(pump(cr, sw, Arc::clone(&shared)));
+                tokio::spawn(pump(sr, cw, Arc::clone(&shared)));
             }
         });
-        StallProxy {
-            port,
-            stalled,
-            task,
-        }
+        Relay { port, link, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
     }
 
     pub fn set_stalled(&self, stalled: bool) {
-        self.stalled
+        self.link
+            .stalled
             .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Delays every chunk by `delay` in each direction (a round trip gains twice that).
+    pub fn set_delay(&self, delay: Duration) {
+        self.link.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 }
 
+/// Reads chunks as they come and writes each once its delay has passed, so the delay is a
+/// latency added to every byte, not a throughput limit.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    link: std::sync::Arc<Link>,
 ) {
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        while stalled.load(std::sync::atomic::Ordering::SeqCst) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx
+                        .send((tokio::time::Instant::now(), buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Some((read_at, chunk)) = rx.recv().await {
+        let delay = Duration::from_millis(link.delay_ms.load(SeqCst));
+        tokio::time::sleep_until(read_at + delay).await;
+        while link.stalled.load(SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+        if to.write_all(&chunk).await.is_err() {
+            break;
         }
     }
+    reader.abort();
 }
 
-impl Drop for StallProxy {
+impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
     }
