@@ -25,6 +25,12 @@
 //!   that queried just before the insert can still share "empty" for `CACHE_EMPTY_MS`.)
 //! - **Redis down.** L2 errors are counted and skipped: L1 and MongoDB still serve,
 //!   single-flighted per pod and paid from the budget.
+//! - **Redis is not trusted.** A shared value stamped in this pod's future has no age it
+//!   can be judged by, so it is checked in MongoDB before it is served (see
+//!   [`ReadCache::shared`]); one that does not parse is a miss (`Shared::get_read`).
+//! - **A panic is contained.** A load or refresh that panics is logged as an error and
+//!   ends like a failed one: its lock is released, its readers get an error, and the next
+//!   miss or due refresh starts afresh.
 //!
 //! The tiers are behind two traits ([`Source`], [`Tier`]), so these rules are unit-tested
 //! under tokio's paused time in `tests.rs`; the real-server tests prove them end to end.
@@ -33,8 +39,13 @@ mod seams;
 #[cfg(test)]
 mod tests;
 
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bson::oid::ObjectId;
@@ -126,8 +137,8 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             {
                 let this = Arc::clone(self);
                 tokio::spawn(async move {
-                    this.refresh(entry.read).await;
-                    this.refreshing.store(false, Ordering::Release);
+                    let _refreshing = Lower(&this.refreshing);
+                    contained("background read refresh", this.refresh(entry.read)).await;
                 });
             }
             return Ok(entry.read.id);
@@ -146,22 +157,34 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
 
     /// The load in progress on this pod, or a new one: one loader per pod, in a task of
     /// its own, whose answer every caller that missed L1 meanwhile shares.
+    ///
+    /// Only a load still running is shared. One whose task ended without an answer (its
+    /// sender is gone) would fail every caller it is handed to, at once and for good: the
+    /// next caller starts a new load instead.
     fn join_load(self: &Arc<Self>) -> watch::Receiver<Loaded> {
         let mut slot = self.loading.lock().expect("loading lock");
-        if let Some(answer) = slot.as_ref().filter(|a| a.borrow().is_none()) {
+        if let Some(answer) = slot
+            .as_ref()
+            .filter(|a| a.borrow().is_none() && a.has_changed().is_ok())
+        {
             return answer.clone();
         }
         let (tx, rx) = watch::channel(None);
         *slot = Some(rx.clone());
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            let result = match this.load(None).await {
-                Ok((entry, shared)) => {
-                    this.keep(entry, shared).await;
-                    Ok(entry)
-                }
-                Err(e) => Err(e),
+            let load = async {
+                let (entry, shared) = this.load(None).await?;
+                this.keep(entry, shared).await;
+                Ok(entry)
             };
+            // A panic answers too, so this load's readers fail now and it is not shared
+            // again.
+            let result = contained("read load", load).await.unwrap_or_else(|| {
+                Err(ReadError(StoreError::Unavailable(
+                    "the read loader panicked".into(),
+                )))
+            });
             let _ = tx.send(Some(result));
         });
         rx
@@ -241,9 +264,9 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
     /// whichever pod holds the lock. `fallback` is what this pod may serve meanwhile.
     /// Also says whether L2 holds the value (so L1 need not keep an empty one).
     async fn load(&self, fallback: Option<CachedRead>) -> Result<(Entry, bool), ReadError> {
-        let l2 = match self.tier.get().await {
+        let l2 = match self.shared().await {
             Ok(found) => found,
-            Err(e) => return self.without_l2(e, fallback).await,
+            Err(e) => return self.without_l2(e, fallback.and_then(|r| r.id)).await,
         };
         if let Some(read) = l2.filter(|r| self.is_fresh(r)) {
             self.metrics.cache_hits.get(TierLabel::L2).inc();
@@ -251,12 +274,20 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             return Ok((self.entry(read, None), true));
         }
         self.metrics.cache_misses.get(TierLabel::L2).inc();
-        // The newest value anyone has, to serve while another pod refreshes.
-        let stale = [l2, fallback]
+        let known = [l2, fallback]
             .into_iter()
             .flatten()
-            .filter(|r| r.id.is_some())
+            .filter(|r| r.id.is_some());
+        // The newest value anyone has, to serve while another pod refreshes; never one
+        // past `CACHE_STALE_MS`, which also keeps out a value whose stamp is not trusted.
+        let now = self.clock.now_ms();
+        let stale = known
+            .clone()
+            .filter(|r| r.age(now) < self.settings.stale)
             .max_by_key(|r| r.fetched_at_ms);
+        // Any id a load found will do to revalidate, however old: the lookup by `_id`
+        // checks it in MongoDB before it is served.
+        let known = known.max_by_key(|r| r.fetched_at_ms).and_then(|r| r.id);
         let holder = format!(
             "{}:{}",
             self.pod,
@@ -268,24 +299,30 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
                 Ok(true) => {
                     // The previous holder may have shared its value between our look and
                     // our lock: look again before paying for a query.
-                    let result = match self.tier.get().await {
-                        Ok(Some(read)) if self.is_fresh(&read) => {
-                            self.metrics.refreshes.get(RefreshSource::Shared).inc();
-                            Ok((self.entry(read, None), true))
+                    let held = async {
+                        match self.shared().await {
+                            Ok(Some(read)) if self.is_fresh(&read) => {
+                                self.metrics.refreshes.get(RefreshSource::Shared).inc();
+                                Ok((self.entry(read, None), true))
+                            }
+                            _ => self.query(true, known).await,
                         }
-                        _ => self.query(true, stale.and_then(|r| r.id)).await,
                     };
+                    // Released even if the query panics, so a panic here does not make
+                    // every pod wait out `LOCK_TTL`; the panic then goes on to the task's
+                    // `contained`.
+                    let result = CatchUnwind(Box::pin(held)).await;
                     if let Err(e) = self.tier.unlock(&holder).await {
                         tracing::debug!(error = %e, "could not release the refresh lock; it expires");
                     }
-                    return result;
+                    return result.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                 }
                 Ok(false) => {
                     if let Some(read) = stale {
                         return Ok((self.entry(read, Some(RETRY_AFTER_FAILURE)), false));
                     }
                 }
-                Err(e) => return self.without_l2(e, stale).await,
+                Err(e) => return self.without_l2(e, known).await,
             }
             // Cold, and another attempt holds the lock: wait for its value, retrying the
             // lock in case the holder is gone.
@@ -293,7 +330,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
                 return self.query(false, None).await;
             }
             tokio::time::sleep(LOCK_POLL).await;
-            if let Ok(Some(read)) = self.tier.get().await {
+            if let Ok(Some(read)) = self.shared().await {
                 if self.is_fresh(&read) {
                     self.metrics.refreshes.get(RefreshSource::Shared).inc();
                     return Ok((self.entry(read, None), true));
@@ -302,14 +339,38 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
         }
     }
 
+    /// The shared value, its stamp judged by this pod's clock.
+    ///
+    /// A stamp in the future (a pod whose clock runs ahead, or a damaged value) tells
+    /// nothing of the value's age. Taken as "now" it would stay fresh as long as it is
+    /// ahead, and each refresh that read it again would find it fresh again: never
+    /// revalidated while the key lives. So it is taken as unknown, that is as old as can
+    /// be: neither fresh nor served stale. Its id is kept, as a hint the lookup by `_id`
+    /// checks before anything is served; that costs one index lookup, under the lock,
+    /// where trusting the stamp could serve an answer nobody checked.
+    async fn shared(&self) -> Result<Option<CachedRead>, SharedError> {
+        let found = self.tier.get().await?;
+        let now = self.clock.now_ms();
+        Ok(found.map(|read| {
+            if read.fetched_at_ms > now {
+                CachedRead {
+                    fetched_at_ms: 0,
+                    ..read
+                }
+            } else {
+                read
+            }
+        }))
+    }
+
     async fn without_l2(
         &self,
         e: SharedError,
-        fallback: Option<CachedRead>,
+        known: Option<ObjectId>,
     ) -> Result<(Entry, bool), ReadError> {
         self.metrics.cache_errors.get(TierLabel::L2).inc();
         tracing::debug!(error = %e, "L2 unavailable; reading MongoDB");
-        self.query(false, fallback.and_then(|r| r.id)).await
+        self.query(false, known).await
     }
 
     /// Reads MongoDB (the source pays from the budget) and, if asked, shares the answer in
@@ -388,5 +449,57 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             read,
             refresh_after: Instant::now() + wait,
         }
+    }
+}
+
+/// Runs `work` to its end or to its panic. A panic is logged as an error and comes back as
+/// `None`, so whoever waits on the work gets an answer rather than a dead end.
+async fn contained<F: Future>(task: &'static str, work: F) -> Option<F::Output> {
+    match CatchUnwind(Box::pin(work)).await {
+        Ok(output) => Some(output),
+        Err(panic) => {
+            tracing::error!(
+                task,
+                panic = panic_message(panic.as_ref()),
+                "a read cache task panicked"
+            );
+            None
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// A future's output, or the payload of the panic it raised while polled. Unwind safety
+/// is asserted: the future is never polled again after it panicked, and what it shares
+/// with the rest of the cache (moka, atomics, mutexes that poison) stays consistent.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// Lowers a flag when dropped: when the work it marks ends, however it ends (also by a
+/// panic, or the task being dropped), so the flag never stays raised with nothing behind
+/// it.
+struct Lower<'a>(&'a AtomicBool);
+
+impl Drop for Lower<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }

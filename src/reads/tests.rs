@@ -20,6 +20,8 @@ struct Db {
     revalidations: AtomicUsize,
     down: AtomicBool,
     latency_ms: Mutex<u64>,
+    /// How many of the next calls panic (after their latency), as a bug in a driver would.
+    panics: AtomicUsize,
 }
 
 #[derive(Clone, Default)]
@@ -43,6 +45,14 @@ impl MemorySource {
     async fn answer(&self) -> Result<(), StoreError> {
         let latency = *self.0.latency_ms.lock().unwrap();
         tokio::time::sleep(Duration::from_millis(latency)).await;
+        if self
+            .0
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("the source panicked, as the test asked");
+        }
         if self.0.down.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("down".into()));
         }
@@ -50,10 +60,25 @@ impl MemorySource {
     }
 }
 
+/// Keys expire as in Redis once `put` or `try_lock` gave them a TTL; a test that sets a
+/// field directly sets a key that never expires.
 #[derive(Default)]
 struct Redis {
     value: Mutex<Option<CachedRead>>,
+    value_expires: Mutex<Option<Instant>>,
     lock: Mutex<Option<String>>,
+    lock_expires: Mutex<Option<Instant>>,
+}
+
+fn expire<V>(key: &Mutex<Option<V>>, expires: &Mutex<Option<Instant>>) {
+    if expires
+        .lock()
+        .unwrap()
+        .take_if(|at| *at <= Instant::now())
+        .is_some()
+    {
+        *key.lock().unwrap() = None;
+    }
 }
 
 #[derive(Clone, Default)]
@@ -61,11 +86,13 @@ struct MemoryTier(Arc<Redis>);
 
 impl Tier for MemoryTier {
     async fn get(&self) -> Result<Option<CachedRead>, SharedError> {
+        expire(&self.0.value, &self.0.value_expires);
         Ok(*self.0.value.lock().unwrap())
     }
 
-    async fn put(&self, read: CachedRead, _ttl: Duration) -> Result<(), SharedError> {
+    async fn put(&self, read: CachedRead, ttl: Duration) -> Result<(), SharedError> {
         *self.0.value.lock().unwrap() = Some(read);
+        *self.0.value_expires.lock().unwrap() = Some(Instant::now() + ttl);
         Ok(())
     }
 
@@ -77,12 +104,14 @@ impl Tier for MemoryTier {
         Ok(())
     }
 
-    async fn try_lock(&self, holder: &str, _ttl: Duration) -> Result<bool, SharedError> {
+    async fn try_lock(&self, holder: &str, ttl: Duration) -> Result<bool, SharedError> {
+        expire(&self.0.lock, &self.0.lock_expires);
         let mut lock = self.0.lock.lock().unwrap();
         if lock.is_some() {
             return Ok(false);
         }
         *lock = Some(holder.to_string());
+        *self.0.lock_expires.lock().unwrap() = Some(Instant::now() + ttl);
         Ok(true)
     }
 
@@ -282,4 +311,139 @@ async fn a_cancelled_caller_does_not_take_the_load_down_with_it() {
         tier.0.lock.lock().unwrap().is_none(),
         "the lock was orphaned"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_that_panicked_is_not_shared_with_later_readers() {
+    let (source, tier, id) = seeded();
+    *source.0.latency_ms.lock().unwrap() = 50;
+    source.0.panics.store(1, Ordering::SeqCst);
+    let cache = cache(&source, &tier);
+    assert!(
+        cache.first_write().await.is_err(),
+        "the readers of the load that panicked have no answer"
+    );
+    let t0 = Instant::now();
+    assert_eq!(
+        cache.first_write().await.unwrap(),
+        Some(id),
+        "every read after the panic fails"
+    );
+    assert!(
+        t0.elapsed() < LOCK_TTL / 2,
+        "the load that panicked kept the refresh lock"
+    );
+    assert!(
+        tier.0.lock.lock().unwrap().is_none(),
+        "the lock was orphaned"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refresh_that_panicked_does_not_stop_later_refreshes() {
+    let (source, tier, id) = seeded();
+    *source.0.latency_ms.lock().unwrap() = 1000;
+    let cache = cache(&source, &tier);
+    cache.first_write().await.unwrap();
+    source.0.panics.store(1, Ordering::SeqCst);
+    // A read a second for twice CACHE_STALE_MS: the first refresh panics; the next ones
+    // must keep the value fresh, or a read past CACHE_STALE_MS waits on MongoDB.
+    for second in 0..2 * STALE.as_secs() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t0 = Instant::now();
+        assert_eq!(cache.first_write().await.unwrap(), Some(id));
+        assert!(
+            t0.elapsed() < Duration::from_millis(10),
+            "read {second} waited on MongoDB: refreshes stopped"
+        );
+    }
+    assert_eq!(
+        source.0.panics.load(Ordering::SeqCst),
+        0,
+        "no refresh panicked"
+    );
+    assert!(source.0.revalidations.load(Ordering::SeqCst) > 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_value_stamped_in_the_future_is_checked_before_it_is_served() {
+    let (source, tier, id) = seeded();
+    let cache = cache(&source, &tier);
+    // Shared by a pod whose clock runs an hour ahead, and naming a document MongoDB does
+    // not hold (say the collection was dropped and Redis kept its key).
+    let ahead = Clock::new().now_ms() + 3_600_000;
+    *tier.0.value.lock().unwrap() = Some(CachedRead {
+        id: Some(ObjectId::new()),
+        fetched_at_ms: ahead,
+    });
+    assert_eq!(
+        cache.first_write().await.unwrap(),
+        Some(id),
+        "an unchecked answer was served"
+    );
+    assert_eq!(
+        source.0.revalidations.load(Ordering::SeqCst),
+        1,
+        "its id was not checked"
+    );
+    assert_eq!(source.0.queries.load(Ordering::SeqCst), 1);
+    let shared = tier.0.value.lock().unwrap().expect("shared again");
+    assert_eq!(shared.id, Some(id));
+    assert!(
+        shared.fetched_at_ms < ahead,
+        "the shared stamp was not replaced"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_value_past_stale_is_not_served_while_another_pod_refreshes() {
+    let (source, tier, id) = seeded();
+    let cache = cache(&source, &tier);
+    // Stamped by a pod whose clock runs behind, so to this pod it is past CACHE_STALE_MS.
+    let old = Clock::new().now_ms() - (STALE + FRESH).as_millis() as u64;
+    *tier.0.value.lock().unwrap() = Some(CachedRead {
+        id: Some(ObjectId::new()),
+        fetched_at_ms: old,
+    });
+    *tier.0.lock.lock().unwrap() = Some("pod-b:3".into());
+    let reader = {
+        let cache = Arc::clone(&cache);
+        tokio::spawn(async move { cache.first_write().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Pod B finishes its refresh.
+    *tier.0.value.lock().unwrap() = Some(CachedRead {
+        id: Some(id),
+        fetched_at_ms: Clock::new().now_ms(),
+    });
+    *tier.0.lock.lock().unwrap() = None;
+    assert_eq!(
+        reader.await.unwrap().unwrap(),
+        Some(id),
+        "a value past CACHE_STALE_MS was served"
+    );
+}
+
+/// `Shared::get_read` reads a value that does not parse as absent (a miss); these are the
+/// values it must not parse.
+#[test]
+fn a_shared_value_with_a_bad_id_does_not_parse() {
+    for bad in [
+        r#"{"id":"not an id","fetched_at_ms":1}"#,
+        r#"{"id":{"$oid":"0123"},"fetched_at_ms":1}"#,
+        r#"{"id":{"$oid":"zzzzzzzzzzzzzzzzzzzzzzzz"},"fetched_at_ms":1}"#,
+        r#"{"id":17,"fetched_at_ms":1}"#,
+        r#"{"id":null,"fetched_at_ms":-1}"#,
+    ] {
+        assert!(
+            serde_json::from_str::<CachedRead>(bad).is_err(),
+            "{bad} parsed"
+        );
+    }
+    let good = CachedRead {
+        id: Some(ObjectId::new()),
+        fetched_at_ms: 1,
+    };
+    let json = serde_json::to_string(&good).unwrap();
+    assert_eq!(serde_json::from_str::<CachedRead>(&json).unwrap(), good);
 }
