@@ -50,8 +50,49 @@ async fn redis_never_started_still_serves() {
     assert_nothing_lost(&mongo, &outcomes).await;
     let status = sluice.status().await;
     assert_eq!(status["l2"]["connected"], false);
-    assert_eq!(status["budget"]["pods_counted_by"], "fallback");
-    assert_eq!(status["budget"]["live_pods"], 3);
+    assert_eq!(status["budget"]["mode"], "fallback");
+    let fallback = status["budget"]["fallback_commands_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!((fallback - 50.0 / 3.0).abs() < 0.01, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_started_while_redis_is_down_joins_it_when_it_comes_up() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let (mongo, env) = (Mongo::start().await, [("CACHE_FRESH_MS", "300")]);
+    // The binary, so its log can be read.
+    let sluice = Sluice::binary(&mongo.uri(), &redis.url(), &env);
+    sluice.wait_ready().await;
+    let (outcomes, joined_after) = under_load(sluice.url("/api/data"), 10, || async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let down = sluice.status().await;
+        assert_eq!(down["budget"]["mode"], "fallback", "{down}");
+        redis.restart();
+        let up_at = Instant::now();
+        loop {
+            let up = sluice.status().await;
+            if up["l2"]["connected"] == true && up["budget"]["mode"] == "cluster" {
+                break up_at.elapsed();
+            }
+            assert!(
+                up_at.elapsed() < Duration::from_secs(10),
+                "still not using redis 10 s after it came up: {up}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // The pod's commands now take their tokens from the schedule in Redis.
+    let schedule = redis.command(&["EXISTS", "sluice:budget:next"]);
+    println!("joined redis {joined_after:?} after it came up; schedule key: {schedule}");
+    // The reconnect policy retries every 500 ms; the budget asks Redis again within
+    // CLUSTER_RETRY (1 s) of its last failure: 2 s covers both with room for the load.
+    assert!(joined_after < Duration::from_secs(2), "{joined_after:?}");
+    assert!(sluice.log().contains("connected to redis"));
+    assert!(outcomes.iter().all(|o| o.status == 200), "Redis is a cache");
+    assert_nothing_lost(&mongo, &outcomes).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -63,12 +104,12 @@ async fn redis_crash_degrades_then_recovers() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let down = sluice.status().await;
         assert_eq!(down["l2"]["connected"], false);
-        assert_eq!(down["budget"]["pods_counted_by"], "fallback");
+        assert_eq!(down["budget"]["mode"], "fallback");
         redis.restart();
         let until = Instant::now() + Duration::from_secs(10);
         loop {
             let up = sluice.status().await;
-            if up["l2"]["connected"] == true && up["budget"]["pods_counted_by"] == "redis" {
+            if up["l2"]["connected"] == true && up["budget"]["mode"] == "cluster" {
                 break;
             }
             assert!(Instant::now() < until, "tiers did not come back: {up}");
@@ -311,4 +352,104 @@ async fn a_failed_request_is_warned_about_with_its_request_id() {
     let calm = first_answered(200, "calm", "after the database came back").await;
     let log = sluice.log();
     assert!(!log.lines().any(|l| l.contains(&calm)), "{log}");
+}
+
+/// An error body is sluice's own words, never the driver's: a failed server selection
+/// names the topology, the database's address and port, which tell a client nothing it
+/// can act on and tell anyone probing how sluice is deployed. The database is killed
+/// under load, so requests fail the ways an outage makes them (writes in flight when it
+/// died, the fast-fail once it is known down, the stats count); every answer but a 200
+/// is checked, and the cause is still in the log under a request's id.
+///
+/// Server selection gives up after 300 ms here, well inside a command's 1 s limit, so
+/// the writes in flight at the kill fail with the driver's own error (topology, address,
+/// port) rather than sluice's timeout: the words that once reached the body.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_crash_is_answered_in_sluices_words() {
+    let redis = Redis::start();
+    let mut mongo = Mongo::start().await;
+    let uri = format!("{}?serverSelectionTimeoutMS=300", mongo.uri());
+    let sluice = Sluice::binary(&uri, &redis.url(), FAST_FAIL);
+    sluice.wait_ready().await;
+    let port = mongo.port.to_string();
+    let (mut outcomes, probes) = under_load(sluice.url("/api/data"), 20, || async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        mongo.kill();
+        // The other route that asks the database, while it is away.
+        let client = client();
+        let mut probes = Vec::new();
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            probes.push(get(&client, &sluice.url("/api/stats")).await);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        probes
+    })
+    .await;
+    outcomes.extend(probes);
+
+    // Status 0 is the client's own error (no answer), not a body sluice wrote.
+    let answered: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.status != 0 && o.status != 200)
+        .collect();
+    let driver_words = [
+        port.as_str(),
+        "127.0.0.1",
+        "localhost",
+        "Server selection",
+        "topology",
+        "Kind:",
+        "mongodb",
+        "os error",
+        "I/O",
+    ];
+    for o in &answered {
+        let body = o.body.to_string();
+        let leaked = driver_words
+            .iter()
+            .find(|w| body.to_lowercase().contains(&w.to_lowercase()));
+        assert!(leaked.is_none(), "{leaked:?} in a public body: {o:?}");
+    }
+    let unavailable: Vec<&&Outcome> = answered.iter().filter(|o| o.status == 503).collect();
+    assert!(
+        !unavailable.is_empty(),
+        "the database was killed, yet nothing was answered 503"
+    );
+    // Each 503 still says what happened, in sluice's words: what, then when to retry.
+    let messages: Vec<&str> = unavailable
+        .iter()
+        .map(|o| {
+            assert_eq!(o.body["status"], "error", "{o:?}");
+            o.body["message"].as_str().unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        messages.iter().all(|m| m.contains("; retry ")),
+        "a 503 message is sluice's own: {messages:?}"
+    );
+
+    // The cause is not lost: the driver's words are in a warning that names a request.
+    let log = sluice.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request failed"))
+        .collect();
+    let with_cause = warned
+        .iter()
+        .find(|l| l.contains("request_id") && l.contains(&format!("127.0.0.1:{port}")));
+    assert!(
+        with_cause.is_some(),
+        "no warning carries the driver's cause:\n{}",
+        warned.join("\n")
+    );
+    let mut messages = messages;
+    messages.sort_unstable();
+    messages.dedup();
+    println!(
+        "{} answers not 200 ({} of them 503), none in the driver's words: {messages:?}",
+        answered.len(),
+        unavailable.len(),
+    );
+    println!("the cause, in the log: {}", with_cause.unwrap());
 }

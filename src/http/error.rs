@@ -1,10 +1,16 @@
 //! Every error a client can see, turned into HTTP in this one place.
 //!
-//! Each body is JSON with a message. Each 503 carries `Retry-After`, because a 503 here
-//! always means "come back shortly": the queue is full, the database is away or the pod
-//! is draining, never "this request is wrong". The delay grows with the write queue's
-//! fill and is jittered, so thousands of shed clients do not come back in the same
-//! second.
+//! Each body is JSON with a message in sluice's own fixed words: never a cause's text.
+//! A cause is the database driver's or the write path's own account (a failed server
+//! selection names the topology, its addresses and ports), which tells a client nothing
+//! it can act on and tells anyone probing the service how it is deployed; it goes to the
+//! "request failed" warning, under the request id the client also got, so an operator
+//! can still find it.
+//!
+//! Each 503 carries `Retry-After`, because a 503 here always means "come back shortly":
+//! the queue is full, the database is away or the pod is draining, never "this request
+//! is wrong". The delay grows with the write queue's fill and is jittered, so thousands
+//! of shed clients do not come back in the same second.
 
 use hyper::header::{self, HeaderValue};
 use hyper::StatusCode;
@@ -14,6 +20,7 @@ use super::{json_response, Response};
 use crate::app::App;
 use crate::metrics::ShedReason;
 use crate::reads::ReadError;
+use crate::store::StoreError;
 use crate::writes::WriteError;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +39,9 @@ pub enum ApiError {
     QueueFull,
     #[error("the database is unavailable; retry shortly")]
     DatabaseDown,
+    /// `DatabaseDown` with the store's own error, kept for the log.
+    #[error("the database is unavailable; retry shortly")]
+    DatabaseFailed(#[source] StoreError),
     #[error("the reads did not finish; retry shortly")]
     ReadFailed(#[source] ReadError),
     #[error("documents were not stored; retry shortly")]
@@ -50,6 +60,7 @@ impl ApiError {
             ApiError::KeyInFlight => StatusCode::CONFLICT,
             ApiError::QueueFull
             | ApiError::DatabaseDown
+            | ApiError::DatabaseFailed(_)
             | ApiError::ReadFailed(_)
             | ApiError::NotStored(_)
             | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,9 +71,10 @@ impl ApiError {
     fn shed_reason(&self) -> Option<ShedReason> {
         match self {
             ApiError::QueueFull => Some(ShedReason::QueueFull),
-            ApiError::DatabaseDown | ApiError::ReadFailed(_) | ApiError::NotStored(_) => {
-                Some(ShedReason::Database)
-            }
+            ApiError::DatabaseDown
+            | ApiError::DatabaseFailed(_)
+            | ApiError::ReadFailed(_)
+            | ApiError::NotStored(_) => Some(ShedReason::Database),
             ApiError::ShuttingDown => Some(ShedReason::ShuttingDown),
             _ => None,
         }
@@ -73,12 +85,27 @@ impl ApiError {
         self.status().is_server_error()
     }
 
-    /// The message, with the cause's own words where there is one.
+    /// The body's message: this error's own words only, never its cause's (the variants'
+    /// `#[error]` texts name no source field, so `Display` is exactly sluice's words).
     pub fn message(&self) -> String {
-        match std::error::Error::source(self) {
-            Some(cause) => format!("{self} ({cause})"),
-            None => self.to_string(),
+        self.to_string()
+    }
+
+    /// The cause chain, outermost first and joined by ": ", for the log only: it may
+    /// name the database's addresses and ports. `None` when there is no cause. A level
+    /// whose text the one above already quotes (`"database refused the command: {0}"`
+    /// over the driver's error) is left out, so the driver's words appear once.
+    pub fn cause(&self) -> Option<String> {
+        let mut levels: Vec<String> = Vec::new();
+        let mut next = std::error::Error::source(self);
+        while let Some(e) = next {
+            let text = e.to_string();
+            if !levels.last().is_some_and(|above| above.contains(&text)) {
+                levels.push(text);
+            }
+            next = e.source();
         }
+        (!levels.is_empty()).then(|| levels.join(": "))
     }
 
     pub fn into_response(self, app: &App) -> Response {
@@ -130,7 +157,33 @@ impl From<ReadError> for ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::retry_after;
+    use super::{retry_after, ApiError};
+    use crate::reads::ReadError;
+    use crate::store::StoreError;
+    use crate::writes::WriteError;
+
+    /// What the driver says when server selection fails: topology, address, port.
+    const DRIVER: &str = "Server selection timeout: No available servers. Topology: { Type: \
+        Single, Servers: [ { Address: 127.0.0.1:27017, Type: Unknown, Error: Kind: I/O \
+        error: Connection refused (os error 111) } ] }";
+
+    #[test]
+    fn a_cause_is_logged_never_answered() {
+        let read = ApiError::from(ReadError(StoreError::Unavailable(DRIVER.into())));
+        let write = ApiError::from(WriteError::NotStored(
+            StoreError::Unavailable(DRIVER.into()).to_string(),
+        ));
+        for (e, words) in [
+            (read, "the reads did not finish; retry shortly"),
+            (write, "documents were not stored; retry shortly"),
+        ] {
+            assert_eq!(e.message(), words);
+            let cause = e.cause().expect("a cause");
+            assert!(cause.contains(DRIVER), "{cause}");
+            assert_eq!(cause.matches("Server selection").count(), 1, "{cause}");
+        }
+        assert_eq!(ApiError::QueueFull.cause(), None);
+    }
 
     #[test]
     fn retry_after_grows_with_the_queue_and_is_spread() {

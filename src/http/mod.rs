@@ -3,11 +3,12 @@
 //! Every request is counted and timed by route and status here, once, so handlers stay
 //! about their own work. Every answer carries an `X-Request-Id`: the client's own when it
 //! sent a usable one, else one made here. A request sluice fails (a 5xx) is warned about
-//! here with that id, at most ten lines a second (each says how many were left out before
-//! it). At `LOG_LEVEL=debug` the request also runs inside a span that holds the id, so
-//! what is logged while serving it carries it too. Not at info: the work that logs
-//! (loads, flushes) runs in tasks of its own, outside any request, so at info the span
-//! carried nothing and cost a tenth of a `/healthz` answer's CPU.
+//! here with that id and the failure's cause, at most ten lines a second (each says how
+//! many were left out before it); the client's body never carries the cause. At
+//! `LOG_LEVEL=debug` the request also runs inside a span that holds the id, so what is
+//! logged while serving it carries it too. Not at info: the work that logs (loads,
+//! flushes) runs in tasks of its own, outside any request, so at info the span carried
+//! nothing and cost a tenth of a `/healthz` answer's CPU.
 
 mod data;
 mod error;
@@ -120,6 +121,9 @@ static FAILED_REQUEST_WARNINGS: Sampler = Sampler::new(10);
 /// A warning, with the request's id, for a request sluice failed (a 5xx), sampled: the
 /// line carries how many were left out before it, and since when (Unix seconds). Sheds
 /// (a full queue, a draining pod) are warned about too: the client got a 503 either way.
+/// This line is the only place a failure's cause (the driver's own words, which may name
+/// the database's addresses) is written: the client's body has sluice's words only, and
+/// the request id it got leads here.
 fn warn_failed(route: Route, request_id: &HeaderValue, e: &ApiError) {
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -129,6 +133,7 @@ fn warn_failed(route: Route, request_id: &HeaderValue, e: &ApiError) {
             request_id = request_id.to_str().unwrap_or("-"),
             route = route.label(),
             error = %e.message(),
+            cause = e.cause().as_deref().unwrap_or("-"),
             left_out = left_out.count,
             left_out_since = left_out.since_s,
             "request failed"

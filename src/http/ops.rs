@@ -43,7 +43,7 @@ pub async fn stats(app: &Arc<App>) -> Result<Response, ApiError> {
         .stats
         .total_documents()
         .await
-        .map_err(|_| ApiError::DatabaseDown)?;
+        .map_err(ApiError::DatabaseFailed)?;
     Ok(json_response(
         StatusCode::OK,
         &json!({ "total_documents": count, "timestamp": timestamp() }),
