@@ -73,8 +73,15 @@ labels!(
     BudgetMode { Cluster => "cluster", Fallback => "fallback", Local => "local" }
 );
 labels!(
-    /// How a MongoDB command ended.
-    DbOutcome { Ok => "ok", Error => "error", Unavailable => "unavailable" }
+    /// How a MongoDB command ended. `duplicate`: every document an insert was refused was
+    /// stored already (a retry, or a replayed Idempotency-Key), proof of storage and not
+    /// an error.
+    DbOutcome {
+        Ok => "ok",
+        Duplicate => "duplicate",
+        Error => "error",
+        Unavailable => "unavailable",
+    }
 );
 
 /// A metric family with one enum label, one metric per value.

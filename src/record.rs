@@ -27,6 +27,11 @@ impl IdempotencyKey {
     pub const MIN_LEN: usize = 8;
     pub const MAX_LEN: usize = 128;
 
+    /// The key as the client sent it, unquoted.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     pub fn parse(header: &[u8]) -> Result<Self, String> {
         let text = std::str::from_utf8(header).map_err(|_| "is not ASCII".to_string())?;
         let text = text.trim();

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::SharedSettings;
 
 const READ_KEY: &str = "sluice:read:first-write";
+/// Prefix of the claims on idempotency keys of requests in flight anywhere.
+const KEY_CLAIM_PREFIX: &str = "sluice:idempotency:";
 const LOCK_KEY: &str = "sluice:lock:first-write";
 const BUDGET_KEY: &str = "sluice:budget:next";
 
@@ -49,8 +51,8 @@ if v and string.find(v, '"id":null', 1, true) then return redis.call('DEL', KEYS
 return 0
 "#;
 
-/// Deletes the lock only if this pod still holds it, so a slow pod whose lock expired
-/// cannot release another pod's.
+/// Deletes a lock (the refresh lock, an idempotency key's claim) only if its holder still
+/// holds it, so a slow holder whose lock expired cannot release another's.
 const UNLOCK_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -187,11 +189,37 @@ impl Shared {
 
     /// Takes the cluster-wide refresh lock for `ttl` unless another pod holds it.
     pub async fn try_lock(&self, holder: &str, ttl: Duration) -> Result<bool, SharedError> {
+        self.take(LOCK_KEY.to_string(), holder, ttl).await
+    }
+
+    pub async fn unlock(&self, holder: &str) -> Result<(), SharedError> {
+        self.release(LOCK_KEY.to_string(), holder).await
+    }
+
+    /// Claims an idempotency key for a request in flight, for `ttl`, unless a request on
+    /// any pod holds it.
+    pub async fn claim_key(
+        &self,
+        key: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, SharedError> {
+        self.take(format!("{KEY_CLAIM_PREFIX}{key}"), holder, ttl)
+            .await
+    }
+
+    /// Releases a key's claim if `holder` still holds it.
+    pub async fn release_key(&self, key: &str, holder: &str) -> Result<(), SharedError> {
+        self.release(format!("{KEY_CLAIM_PREFIX}{key}"), holder)
+            .await
+    }
+
+    async fn take(&self, key: String, holder: &str, ttl: Duration) -> Result<bool, SharedError> {
         let px = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
         let set: Option<String> = self
             .call()
             .set(
-                LOCK_KEY,
+                key,
                 holder,
                 Some(Expiration::PX(px)),
                 Some(SetOptions::NX),
@@ -201,10 +229,10 @@ impl Shared {
         Ok(set.is_some())
     }
 
-    pub async fn unlock(&self, holder: &str) -> Result<(), SharedError> {
+    async fn release(&self, key: String, holder: &str) -> Result<(), SharedError> {
         let _: i64 = self
             .call()
-            .eval(UNLOCK_SCRIPT, vec![LOCK_KEY], vec![holder])
+            .eval(UNLOCK_SCRIPT, vec![key], vec![holder])
             .await?;
         Ok(())
     }

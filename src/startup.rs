@@ -149,6 +149,7 @@ pub async fn build(config: Config) -> Result<Application, StartError> {
     let addr = SocketAddr::new(config.server.app_host, config.server.app_port);
     let listener = listen(addr).map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().unwrap_or(addr);
+    let in_flight = InFlight::new(Arc::clone(&shared), claim_ttl(&config), pod.clone());
     let app = Arc::new(App {
         pod,
         health: Health::new(Arc::clone(&store), Arc::clone(&shared)),
@@ -156,7 +157,7 @@ pub async fn build(config: Config) -> Result<Application, StartError> {
         writer,
         read_timeout: config.store.db_timeout,
         stats: Stats::new(Arc::clone(&store), Arc::clone(&budget)),
-        in_flight: InFlight::default(),
+        in_flight,
         naive: config.naive_mode.then(|| Naive {
             store: Arc::clone(&store),
             budget: Arc::clone(&budget),
@@ -246,6 +247,15 @@ impl Application {
             Err(_) => Err(StartError::DrainTimedOut(drain)),
         }
     }
+}
+
+/// How long an idempotency key's claim lives at most: longer than any request that holds
+/// it (its enqueue wait, then the longer of its write deadline and its reads' limit), plus
+/// a second for the crediting and the answer, so it never expires under a live request.
+fn claim_ttl(config: &Config) -> Duration {
+    config.writes.enqueue_timeout
+        + config.writes.write_timeout.max(config.store.db_timeout)
+        + Duration::from_secs(1)
 }
 
 /// Serves until SIGTERM or SIGINT, then shuts down in the order above.

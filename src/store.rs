@@ -389,6 +389,7 @@ impl Store {
         };
         let outcome = match &result {
             Ok(_) => DbOutcome::Ok,
+            Err(StoreError::Refused(e)) if only_duplicates(e) => DbOutcome::Duplicate,
             Err(StoreError::Refused(_)) => DbOutcome::Error,
             Err(_) => DbOutcome::Unavailable,
         };
@@ -444,6 +445,21 @@ fn is_unreachable(e: &DriverError) -> bool {
             | ErrorKind::ConnectionPoolCleared { .. }
             | ErrorKind::ServerSelection { .. }
     )
+}
+
+/// Whether an insert was refused only for documents that are stored already.
+fn only_duplicates(e: &DriverError) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure
+                    .write_errors
+                    .as_ref()
+                    .is_some_and(|w| !w.is_empty() && w.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        _ => false,
+    }
 }
 
 /// The server's error code, where the error carries one.

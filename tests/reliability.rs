@@ -391,19 +391,38 @@ async fn a_replayed_idempotency_key_stores_nothing_twice() {
         .unwrap()
         .contains("Idempotency-Key"));
 
-    // The same key twice at once: the second is told the first is in flight.
-    let slow = Sluice::start(&mongo.uri(), &_redis.url(), &[("BATCH_LINGER_MS", "1000")]).await;
+    // The same key on two pods at once: the second is told the first is in flight.
+    let slow_env = [("BATCH_LINGER_MS", "1000")];
+    let slow = Sluice::start(&mongo.uri(), &_redis.url(), &slow_env).await;
+    let other = Sluice::start(&mongo.uri(), &_redis.url(), &slow_env).await;
     slow.wait_ready().await;
-    let request = || {
+    other.wait_ready().await;
+    let request = |pod: &Sluice| {
         client
-            .get(slow.url("/api/data"))
+            .get(pod.url("/api/data"))
             .header("Idempotency-Key", "order-0002-twice")
     };
-    let (x, y) = tokio::join!(send(request()), async {
+    let (x, y) = tokio::join!(send(request(&slow)), async {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        send(request()).await
+        send(request(&other)).await
     });
     assert_eq!((x.status, y.status), (200, 409), "{y:?}");
+    // A replay once the first is answered: the same ids, nothing stored twice, and no
+    // error anywhere (a duplicate key is proof of storage).
+    let replay = send(request(&other)).await;
+    assert_eq!(replay.status, 200, "{replay:?}");
+    assert_eq!(replay.write_ids(), x.write_ids());
+    assert_eq!(mongo.stored_among(&x.write_ids()).await, 5);
+    for pod in [&slow, &other] {
+        let errors = pod
+            .metric("sluice_db_commands_total{op=\"insert\",outcome=\"error\"}")
+            .await;
+        assert_eq!(errors.as_deref(), Some("0"), "a replay counted as an error");
+    }
+    let duplicates = other
+        .metric("sluice_db_commands_total{op=\"insert\",outcome=\"duplicate\"}")
+        .await;
+    assert_eq!(duplicates.as_deref(), Some("1"), "the replay's insert");
 
     // A stall answers 503 although the insert may still land; the replay stores nothing
     // twice and answers the same ids.

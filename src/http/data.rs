@@ -54,7 +54,7 @@ pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response,
         None => None,
     };
     let _claim = match &key {
-        Some(k) => Some(app.in_flight.claim(k).ok_or(ApiError::KeyInFlight)?),
+        Some(k) => Some(app.in_flight.claim(k).await.ok_or(ApiError::KeyInFlight)?),
         None => None,
     };
     // While the database is known to be away, answer at once instead of queueing
