@@ -7,6 +7,11 @@
 //! (k6 does) comes straight back. Measured: 10,000 k6 clients on one replica capped at
 //! 10,000 connections (a probe or a scrape takes the last slot) drew 92,100 instant
 //! refusals in 76 s, 22 % of k6's requests, CPU taken from k6 and the database.
+//! Past the waiting pool up to `MAX_REFUSING` connections at once get their 503 at
+//! once; past those, a connection is closed unanswered (still counted as shed), so a
+//! flood holds a bounded number of descriptors and cannot take those MongoDB and Redis
+//! need to reconnect. [`fit_open_files_limit`] checks at start that all of it fits under
+//! the open-files limit, and lowers `MAX_CONNECTIONS` if it does not.
 //! Every connection has a header-read timeout, so a client dribbling
 //! its head a byte at a time is cut off, and a write-progress timeout, so a client that
 //! sends requests but never reads the answers cannot hold its slot (and shutdown) for
@@ -36,8 +41,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::app::App;
-use crate::config::ServerSettings;
+use crate::config::{Config, ConfigError, ServerSettings};
 use crate::metrics::ShedReason;
+use crate::store::MAX_POOL_SIZE;
 
 /// Request heads larger than this are refused by hyper with 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -48,8 +54,18 @@ const SLOT_WAIT: Duration = Duration::from_secs(1);
 const _: () = assert!(SLOT_WAIT.as_secs() >= 1);
 /// Connections waiting for a slot at most; past them, refused at once. A waiting
 /// connection holds a socket and its task, no HTTP buffers (hyper allocates them once
-/// it serves).
-const MAX_WAITING: usize = 1024;
+/// it serves), and keeps its place while it is refused, so its descriptor is counted
+/// here for its whole life (up to `SLOT_WAIT` plus `REFUSE_LIMIT`). Below 8,192
+/// connections the pool is an eighth of `MAX_CONNECTIONS` (see [`ClientSockets`]).
+const MAX_WAITING: u64 = 1024;
+/// Connections being refused at once (past the waiting pool) at most; past them, closed
+/// unanswered. A refusal ends once its client has read the 503 and closed, one round trip
+/// (under 100 ms even between regions), so 256 answer over 2,500 refusals a second; a
+/// client that never closes holds its place for `REFUSE_LIMIT`, so a flood holds at most
+/// 256 descriptors here. Below 8,192 connections, a thirty-second of `MAX_CONNECTIONS`.
+const MAX_REFUSING: u64 = 256;
+/// How long a refusal may take to write its 503 and see the client close.
+const REFUSE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Serves until `shutdown`, then waits up to `drain` for open connections to finish
 /// their requests.
@@ -60,8 +76,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
+    let sockets = ClientSockets::for_cap(settings.max_connections.into());
     let slots = Arc::new(Semaphore::new(settings.max_connections as usize));
-    let waiting = Arc::new(Semaphore::new(MAX_WAITING));
+    let waiting = Arc::new(Semaphore::new(sockets.waiting as usize));
+    let refusing = Arc::new(Semaphore::new(sockets.refusing as usize));
+    // Connections closed unanswered since the last warning about them.
+    let mut unanswered = 0u64;
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
@@ -79,6 +99,15 @@ pub async fn serve(
         let stream = tokio::select! {
             () = &mut shutdown => break,
             _ = trim.tick() => {
+                if unanswered > 0 {
+                    tracing::warn!(
+                        closed = unanswered,
+                        waiting = sockets.waiting,
+                        refusing = sockets.refusing,
+                        "connections closed unanswered: the waiting pool and the refusals were full"
+                    );
+                    unanswered = 0;
+                }
                 while connections.try_join_next().is_some() {}
                 peak_open = peak_open.max(connections.len());
                 if peak_open >= connections.len() + TRIM_AFTER_CLOSED {
@@ -109,7 +138,19 @@ pub async fn serve(
                 }
                 Err(_) => {
                     app.metrics.shed.get(ShedReason::Connections).inc();
-                    tokio::spawn(refuse(stream));
+                    match Arc::clone(&refusing).try_acquire_owned() {
+                        Ok(refusal) => {
+                            tokio::spawn(async move {
+                                refuse(stream).await;
+                                drop(refusal);
+                            });
+                        }
+                        // A flood: its descriptors are worth more than its answers.
+                        Err(_) => {
+                            unanswered += 1;
+                            drop(stream);
+                        }
+                    }
                     continue;
                 }
             },
@@ -124,12 +165,17 @@ pub async fn serve(
                 Some(slot) => slot,
                 None => {
                     let freed = tokio::time::timeout(SLOT_WAIT, slots.acquire_owned()).await;
-                    drop(waiter);
                     match freed {
-                        Ok(Ok(slot)) => slot,
+                        Ok(Ok(slot)) => {
+                            drop(waiter);
+                            slot
+                        }
                         _ => {
                             app.metrics.shed.get(ShedReason::Connections).inc();
-                            return refuse(stream).await;
+                            refuse(stream).await;
+                            // Its place in the pool covered its descriptor until now.
+                            drop(waiter);
+                            return;
                         }
                     }
                 }
@@ -196,7 +242,7 @@ async fn refuse(mut stream: TcpStream) {
         SLOT_WAIT.as_secs(),
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(REFUSE_LIMIT, async {
         stream.write_all(response.as_bytes()).await?;
         stream.shutdown().await?;
         // Closed with the client's request unread, the socket would send a reset, which
@@ -206,6 +252,207 @@ async fn refuse(mut stream: TcpStream) {
         Ok::<_, io::Error>(())
     })
     .await;
+}
+
+/// The client sockets sluice holds at most for a connection cap, by what they wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientSockets {
+    /// `MAX_CONNECTIONS`: connections being served.
+    pub connections: u64,
+    /// Connections past the cap waiting for a slot (and then, if none frees, refused).
+    pub waiting: u64,
+    /// Connections past the waiting pool being refused at once.
+    pub refusing: u64,
+}
+
+impl ClientSockets {
+    /// The pools for `connections`: an eighth of it may wait and a thirty-second be
+    /// refused, up to `MAX_WAITING` and `MAX_REFUSING` (reached at 8,192 connections).
+    /// The pools are for overload only, so under a tight open-files limit the
+    /// descriptors go to served connections first; and each is at least 1, so a small
+    /// cap still waits before it refuses.
+    pub fn for_cap(connections: u64) -> Self {
+        ClientSockets {
+            connections,
+            waiting: connections.div_ceil(8).min(MAX_WAITING),
+            refusing: connections.div_ceil(32).min(MAX_REFUSING),
+        }
+    }
+
+    /// Descriptors they hold at most.
+    pub fn total(self) -> u64 {
+        self.connections + self.waiting + self.refusing
+    }
+}
+
+/// The process's own descriptors (not the listener's, its clients' or its dependencies').
+/// Measured (Linux): a ready sluice with no client holds 14, 9 of them the process's own
+/// (stdin, stdout, stderr, a `/dev/null`, two epoll instances and an eventfd for tokio's
+/// I/O driver, three for its signal driver's socket pair), then the listener, Redis's
+/// socket and MongoDB's three (two monitors, one pooled). Transient ones come on top of
+/// those 9: a `/metrics` scrape reads `/proc/self/{fd,stat,limits}`, and a name lookup
+/// (each reconnect does one) opens `/etc/hosts`, `/etc/resolv.conf` and a UDP socket, on
+/// several blocking threads at once. 32 is over three times the 9.
+const PROCESS_BASELINE: u64 = 32;
+/// The listening socket.
+const LISTENER: u64 = 1;
+/// Redis: the client's one connection, and the next one while a reconnect replaces it.
+const REDIS: u64 = 2;
+/// MongoDB, per server the driver knows of: its monitor's connection and the one that
+/// measures round trips (the streaming protocol's two). The pool comes on top: the
+/// driver keeps one per server, bounded by `maxPoolSize` (connections in use, idle and
+/// being opened alike).
+const MONGO_MONITORS: u64 = 2;
+/// Servers counted for a `mongodb+srv://` URI, whose hosts come from DNS at start: a
+/// replica set's voting members at most.
+const SRV_HOSTS: u64 = 7;
+/// The smallest cap sluice lowers `MAX_CONNECTIONS` to; below it (an open-files limit of
+/// under about 120), it refuses to start. A pod that can serve fewer clients than that
+/// does not help a service meant for thousands: the limit is a mistake to fix (`ulimit -n`,
+/// the container runtime's `nofile`), not one to run with.
+const MIN_CONNECTIONS: u64 = 64;
+
+/// Descriptors sluice keeps for itself: [`PROCESS_BASELINE`], the listener, Redis, and
+/// MongoDB's monitors and pool on each of `mongo_hosts` servers.
+pub fn reserved_descriptors(mongo_hosts: u64, mongo_pool: u64) -> u64 {
+    PROCESS_BASELINE + LISTENER + REDIS + mongo_hosts * (MONGO_MONITORS + mongo_pool)
+}
+
+/// How a connection cap fits under an open-files limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// As configured.
+    Fits,
+    /// Only this lower cap fits (at least `MIN_CONNECTIONS`).
+    Lowered(u32),
+    /// Not even the smaller of the cap and `MIN_CONNECTIONS` fits; `needs` descriptors
+    /// would.
+    TooLow { needs: u64 },
+}
+
+/// Fits `wanted` connections, with their waiting and refusal pools and `reserved`
+/// descriptors, under `limit` open files.
+pub fn fit_connections(wanted: u32, limit: u64, reserved: u64) -> Fit {
+    let needs = |cap: u64| ClientSockets::for_cap(cap).total().saturating_add(reserved);
+    if needs(wanted.into()) <= limit {
+        return Fit::Fits;
+    }
+    // The largest cap that fits: `needs` grows with the cap, so bisect [0, wanted).
+    let (mut fits, mut too_many) = (0u64, u64::from(wanted));
+    while too_many - fits > 1 {
+        let mid = fits + (too_many - fits) / 2;
+        if needs(mid) <= limit {
+            fits = mid;
+        } else {
+            too_many = mid;
+        }
+    }
+    let floor = MIN_CONNECTIONS.min(wanted.into());
+    if fits >= floor && needs(fits) <= limit {
+        Fit::Lowered(u32::try_from(fits).unwrap_or(u32::MAX))
+    } else {
+        Fit::TooLow {
+            needs: needs(floor),
+        }
+    }
+}
+
+/// MongoDB servers and pool size per server that `uri` makes the driver open, as the
+/// store builds its client: `maxPoolSize` from the URI, else [`MAX_POOL_SIZE`]. A
+/// `maxPoolSize` of 0 means no bound, which nothing can reserve for; it is counted as
+/// the default.
+fn mongo_connections(uri: &str) -> (u64, u64) {
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("", uri));
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let hosts = if scheme == "mongodb+srv" {
+        SRV_HOSTS
+    } else {
+        hosts.split(',').count() as u64
+    };
+    let pool = rest
+        .split_once('?')
+        .map(|(_, query)| query)
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| name.eq_ignore_ascii_case("maxPoolSize"))
+        .and_then(|(_, value)| value.parse::<u64>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(MAX_POOL_SIZE.into());
+    (hosts, pool)
+}
+
+/// Raises the soft open-files limit to the hard one (container runtimes often start
+/// processes at a soft 1,024 under a far higher hard limit), then checks that
+/// `MAX_CONNECTIONS`, its waiting and refusal pools and the descriptors MongoDB, Redis
+/// and the process need fit under it: lowers `MAX_CONNECTIONS` with a warning if they do
+/// not, and fails if not even a small cap fits. Without this a flood would fail accepts
+/// and, worse, the database's and Redis's reconnects, with "too many open files".
+pub fn fit_open_files_limit(config: &mut Config) -> Result<(), ConfigError> {
+    let Some(limit) = raise_open_files_limit() else {
+        return Ok(());
+    };
+    let (hosts, pool) = mongo_connections(config.store.mongo_uri.expose());
+    let reserved = reserved_descriptors(hosts, pool);
+    let wanted = config.server.max_connections;
+    match fit_connections(wanted, limit, reserved) {
+        Fit::Fits => {
+            let needs = ClientSockets::for_cap(wanted.into()).total() + reserved;
+            tracing::info!(
+                open_files_limit = limit,
+                needs,
+                max_connections = wanted,
+                "open-files limit"
+            );
+            Ok(())
+        }
+        Fit::Lowered(cap) => {
+            tracing::warn!(
+                max_connections = wanted,
+                open_files_limit = limit,
+                lowered_to = cap,
+                reserved,
+                "MAX_CONNECTIONS does not fit under the open-files limit (RLIMIT_NOFILE) with \
+                 its waiting and refusal pools and the descriptors MongoDB, Redis and sluice \
+                 keep; lowered"
+            );
+            config.server.max_connections = cap;
+            Ok(())
+        }
+        Fit::TooLow { needs } => Err(ConfigError(format!(
+            "MAX_CONNECTIONS ({wanted}) does not fit under the open-files limit \
+             (RLIMIT_NOFILE {limit}): even {} connections need {needs} descriptors, \
+             {reserved} of them for MongoDB, Redis and sluice itself; raise the limit \
+             (ulimit -n, the container's nofile)",
+            MIN_CONNECTIONS.min(wanted.into())
+        ))),
+    }
+}
+
+/// Raises the soft open-files limit to the hard one and returns it (the soft one if it
+/// could not be raised); `None` if it cannot be read, or has no bound.
+fn raise_open_files_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = hard, "raised the open-files limit");
+                hard
+            }
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open-files limit; MAX_CONNECTIONS is not checked against it");
+            return None;
+        }
+    };
+    (limit != RLIM_INFINITY).then_some(limit)
 }
 
 /// A stream whose writes fail once they have made no progress for `limit`: the client
@@ -296,5 +543,108 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WriteProgress<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reserve for the default `MONGO_URI`: one server, the default pool.
+    fn default_reserve() -> u64 {
+        let (hosts, pool) = mongo_connections("mongodb://mongo:27017/assessmentdb");
+        reserved_descriptors(hosts, pool)
+    }
+
+    #[test]
+    fn pools_are_full_from_8192_connections_and_a_fraction_below() {
+        let at = |c| ClientSockets::for_cap(c);
+        assert_eq!(
+            at(20_000),
+            ClientSockets {
+                connections: 20_000,
+                waiting: 1024,
+                refusing: 256
+            }
+        );
+        assert_eq!((at(8192).waiting, at(8192).refusing), (1024, 256));
+        assert_eq!((at(800).waiting, at(800).refusing), (100, 25));
+        assert_eq!((at(5).waiting, at(5).refusing), (1, 1));
+        assert_eq!(at(0).total(), 0);
+    }
+
+    #[test]
+    fn the_reserve_counts_mongodb_redis_the_listener_and_the_process() {
+        // 32 baseline + 1 listener + 2 Redis + 1 server x (2 monitors + 8 pooled).
+        assert_eq!(default_reserve(), 45);
+        assert_eq!(
+            mongo_connections("mongodb://mongo:27017/assessmentdb"),
+            (1, 8)
+        );
+        assert_eq!(
+            mongo_connections("mongodb://u:p%40ss@a:1,b:2,c:3/db?w=1&MAXPOOLSIZE=20"),
+            (3, 20)
+        );
+        assert_eq!(mongo_connections("mongodb://a,b?maxPoolSize=0"), (2, 8));
+        assert_eq!(mongo_connections("mongodb+srv://c.example.com/db"), (7, 8));
+        assert_eq!(reserved_descriptors(3, 20), 32 + 1 + 2 + 3 * 22);
+    }
+
+    #[test]
+    fn a_cap_that_fits_is_kept() {
+        let reserve = default_reserve();
+        assert_eq!(fit_connections(20_000, 1_048_576, reserve), Fit::Fits);
+        // Exactly at the limit: 20,000 + 1,024 + 256 + 45.
+        assert_eq!(fit_connections(20_000, 21_325, reserve), Fit::Fits);
+        assert_eq!(fit_connections(5, 200, reserve), Fit::Fits);
+    }
+
+    #[test]
+    fn a_cap_over_the_limit_is_lowered_to_the_largest_that_fits() {
+        let reserve = default_reserve();
+        // The default cap under a hard limit of 20,000 (this machine's, and common).
+        assert_eq!(
+            fit_connections(20_000, 20_000, reserve),
+            Fit::Lowered(20_000 - 1024 - 256 - 45)
+        );
+        assert_eq!(
+            fit_connections(20_000, 21_324, reserve),
+            Fit::Lowered(19_999)
+        );
+        // A soft 1,024 with no higher hard limit: 846 + 106 waiting + 27 refusing + 45.
+        assert_eq!(fit_connections(20_000, 1024, reserve), Fit::Lowered(846));
+        // Every limit from where 64 connections fit up: the largest cap that fits.
+        for limit in 119..21_325 {
+            match fit_connections(20_000, limit, reserve) {
+                Fit::Lowered(cap) => {
+                    let needs = |c: u64| ClientSockets::for_cap(c).total() + reserve;
+                    assert!(needs(cap.into()) <= limit, "{limit}: {cap} does not fit");
+                    assert!(
+                        needs(u64::from(cap) + 1) > limit,
+                        "{limit}: {cap} is not the largest"
+                    );
+                    assert!(u64::from(cap) >= MIN_CONNECTIONS);
+                }
+                other => panic!("{limit}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_limit_too_low_for_a_small_cap_fails() {
+        let reserve = default_reserve();
+        // 64 connections + 8 waiting + 2 refusing + 45 = 119.
+        assert_eq!(
+            fit_connections(20_000, 118, reserve),
+            Fit::TooLow { needs: 119 }
+        );
+        assert_eq!(fit_connections(20_000, 119, reserve), Fit::Lowered(64));
+        assert_eq!(
+            fit_connections(20_000, 0, reserve),
+            Fit::TooLow { needs: 119 }
+        );
+        // A cap set below 64 is not lowered further: it fits as it is or not at all.
+        assert_eq!(fit_connections(5, 52, reserve), Fit::Fits);
+        assert_eq!(fit_connections(5, 51, reserve), Fit::TooLow { needs: 52 });
     }
 }

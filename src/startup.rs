@@ -72,9 +72,9 @@ struct Tasks {
 /// connection watcher.
 /// Fails only on settings that cannot work; unreachable dependencies are waited out
 /// while serving.
-pub async fn build(config: Config) -> Result<Application, StartError> {
+pub async fn build(mut config: Config) -> Result<Application, StartError> {
     config.validate()?;
-    raise_open_files_limit();
+    crate::server::fit_open_files_limit(&mut config)?;
     let metrics = Arc::new(Metrics::new());
     let pod = config.pod_name();
     let store = Arc::new(Store::connect(&config.store, Arc::clone(&metrics)).await?);
@@ -275,23 +275,6 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
-}
-
-/// Raises the soft open-files limit to the hard one: every connection is a file, and
-/// container runtimes often start processes at a soft limit of 1,024 with a far higher
-/// hard limit, which would fail accepts at about a thousand clients.
-fn raise_open_files_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
-            Err(e) => {
-                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
-            }
-        },
-        Ok((soft, _)) => tracing::info!(limit = soft, "open-files limit"),
-        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
-    }
 }
 
 async fn shutdown_signal() {
