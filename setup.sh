@@ -527,7 +527,8 @@ fetch() {
   head -c 300 "$BODY" 2>/dev/null || true
 }
 if [ "$SMOKE" = 1 ]; then
-  # Traefik needs a moment to pick up a new Ingress, readiness a moment to see MongoDB.
+  # Traefik needs a moment to pick up a new Ingress. Pods are Ready (/readyz/pod) before
+  # MongoDB answers, so wait on the service's own /readyz until it does.
   for path in /healthz /readyz; do
     deadline=$((SECONDS + 120))
     until out=$(fetch "$path") && [ "${out%% *}" = 200 ]; do

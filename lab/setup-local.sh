@@ -406,7 +406,9 @@ if [ "$SERVER_MAXCONN" -lt 100 ]; then
   lab_warn "open files limit $FDS is too small for $PEAK_VUS VUs through HAProxy"
   SERVER_MAXCONN=100
 fi
-lab_step "starting HAProxy on 127.0.0.1:$HAPROXY_PORT (round robin, health check /readyz)"
+read -r PROBE_PATH PROBE_PERIOD PROBE_TIMEOUT PROBE_FALL PROBE_RISE < <("$LAB_BIN" probe "$LAB_ROOT") ||
+  lab_die "cannot read the readinessProbe of k8s/app/deployment.yaml"
+lab_step "starting HAProxy on 127.0.0.1:$HAPROXY_PORT (round robin, health check $PROBE_PATH as the readinessProbe)"
 {
   cat <<EOF
 # Written by lab/setup-local.sh: plays the Ingress and the Service.
@@ -441,12 +443,13 @@ frontend sluice
 
 backend replicas
     balance roundrobin
-    # As the Deployment's readinessProbe: every 5 s, 3 s timeout, out after 2 failures.
+    # The Deployment's readinessProbe (k8s/app/deployment.yaml, read by the lab binary):
+    # path, period, timeout and thresholds.
     option httpchk
-    timeout check 3s
-    http-check send meth GET uri /readyz
+    timeout check ${PROBE_TIMEOUT}s
+    http-check send meth GET uri $PROBE_PATH
     http-check expect status 200
-    default-server inter 5s fall 2 rise 1 maxconn $SERVER_MAXCONN
+    default-server inter ${PROBE_PERIOD}s fall $PROBE_FALL rise $PROBE_RISE maxconn $SERVER_MAXCONN
 EOF
   for ((r = 0; r < SLOTS; r++)); do
     echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check$([ "$r" -lt "$REPLICAS" ] || echo " disabled")"

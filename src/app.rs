@@ -135,13 +135,17 @@ impl Health {
 
     /// `Ok` when the pod should get traffic, else why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             Err("draining for shutdown")
         } else if !self.store.is_healthy() {
             Err("mongodb is not answering")
         } else {
             Ok(())
         }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Whether `/api/data` can hope to store anything now.

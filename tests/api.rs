@@ -100,6 +100,9 @@ async fn probes_stats_status_and_metrics() {
     let ready = get(&client, &sluice.url("/readyz")).await;
     assert_eq!(ready.status, 200);
     assert_eq!(ready.body["status"], "ready");
+    let pod_ready = get(&client, &sluice.url("/readyz/pod")).await;
+    assert_eq!(pod_ready.status, 200);
+    assert_eq!(pod_ready.body["status"], "ready");
 
     for _ in 0..3 {
         assert_eq!(get(&client, &sluice.url("/api/data")).await.status, 200);

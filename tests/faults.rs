@@ -142,14 +142,24 @@ async fn database_outage(stall: bool) {
             } else {
                 mongo.kill();
             }
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            // The outage is the database's, shared by every pod: the pod's own readiness
+            // (the readinessProbe) keeps it in the load balancer, /readyz reports it.
+            let client = client();
+            let pod = get(&client, &sluice.url("/readyz/pod")).await;
+            let service = get(&client, &sluice.url("/readyz")).await;
+            assert_eq!(
+                (pod.status, service.status),
+                (200, 503),
+                "/readyz/pod {pod:?}, /readyz {service:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
             let up_at = Instant::now();
             if stall {
                 mongo.signal(Signal::SIGCONT);
             } else {
                 mongo.restart().await;
             }
-            let client = client();
             let until = Instant::now() + Duration::from_secs(20);
             let recovered_at = loop {
                 if get(&client, &sluice.url("/api/data")).await.status == 200 {

@@ -376,6 +376,7 @@ fn read_har(path: &Path) -> Vec<Exchange> {
 const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
+    "/readyz/pod",
     "/api/data",
     "/api/stats",
     "/api/cache/status",
@@ -582,7 +583,7 @@ impl Findings {
         // Every error body sluice writes is JSON with a message (HEAD answers have none).
         if x.status >= 400 && x.method != "HEAD" {
             let body: Value = serde_json::from_str(&x.body).unwrap_or(Value::Null);
-            let not_ready = x.path == "/readyz" && body["status"] == "not ready";
+            let not_ready = x.path.starts_with("/readyz") && body["status"] == "not ready";
             if !not_ready && (body["status"] != "error" || !body["message"].is_string()) {
                 self.problem(
                     "every error body is JSON with a message",

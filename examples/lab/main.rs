@@ -74,6 +74,9 @@ enum Cmd {
     Settle { uri: String },
     /// Print "MIN MAX SURGE TARGET_PCT" from k8s/app/hpa.yaml and deployment.yaml.
     Hpa { root: PathBuf },
+    /// Print the sluice container's readinessProbe from k8s/app/deployment.yaml as
+    /// "PATH PERIOD_S TIMEOUT_S FAILURES SUCCESSES", for HAProxy's health check.
+    Probe { root: PathBuf },
     /// Print the database's arguments, one a line, for SERVER (mongod or secantusd-rs) on
     /// 127.0.0.1:PORT with its files in DBPATH; secantusd-rs' empty config goes in STATE.
     DbArgs {
@@ -200,6 +203,16 @@ fn main() {
                 }
                 Err(e) => {
                     eprintln!("hpa: {e}");
+                    1
+                }
+            },
+            Cmd::Probe { root } => match readiness_probe(&root) {
+                Ok(p) => {
+                    println!("{p}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("probe: {e}");
                     1
                 }
             },
@@ -545,6 +558,30 @@ impl Behavior {
                 .collect(),
         }
     }
+}
+
+/// The sluice container's readinessProbe as "PATH PERIOD_S TIMEOUT_S FAILURES SUCCESSES",
+/// with Kubernetes' defaults where the manifest is silent (10 s, 1 s, 3, 1).
+fn readiness_probe(root: &Path) -> Result<String, Error> {
+    let dep: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        root.join("k8s/app/deployment.yaml"),
+    )?)?;
+    let probe = dep["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "sluice"))
+        .map(|c| &c["readinessProbe"])
+        .ok_or("deployment.yaml: no sluice container")?;
+    let path = probe["httpGet"]["path"]
+        .as_str()
+        .ok_or("deployment.yaml: the readinessProbe is not an httpGet")?;
+    let field = |name: &str, default: u64| probe[name].as_u64().unwrap_or(default);
+    Ok(format!(
+        "{path} {} {} {} {}",
+        field("periodSeconds", 10),
+        field("timeoutSeconds", 1),
+        field("failureThreshold", 3),
+        field("successThreshold", 1)
+    ))
 }
 
 impl Hpa {

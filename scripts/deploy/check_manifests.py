@@ -339,7 +339,7 @@ def cmd_app():
            "metadata.name")
     refs = {(k, v["name"]) for r in c.get("envFrom", []) for k, v in r.items()}
     expect(p, "envFrom", refs, {("configMapRef", "sluice-config"), ("secretRef", "sluice-secrets")})
-    expect(p, "readiness path", c.get("readinessProbe", {}).get("httpGet", {}).get("path"), "/readyz")
+    expect(p, "readiness path", c.get("readinessProbe", {}).get("httpGet", {}).get("path"), "/readyz/pod")
     expect(p, "liveness path", c.get("livenessProbe", {}).get("httpGet", {}).get("path"), "/healthz")
     # Probes of a CPU-starved pod: a startup probe, a minute of liveness, no flapping.
     live, ready = c.get("livenessProbe", {}), c.get("readinessProbe", {})

@@ -43,6 +43,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 enum Route {
     Health,
     Ready,
+    PodReady,
     Data,
     Stats,
     CacheStatus,
@@ -56,6 +57,7 @@ impl Route {
         match path {
             "/healthz" => Route::Health,
             "/readyz" => Route::Ready,
+            "/readyz/pod" => Route::PodReady,
             "/api/data" => Route::Data,
             "/api/stats" => Route::Stats,
             "/api/cache/status" => Route::CacheStatus,
@@ -70,6 +72,7 @@ impl Route {
         match self {
             Route::Health => "/healthz",
             Route::Ready => "/readyz",
+            Route::PodReady => "/readyz/pod",
             Route::Data => "/api/data",
             Route::Stats => "/api/stats",
             Route::CacheStatus => "/api/cache/status",
@@ -182,6 +185,7 @@ async fn dispatch(
     match route {
         Route::Health => Ok(ops::healthz()),
         Route::Ready => Ok(ops::readyz(app)),
+        Route::PodReady => Ok(ops::pod_readyz(app)),
         Route::Data => match &app.naive {
             Some(naive) => naive::handle(naive).await,
             None => data::handle(app, req).await,

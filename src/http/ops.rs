@@ -21,9 +21,9 @@ pub fn healthz() -> Response {
     )
 }
 
-/// Readiness: ready while MongoDB answers, the pod has joined the budget split and is
-/// not draining. Redis down is reported but does not make the pod unready: sluice serves
-/// without it.
+/// The service's readiness, for operators and load tests: ready while MongoDB answers and
+/// the pod is not draining. Redis down is reported but does not make the pod unready:
+/// sluice serves without it.
 pub fn readyz(app: &App) -> Response {
     let redis = if app.health.redis_up() { "up" } else { "down" };
     match app.health.readiness() {
@@ -35,6 +35,25 @@ pub fn readyz(app: &App) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "status": "not ready", "reason": reason, "redis": redis, "timestamp": timestamp() }),
         ),
+    }
+}
+
+/// The pod's own readiness, for the load balancer: answering (so listening, start-up
+/// done) and not draining. It asks no dependency, on purpose: the database is shared, so
+/// a check on it fails on every pod at once, the Service loses every endpoint, and the
+/// clients get the load balancer's bare 503 instead of sluice's cached reads and its
+/// 503s with `Retry-After`. The database's state is in `/readyz` and `sluice_db_up`.
+pub fn pod_readyz(app: &App) -> Response {
+    if app.health.is_draining() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "status": "not ready", "reason": "draining for shutdown", "timestamp": timestamp() }),
+        )
+    } else {
+        json_response(
+            StatusCode::OK,
+            &json!({ "status": "ready", "timestamp": timestamp() }),
+        )
     }
 }
 
