@@ -813,35 +813,57 @@ fn ctl(root: &Path, args: &[&str]) -> (bool, String) {
     }
 }
 
-fn haproxy(sock: &Path, cmd: &str) -> Result<String, Error> {
-    let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(format!("{cmd}\n").as_bytes())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
+/// The runtime API sockets of every HAProxy process (setup-local.sh starts as many as the
+/// open-files limit needs, all on one port), `haproxy-N.sock` in the state folder.
+fn haproxy_sockets(state: &Path) -> Vec<PathBuf> {
+    let mut socks: Vec<PathBuf> = std::fs::read_dir(state)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("haproxy-") && n.ends_with(".sock"))
+        })
+        .collect();
+    socks.sort();
+    socks
 }
 
-/// `show stat` as rows of name → value.
-fn haproxy_stat(sock: &Path) -> Vec<BTreeMap<String, String>> {
-    let Ok(text) = haproxy(sock, "show stat") else {
-        return vec![];
-    };
-    let mut lines = text.lines();
-    let Some(head) = lines.next() else {
-        return vec![];
-    };
-    let names: Vec<&str> = head.trim_start_matches("# ").split(',').collect();
-    lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
+/// Sends `cmd` to every HAProxy process; their answers, one per process that answered.
+fn haproxy(state: &Path, cmd: &str) -> Vec<String> {
+    haproxy_sockets(state)
+        .iter()
+        .filter_map(|sock| {
+            let mut s = UnixStream::connect(sock).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            s.write_all(format!("{cmd}\n").as_bytes()).ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        })
+        .collect()
+}
+
+/// `show stat` of every HAProxy process, as rows of name → value.
+fn haproxy_stat(state: &Path) -> Vec<BTreeMap<String, String>> {
+    let mut rows = vec![];
+    for text in haproxy(state, "show stat") {
+        let mut lines = text.lines();
+        let Some(head) = lines.next() else {
+            continue;
+        };
+        let names: Vec<&str> = head.trim_start_matches("# ").split(',').collect();
+        rows.extend(lines.filter(|l| !l.is_empty()).map(|l| {
             names
                 .iter()
                 .zip(l.split(','))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
+                .collect::<BTreeMap<String, String>>()
+        }));
+    }
+    rows
 }
 
 async fn http_get(c: &reqwest::Client, url: &str, ms: u64) -> Option<(u16, String)> {
@@ -944,7 +966,6 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
             ),
             Err(e) => (false, e.to_string()),
         };
-        let sock = a.state.join("haproxy.sock");
         let mut s = sh.lock().unwrap();
         let mut words = out.split_whitespace();
         let pid: Option<u32> = words.next().and_then(|p| p.parse().ok());
@@ -956,12 +977,12 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
             s.slots[idx].cpu_seconds = None;
             // A new pod, a new address: the slot's server gets the replica's port.
             let name = server_name(idx);
-            let _ = haproxy(
-                &sock,
+            haproxy(
+                &a.state,
                 &format!("set server {name} addr 127.0.0.1 port {port}"),
             );
-            let _ = haproxy(&sock, &format!("set server {name} state ready"));
-            let _ = haproxy(&sock, &format!("set server {name} health up"));
+            haproxy(&a.state, &format!("set server {name} state ready"));
+            haproxy(&a.state, &format!("set server {name} health up"));
             write_targets(&a.state, &s.slots);
             drop(s);
             event(&sh, "replica-ready", format!("sluice-local-{idx} ({why})"));
@@ -980,23 +1001,22 @@ fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
 /// As Kubernetes removes a pod: out of the endpoints (HAProxy drain, Prometheus), then
 /// SIGTERM, which sluice answers by draining and flushing; ctl.sh waits for its exit.
 fn stop_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
-    let sock = a.state.join("haproxy.sock");
     {
         let mut s = sh.lock().unwrap();
         s.slots[idx].state = SlotState::Draining;
         s.slots[idx].expected_exit = true;
         write_targets(&a.state, &s.slots);
     }
-    let _ = haproxy(
-        &sock,
+    haproxy(
+        &a.state,
         &format!("set server {} state drain", server_name(idx)),
     );
     let (a, sh, why) = (a.clone(), sh.clone(), why.to_string());
     tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_secs(1));
         let (ok, out) = ctl(&a.root, &["replica-stop", &idx.to_string()]);
-        let _ = haproxy(
-            &a.state.join("haproxy.sock"),
+        haproxy(
+            &a.state,
             &format!("set server {} state maint", server_name(idx)),
         );
         let mut s = sh.lock().unwrap();
@@ -1074,7 +1094,6 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
         .pool_max_idle_per_host(0)
         .build()?;
     let db = client(&a.mongo_uri).await?;
-    let sock = a.state.join("haproxy.sock");
     let mut timeline = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1148,12 +1167,22 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
         }
 
         // HAProxy: requests and 5xx at the front door; connections per replica.
-        let stats = haproxy_stat(&sock);
-        if let Some(fe) = stats.iter().find(|r| {
-            r.get("svname").map(String::as_str) == Some("FRONTEND")
-                && r.get("pxname").map(String::as_str) == Some("sluice")
-        }) {
-            let g = |k: &str| fe.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let stats = haproxy_stat(&a.state);
+        let fronts: Vec<_> = stats
+            .iter()
+            .filter(|r| {
+                r.get("svname").map(String::as_str) == Some("FRONTEND")
+                    && r.get("pxname").map(String::as_str) == Some("sluice")
+            })
+            .collect();
+        if !fronts.is_empty() {
+            // Summed over the HAProxy processes.
+            let g = |k: &str| {
+                fronts
+                    .iter()
+                    .map(|fe| fe.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+                    .sum::<u64>()
+            };
             let cur = (g("req_tot"), g("hrsp_5xx"));
             if let Some(p) = prev_fe {
                 row["requests"] = json!(cur.0.saturating_sub(p.0));

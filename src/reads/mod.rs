@@ -64,6 +64,9 @@ use crate::store::StoreError;
 const LOCK_TTL: Duration = Duration::from_secs(5);
 /// How often a pod waiting on another pod's refresh looks in Redis.
 const LOCK_POLL: Duration = Duration::from_millis(20);
+/// How far ahead of this pod's clock a shared value's stamp may be and still be taken as
+/// "just fetched" (see [`ReadCache::shared`]).
+const CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// After a failed or inconclusive refresh, the next one waits at least this long.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
 
@@ -348,17 +351,24 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
     /// be: neither fresh nor served stale. Its id is kept, as a hint the lookup by `_id`
     /// checks before anything is served; that costs one index lookup, under the lock,
     /// where trusting the stamp could serve an answer nobody checked.
+    ///
+    /// Pods' clocks differ by a little (each reads the system clock once at start, and
+    /// nodes keep theirs in step): a stamp up to [`CLOCK_SKEW`] ahead is that, and counts
+    /// as just fetched; without the allowance every pod would revalidate every value
+    /// another pod shared a millisecond "later" than its own clock.
     async fn shared(&self) -> Result<Option<CachedRead>, SharedError> {
         let found = self.tier.get().await?;
         let now = self.clock.now_ms();
+        let skew = u64::try_from(CLOCK_SKEW.as_millis()).unwrap_or(u64::MAX);
         Ok(found.map(|read| {
-            if read.fetched_at_ms > now {
-                CachedRead {
-                    fetched_at_ms: 0,
-                    ..read
-                }
+            let fetched_at_ms = if read.fetched_at_ms > now.saturating_add(skew) {
+                0
             } else {
-                read
+                read.fetched_at_ms.min(now)
+            };
+            CachedRead {
+                fetched_at_ms,
+                ..read
             }
         }))
     }
