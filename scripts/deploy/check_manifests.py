@@ -3,10 +3,14 @@
 
     check_manifests.py mongo           MongoDB's Deployment, PVC and Service are exactly
                                        what ASSESSMENT.md fixes, and what it leaves free
-                                       is set for a starved database (probes, hardening)
+                                       is set for a starved database (probes, hardening):
+                                       no two mongosh probes start within a timeout of each
+                                       other in a pod's first 24 h; its PriorityClass
     check_manifests.py mongo-selftest  the mongo check rejects each kind of drift
     check_manifests.py app             sluice's manifests agree with each other and with
-                                       the settings sluice reads
+                                       the settings sluice reads; the NetworkPolicies allow
+                                       exactly the connections the system makes; Redis'
+                                       password is the one in REDIS_URL
     check_manifests.py dashboard       the Grafana dashboard parses and queries only
                                        metrics that src/metrics.rs defines
     check_manifests.py traefik         the HelmChartConfig (a CRD no schema covers) is sane
@@ -169,7 +173,118 @@ def mongo_problems(docs):
     return p
 
 
-def mongo_ops_problems(docs):
+# When the kubelet starts each probe (pkg/kubelet/prober/worker.go): every probe of a
+# container gets its worker when the kubelet admits the pod, all in the same instant
+# t0. A worker probes at once, then on a time.Ticker of periodSeconds, so a probe can
+# start only at t0 + k x period; initialDelaySeconds does not move that grid, it only
+# skips the ticks that come before the container has run that long. The container
+# starts at or after t0, so a tick before initialDelaySeconds is always skipped and any
+# later one may run: all of those count here. Two probes' starts must be at least the
+# earlier one's timeoutSeconds apart (+ 1 s for the exec's own start), or two mongosh
+# share mongod's 0.5 CPU and 500 MiB. Not covered: a kubelet that has itself run for
+# less than a probe's period delays that worker by a random part of the period (the
+# same file), so right after a node restart the phases are random; PROBE_RANDOM_PHASE
+# estimates that case.
+PROBE_WINDOW_S = 24 * 3600
+PROBE_JITTER_S = 1
+
+
+def probe_starts(probe, until):
+    """Every time after t0, up to `until`, at which this probe may start."""
+    period = probe.get("periodSeconds", 10)
+    first = max(1, -(-probe.get("initialDelaySeconds", 0) // period))
+    return range(first * period, until + 1, period)
+
+
+def probe_collisions(probes, until):
+    """(earlier start, its probe, later start, its probe) for every start of another probe
+    that comes before the earlier one's timeout (+ jitter) has run out."""
+    starts = sorted((t, name) for name, probe in probes.items() for t in probe_starts(probe, until))
+    hits = []
+    for i, (t, name) in enumerate(starts):
+        limit = probes[name].get("timeoutSeconds", 1) + PROBE_JITTER_S
+        for t2, name2 in starts[i + 1:]:
+            if t2 - t >= limit:
+                break
+            if name2 != name:
+                hits.append((t, name, t2, name2))
+    return hits
+
+
+def probe_closest(probes, until):
+    """The smallest slack (gap less the earlier probe's timeout + jitter) between starts of
+    different probes, with the pair."""
+    starts = sorted((t, name) for name, probe in probes.items() for t in probe_starts(probe, until))
+    best = None
+    last = {}
+    for t, name in starts:
+        for other, t0 in last.items():
+            if other != name:
+                slack = t - t0 - (probes[other].get("timeoutSeconds", 1) + PROBE_JITTER_S)
+                if best is None or slack < best[0]:
+                    best = (slack, t0, other, t, name)
+        last[name] = t
+    return best
+
+
+def probe_schedule(container):
+    """Problems with the mongosh probes' starts over PROBE_WINDOW_S, and a summary."""
+    probes = {name: container[key] for name, key in
+              (("startup", "startupProbe"), ("readiness", "readinessProbe"), ("liveness", "livenessProbe"))
+              if container.get(key)}
+    hits = probe_collisions(probes, PROBE_WINDOW_S)
+    p = []
+    for t, a, t2, b in hits[:3]:
+        p.append(f"mongo probes: {b} starts at {t2} s, {t2 - t} s after {a} started at {t} s, within "
+                 f"{a}'s timeoutSeconds {probes[a].get('timeoutSeconds', 1)} (+{PROBE_JITTER_S} s): two mongosh at once")
+    if len(hits) > 3:
+        p.append(f"mongo probes: {len(hits)} such pairs in the first {PROBE_WINDOW_S // 3600} h")
+    counts = {n: len(probe_starts(pr, PROBE_WINDOW_S)) for n, pr in probes.items()}
+    lines = [", ".join(f"{n} every {pr.get('periodSeconds', 10)} s (timeout {pr.get('timeoutSeconds', 1)} s, "
+                       f"{counts[n]} starts)" for n, pr in probes.items())]
+    if not hits and len(probes) > 1:
+        slack, t0, a, t1, b = probe_closest(probes, PROBE_WINDOW_S)
+        lines.append(f"closest pair in the first {PROBE_WINDOW_S // 3600} h: {b} at {t1} s, {t1 - t0} s after "
+                     f"{a} at {t0} s, whose timeout + {PROBE_JITTER_S} s is {t1 - t0 - slack} s")
+        week = 7 * 24 * 3600
+        later = probe_collisions(probes, week)
+        lines.append("first start within another's timeout: " + (
+            f"{later[0][2]} s ({later[0][2] / 3600:.1f} h); {len(later)} such starts in the first 7 days" if later
+            else "none within 7 days"))
+        # With random phases (after the kubelet restarts), the rarer probe's starts each
+        # fall within reach of the other's with probability (Ta + Tb + 2 jitter) / Pa.
+        (na, pa), (nb, pb) = sorted(probes.items(), key=lambda kv: kv[1].get("periodSeconds", 10))[:2]
+        reach = (pa.get("timeoutSeconds", 1) + pb.get("timeoutSeconds", 1) + 2 * PROBE_JITTER_S) / pa.get("periodSeconds", 10)
+        per_day = 86400 / pb.get("periodSeconds", 10) * min(1.0, reach)
+        lines.append(f"with random phases (a kubelet just restarted): about {per_day:.1f} overlapping "
+                     f"starts a day ({min(1.0, reach):.0%} of the {86400 / pb.get('periodSeconds', 10):.0f} {nb} starts)")
+    return p, lines
+
+
+def priority_problems(docs, pod, others=()):
+    """MongoDB's PriorityClass exists, is a user one, and outranks every other pod of ours."""
+    p = []
+    name = pod.get("priorityClassName")
+    if not name:
+        return ["mongo has no priorityClassName: node pressure would evict it as soon as any other pod"]
+    classes = [d for d in docs if d.get("kind") == "PriorityClass" and d["metadata"].get("name") == name]
+    if len(classes) != 1:
+        return [f"PriorityClass {name} (mongo's priorityClassName) is not defined once in k8s/base"]
+    pc = classes[0]
+    value = pc.get("value", 0)
+    if not 0 < value <= 1_000_000_000:
+        p.append(f"PriorityClass {name} value {value}: must be above 0 and at most 1,000,000,000 (user range)")
+    expect(p, f"PriorityClass {name} globalDefault", pc.get("globalDefault", False), False)
+    for other in others:
+        oname = other["spec"]["template"]["spec"].get("priorityClassName")
+        ovalue = next((d.get("value", 0) for d in docs if d.get("kind") == "PriorityClass"
+                       and d["metadata"].get("name") == oname), None) if oname else 0
+        if oname and (ovalue is None or ovalue >= value):
+            p.append(f"Deployment {other['metadata']['name']} has priorityClassName {oname}, not below mongo's")
+    return p
+
+
+def mongo_ops_problems(docs, others=()):
     """What ASSESSMENT.md leaves free, set for a database starved at 0.5 CPU."""
     p = []
     dep = find(docs, "Deployment", "mongo")
@@ -194,7 +309,18 @@ def mongo_ops_problems(docs):
     expect(p, "mongo capabilities.drop", csc.get("capabilities", {}).get("drop"), ["ALL"])
     if pod.get("terminationGracePeriodSeconds", 30) < 60:
         p.append("mongo terminationGracePeriodSeconds < 60: too short for a final checkpoint at 0.5 CPU")
+    p += probe_schedule(c)[0]
+    p += priority_problems(docs, pod, others)
     return p
+
+
+def mongo_docs():
+    """MongoDB's objects and k8s/base (its PriorityClass)."""
+    return load_docs("k8s/mongodb/*.yaml") + load_docs("k8s/base/*.yaml")
+
+
+def other_deployments():
+    return [d for d in load_docs("k8s/app/*.yaml") + load_docs("k8s/redis/*.yaml") if d.get("kind") == "Deployment"]
 
 
 def assessment_problems():
@@ -208,9 +334,9 @@ def assessment_problems():
 
 
 def cmd_mongo():
-    docs = load_docs("k8s/mongodb/*.yaml")
+    docs = mongo_docs()
     problems = mongo_problems(docs)
-    ops = [] if problems else mongo_ops_problems(docs)
+    ops = [] if problems else mongo_ops_problems(docs, other_deployments())
     extra = assessment_problems()
     if extra is None:
         print("  (ASSESSMENT.md not beside the clone: compared with the constraints built in)")
@@ -228,6 +354,10 @@ def cmd_mongo():
           f"{MONGO_PVC} {MONGO_PVC_SIZE} at {MONGO_DATA_PATH}, Service :{MONGO_PORT}")
     print("  and beyond them: patient explicit probes, publishNotReadyAddresses, uid 999, "
           "no capabilities, no token, a grace period for the final checkpoint")
+    dep = find(docs, "Deployment", "mongo")
+    for line in probe_schedule(dep["spec"]["template"]["spec"]["containers"][0])[1]:
+        print(f"  probes: {line}")
+    print(f"  priority: {dep['spec']['template']['spec']['priorityClassName']}, above every other pod of ours")
 
 
 def mutations():
@@ -279,26 +409,304 @@ def mutations():
     }
 
 
+def ops_mutations():
+    """Named edits of what ASSESSMENT.md leaves free, each of which the ops check must reject."""
+    def pod(docs):
+        return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+
+    def probe(docs, key):
+        return pod(docs)["containers"][0][key]
+
+    def periods(ready, live):
+        def apply(docs):
+            probe(docs, "readinessProbe")["periodSeconds"] = ready
+            probe(docs, "livenessProbe")["periodSeconds"] = live
+        return apply
+
+    return {
+        "the old 30 s / 60 s (one tick a minute)": periods(30, 60),
+        "coprime 37 s / 61 s (near misses)": periods(37, 61),
+        "liveness a multiple of readiness": periods(120, 9600),
+        "liveness timeout 40 s": lambda d: probe(d, "livenessProbe").__setitem__("timeoutSeconds", 40),
+        "readiness timeout 15 s": lambda d: probe(d, "readinessProbe").__setitem__("timeoutSeconds", 15),
+        "no priorityClassName": lambda d: pod(d).pop("priorityClassName"),
+        "PriorityClass missing": lambda d: d.remove(next(x for x in d if x["kind"] == "PriorityClass")),
+        "PriorityClass as the default": lambda d: next(x for x in d if x["kind"] == "PriorityClass").__setitem__(
+            "globalDefault", True),
+    }
+
+
 def cmd_mongo_selftest():
-    docs = load_docs("k8s/mongodb/*.yaml")
+    docs = mongo_docs()
     if mongo_problems(docs):
         raise Failed("the real manifests already fail the mongo check")
+    if mongo_ops_problems(docs):
+        raise Failed("the real manifests already fail the mongo check of what ASSESSMENT.md leaves free")
     missed = []
     for name, mutate in mutations().items():
         broken = copy.deepcopy(docs)
         mutate(broken)
         if not mongo_problems(broken):
             missed.append(name)
+    for name, mutate in ops_mutations().items():
+        broken = copy.deepcopy(docs)
+        mutate(broken)
+        if not mongo_ops_problems(broken):
+            missed.append(name)
     if missed:
         raise Failed(f"the mongo check accepted: {', '.join(missed)}")
     print(f"  the mongo check rejected all {len(mutations())} deliberate drifts "
           f"(image, args, resources, probes, volume, PVC, Service, namespace, replicas)")
+    print(f"  and all {len(ops_mutations())} of what ASSESSMENT.md leaves free "
+          f"(probes that start together or within a timeout, the PriorityClass)")
+
+
+# ---------------------------------------------------------------- network policies
+
+# The NetworkPolicy rules as Kubernetes defines them, for the connections the system
+# makes and a few it must refuse. Pods outside the namespace are described by the labels
+# their own charts give them (Traefik's from k8s/traefik/, whose topologySpreadConstraints
+# select it by the same label; the Prometheus Operator's selector labels on Prometheus'
+# pods; k3s' CoreDNS). A namespace carries kubernetes.io/metadata.name, which the API
+# server sets. What this cannot see, and docs/deploy.md argues instead: the kubelet's
+# probes come from the pod's own node, which kube-router (k3s' controller) accepts before
+# any policy ("rule to permit the traffic to pods when source is the pod's local node").
+NODE = "node"
+OUTSIDE = "outside"  # an address outside the cluster
+
+
+def selects(selector, labels):
+    """A LabelSelector: matchLabels and matchExpressions; {} selects everything."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        have, op, values = labels.get(e["key"]), e["operator"], e.get("values") or []
+        if (op == "In" and have not in values) or (op == "NotIn" and have in values) \
+                or (op == "Exists" and have is None) or (op == "DoesNotExist" and have is not None):
+            return False
+    return True
+
+
+def peer_admits(peer, policy_ns, ep):
+    if "ipBlock" in peer or ep["ns"] in (NODE, OUTSIDE):
+        return False  # addresses are not modelled: networkpolicy_problems refuses ipBlocks
+    ns_sel, pod_sel = peer.get("namespaceSelector"), peer.get("podSelector")
+    if ns_sel is not None:
+        if not selects(ns_sel, {"kubernetes.io/metadata.name": ep["ns"]}):
+            return False
+    elif ep["ns"] != policy_ns:
+        return False
+    return pod_sel is None or selects(pod_sel, ep["labels"])
+
+
+def ports_admit(rule_ports, dst, port, proto):
+    if not rule_ports:
+        return True
+    for rp in rule_ports:
+        if rp.get("protocol", "TCP") != proto:
+            continue
+        want = rp.get("port")
+        if want is None:
+            return True
+        if isinstance(want, str):
+            want = dst.get("ports", {}).get(want)
+        if want is not None and want <= port <= rp.get("endPort", want):
+            return True
+    return False
+
+
+def policy_types(pol):
+    spec = pol["spec"]
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+
+
+def direction_allows(pols, ep, peer_ep, direction, dst, port, proto):
+    """Whether the policies selecting `ep` let this connection through in `direction`."""
+    key, side = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    mine = [x for x in pols if x["metadata"]["namespace"] == ep["ns"]
+            and direction in policy_types(x) and selects(x["spec"]["podSelector"], ep["labels"])]
+    if not mine:
+        return True, "no policy isolates it"
+    for x in mine:
+        for rule in x["spec"].get(key) or []:
+            peers = rule.get(side)
+            if (not peers or any(peer_admits(pe, x["metadata"]["namespace"], peer_ep) for pe in peers)) \
+                    and ports_admit(rule.get("ports"), dst, port, proto):
+                return True, x["metadata"]["name"]
+    return False, "denied by " + ", ".join(x["metadata"]["name"] for x in mine)
+
+
+def connection(pols, src, dst, port, proto="TCP"):
+    if src["ns"] == NODE:
+        return True, "from the pod's own node: kube-router accepts it before any policy"
+    out, why_out = direction_allows(pols, src, dst, "Egress", dst, port, proto) if src["ns"] != OUTSIDE else (True, "")
+    inn, why_in = direction_allows(pols, dst, src, "Ingress", dst, port, proto) if dst["ns"] != OUTSIDE else (True, "")
+    if not out:
+        return False, f"egress {why_out}"
+    if not inn:
+        return False, f"ingress {why_in}"
+    return True, f"egress {why_out}; ingress {why_in}"
+
+
+def workload(dep):
+    """A Deployment's pod as an endpoint: namespace, labels, named container ports."""
+    t = dep["spec"]["template"]
+    ports = {pt["name"]: pt["containerPort"] for c in t["spec"]["containers"] for pt in c.get("ports", []) if "name" in pt}
+    return {"name": dep["metadata"]["name"], "ns": dep["metadata"]["namespace"], "labels": t["metadata"]["labels"],
+            "ports": ports}
+
+
+def networkpolicy_problems(app_docs):
+    """Every connection sluice needs is allowed, and the ones it must not make are denied."""
+    p = []
+    pols = [d for d in app_docs if d.get("kind") == "NetworkPolicy"]
+    for x in pols:
+        text = json.dumps(x["spec"])
+        if "ipBlock" in text:
+            p.append(f"NetworkPolicy {x['metadata']['name']}: an ipBlock (this check and docs/deploy.md name peers "
+                     "by namespace and labels; the node needs none)")
+    for direction in ("Ingress", "Egress"):
+        if not any(x["spec"]["podSelector"] == {} and policy_types(x) == [direction]
+                   and not x["spec"].get(direction.lower()) for x in pols):
+            p.append(f"no default-deny {direction.lower()} NetworkPolicy (podSelector {{}}, no rules)")
+
+    cm = find(app_docs, "ConfigMap", "sluice-config")["data"]
+    app_port = int(cm["APP_PORT"])
+    sluice_dep = find(app_docs, "Deployment", "sluice")
+    sluice = workload(sluice_dep)
+    mongo = workload(find(load_docs("k8s/mongodb/*.yaml"), "Deployment", "mongo"))
+    redis = workload(find(load_docs("k8s/redis/*.yaml"), "Deployment", "redis"))
+    traefik_cfg = find(load_docs("k8s/traefik/*.yaml"), "HelmChartConfig", "traefik")
+    traefik_values = yaml.safe_load(traefik_cfg["spec"]["valuesContent"])
+    traefik_labels = next((t["labelSelector"]["matchLabels"] for t in traefik_values.get("topologySpreadConstraints", [])
+                           if t.get("labelSelector", {}).get("matchLabels")), {"app.kubernetes.io/name": "traefik"})
+    traefik = {"name": "traefik", "ns": traefik_cfg["metadata"]["namespace"],
+               "labels": dict(traefik_labels, **{"app.kubernetes.io/instance": "traefik-kube-system"})}
+    mon_ns = find(load_docs("k8s/monitoring/*.yaml"), "HelmChart", "monitoring")["spec"]["targetNamespace"]
+    prometheus = {"name": "prometheus", "ns": mon_ns,
+                  "labels": {"app.kubernetes.io/name": "prometheus", "app.kubernetes.io/managed-by": "prometheus-operator",
+                             "prometheus": "monitoring-prometheus", "app.kubernetes.io/instance": "monitoring-prometheus"}}
+    grafana = {"name": "grafana", "ns": mon_ns, "labels": {"app.kubernetes.io/name": "grafana"}}
+    coredns = {"name": "coredns", "ns": "kube-system", "labels": {"k8s-app": "kube-dns"},
+               "ports": {"dns": 53, "dns-tcp": 53, "metrics": 9153}}
+    metrics_server = {"name": "metrics-server", "ns": "kube-system", "labels": {"k8s-app": "metrics-server"}}
+    stranger_here = {"name": "a pod of another app in assessment", "ns": NAMESPACE, "labels": {"app": "debug"}}
+    stranger_default = {"name": "a pod in default", "ns": "default", "labels": {"app": "debug"}}
+    node = {"name": "the kubelet", "ns": NODE, "labels": {}}
+    outside = {"name": "the internet", "ns": OUTSIDE, "labels": {}}
+
+    podmonitor = find(load_docs("k8s/grafana/podmonitor.yaml"), "PodMonitor", "sluice")
+    scrape_port = podmonitor["spec"]["podMetricsEndpoints"][0]["port"]
+    scrape_port = sluice["ports"].get(scrape_port, scrape_port)
+    probe_ports = {sluice["ports"].get(pr["httpGet"]["port"], pr["httpGet"]["port"])
+                   for c in sluice_dep["spec"]["template"]["spec"]["containers"]
+                   for key in ("startupProbe", "livenessProbe", "readinessProbe") if (pr := c.get(key))
+                   and "httpGet" in pr}
+
+    want = [  # source, destination, port, protocol, allowed
+        (traefik, sluice, app_port, "TCP", True),
+        (prometheus, sluice, scrape_port, "TCP", True),
+        *[(node, sluice, pp, "TCP", True) for pp in sorted(probe_ports)],
+        (sluice, coredns, 53, "UDP", True),
+        (sluice, coredns, 53, "TCP", True),
+        (sluice, mongo, 27017, "TCP", True),
+        (sluice, redis, 6379, "TCP", True),
+        (stranger_default, sluice, app_port, "TCP", False),
+        (stranger_here, sluice, app_port, "TCP", False),
+        (grafana, sluice, app_port, "TCP", False),
+        (metrics_server, sluice, app_port, "TCP", False),
+        (coredns, sluice, app_port, "TCP", False),
+        (sluice, sluice, app_port, "TCP", False),
+        (redis, sluice, app_port, "TCP", False),
+        (traefik, mongo, 27017, "TCP", False),
+        (traefik, redis, 6379, "TCP", False),
+        (stranger_here, mongo, 27017, "TCP", False),
+        (stranger_here, redis, 6379, "TCP", False),
+        (stranger_default, mongo, 27017, "TCP", False),
+        (stranger_default, redis, 6379, "TCP", False),
+        (sluice, outside, 443, "TCP", False),
+        (sluice, traefik, 8000, "TCP", False),
+        (mongo, outside, 443, "TCP", False),
+        (mongo, coredns, 53, "UDP", False),
+        (redis, outside, 443, "TCP", False),
+        (redis, mongo, 27017, "TCP", False),
+    ]
+    lines = []
+    for src, dst, port, proto, allowed in want:
+        got, why = connection(pols, src, dst, port, proto)
+        what = f"{src['name']} -> {dst['name']}:{port}/{proto}"
+        if got != allowed:
+            p.append(f"NetworkPolicy: {what} is {'allowed' if got else 'denied'} ({why}), must be "
+                     f"{'allowed' if allowed else 'denied'}")
+        lines.append(f"{'allow' if got else 'deny '} {what}" + (f" ({why})" if src["ns"] == NODE else ""))
+    return p, lines
+
+
+def networkpolicy_drifts():
+    """Named edits of the policies, each of which opens or closes something it must not."""
+    def pol(docs, name):
+        return next(d for d in docs if d.get("kind") == "NetworkPolicy" and d["metadata"]["name"] == name)
+
+    def split_traefik_peer(docs):
+        rule = pol(docs, "sluice-http")["spec"]["ingress"][0]
+        first = rule["from"].pop(0)
+        rule["from"][:0] = [{"namespaceSelector": first["namespaceSelector"]}, {"podSelector": first["podSelector"]}]
+
+    return {
+        "sluice-http without from (as before)": lambda d: pol(d, "sluice-http")["spec"]["ingress"][0].pop("from"),
+        "Traefik's peer by namespace only": lambda d: pol(d, "sluice-http")["spec"]["ingress"][0]["from"][0].pop(
+            "podSelector"),
+        "Traefik's namespace and label as two peers (either one)": split_traefik_peer,
+        "no DNS egress": lambda d: pol(d, "sluice-egress")["spec"]["egress"].pop(0),
+        "no default-deny egress": lambda d: d.remove(pol(d, "default-deny-egress")),
+        "Redis open to every namespace": lambda d: pol(d, "redis-from-sluice")["spec"]["ingress"][0].__setitem__(
+            "from", [{"namespaceSelector": {}}]),
+        "sluice to anywhere on 443": lambda d: pol(d, "sluice-egress")["spec"]["egress"].append(
+            {"ports": [{"protocol": "TCP", "port": 443}]}),
+        "Prometheus' port by another number": lambda d: pol(d, "sluice-http")["spec"]["ingress"][0].__setitem__(
+            "ports", [{"protocol": "TCP", "port": 9090}]),
+    }
+
+
+def redis_auth_problems(app_docs):
+    """Redis asks for the password in its Secret, sluice's REDIS_URL carries that same
+    password, and Redis' readiness wants PONG, not only redis-cli's exit status."""
+    p = []
+    redis_docs = load_docs("k8s/redis/*.yaml")
+    auth = find(redis_docs, "Secret", "redis-auth")
+    password = str((auth.get("stringData") or {}).get("password", ""))
+    if not re.fullmatch(r"[A-Za-z0-9]{24,}", password):
+        p.append("Secret redis-auth: password must be 24 or more letters and digits (no URL escaping needed)")
+    url = (find(app_docs, "Secret", "sluice-secrets").get("stringData") or {}).get("REDIS_URL", "")
+    m = re.fullmatch(r"redis://:([^@/]*)@redis:6379/?", url)
+    if not m:
+        p.append("REDIS_URL must read redis://:PASSWORD@redis:6379")
+    elif m.group(1) != password:
+        p.append("REDIS_URL's password is not the one in Secret redis-auth")
+    dep = find(redis_docs, "Deployment", "redis")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    args = c.get("args", [])
+    env = {e["name"]: e for e in c.get("env", [])}
+    ref = env.get("REDISCLI_AUTH", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    expect(p, "redis env REDISCLI_AUTH (redis-cli's password variable) from", (ref.get("name"), ref.get("key")),
+           ("redis-auth", "password"))
+    if "--requirepass" not in args or args[args.index("--requirepass") + 1:][:1] != ["$(REDISCLI_AUTH)"]:
+        p.append("redis args must include --requirepass $(REDISCLI_AUTH)")
+    ready = " ".join(c.get("readinessProbe", {}).get("exec", {}).get("command", []))
+    if "redis-cli ping" not in ready or not re.search(r"=\s*PONG\b", ready):
+        p.append("redis readiness must compare redis-cli ping's reply with PONG (it exits 0 on NOAUTH)")
+    files = {d["kind"]: d["__file"] for d in redis_docs if d["kind"] in ("Secret", "Deployment")}
+    if files["Secret"] >= files["Deployment"]:
+        p.append(f"{files['Secret']} must sort before {files['Deployment']} (kubectl apply -f k8s/redis/ "
+                 "creates the Secret first)")
+    return p
 
 
 # ---------------------------------------------------------------- app
 
 def cmd_app():
-    docs = load_docs("k8s/app/*.yaml")
+    # kustomization.yaml lists the files for `kubectl apply -k`; it is not an object.
+    docs = [d for d in load_docs("k8s/app/*.yaml") if d.get("kind") != "Kustomization"]
     p = []
     cm = find(docs, "ConfigMap", "sluice-config")["data"]
     secret = find(docs, "Secret", "sluice-secrets")
@@ -416,8 +824,15 @@ def cmd_app():
         if sources != [{"app.kubernetes.io/name": "sluice"}] or ports != [tport]:
             p.append(f"NetworkPolicy for {target} must admit only sluice pods on {tport} "
                      f"(sources {sources}, ports {ports})")
-    if not any(x["spec"]["podSelector"] == {} and "ingress" not in x["spec"] for x in pols):
-        p.append("no default-deny ingress NetworkPolicy")
+    netpol_problems, netpol_lines = networkpolicy_problems(docs)
+    p += netpol_problems
+    if not netpol_problems:
+        for name, drift in networkpolicy_drifts().items():
+            broken = copy.deepcopy(docs)
+            drift(broken)
+            if not networkpolicy_problems(broken)[0]:
+                p.append(f"the NetworkPolicy check accepted a deliberate drift: {name}")
+    p += redis_auth_problems(docs)
 
     for prob in p:
         print(f"  {prob}")
@@ -428,6 +843,11 @@ def cmd_app():
     print(f"  replicas left to the HPA ({hpa['spec']['minReplicas']}..{hpa['spec']['maxReplicas']} "
           f"; BUDGET_FALLBACK_PODS checked by tests/deploy_contract.rs), grace {grace}s > preStop {pre_stop}s + drain {drain}s, "
           f"non-root uid {uid}, read-only root, no capabilities")
+    print(f"  NetworkPolicies (default deny both ways; the check rejects all {len(networkpolicy_drifts())} "
+          "deliberate drifts), connection by connection:")
+    for line in netpol_lines:
+        print(f"    {line}")
+    print("  Redis: requirepass from Secret redis-auth, the same password in REDIS_URL, readiness wants PONG")
     print(f"  startup/liveness/readiness probes tolerant, image-id and config-hash stamped, "
           f"MONGO_URI pooled, Ingress publishes only {', '.join(PUBLIC_PATHS)}")
 
