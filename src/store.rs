@@ -201,9 +201,7 @@ impl Store {
     /// `limit` (capped at the store's own timeout), and says which were not stored, as
     /// positions in `which`. A duplicate `_id` is not among them: ids are made before the
     /// first attempt, so a duplicate means an earlier attempt (or an earlier request with
-    /// the same idempotency key) stored it. A reply that names a document the command did
-    /// not hold fails the whole command, so the caller retries it rather than crediting a
-    /// request that was never stored.
+    /// the same idempotency key) stored it.
     pub async fn insert_many(
         &self,
         docs: Arc<[RawDocumentBuf]>,
@@ -211,7 +209,6 @@ impl Store {
         paid: Token,
         limit: Duration,
     ) -> Result<Rejected, StoreError> {
-        let sent = which.len();
         let records = self.records.clone();
         let command = async move {
             records
@@ -225,10 +222,6 @@ impl Store {
                 ErrorKind::InsertMany(failure) if failure.write_concern_error.is_none() => {
                     let mut rejected = Rejected::default();
                     for w in failure.write_errors.iter().flatten() {
-                        if w.index >= sent {
-                            tracing::error!(index = w.index, sent, "the database named a document the insert did not hold; retrying the batch");
-                            return Err(StoreError::Refused(e));
-                        }
                         if w.code == DUPLICATE_KEY {
                             continue;
                         }

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Gate, Job, Sink, WriteError, MAX_BATCH_BYTES};
 use crate::config::WriteSettings;
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 
 /// The shortest time limit an insert attempt is sent with.
 pub const MIN_ATTEMPT: Duration = Duration::from_millis(50);
@@ -269,13 +270,28 @@ impl<K: Sink> Flush<K> {
                 .insert(Arc::clone(&docs), todo.clone(), paid_now, limit)
                 .await;
             let outcome_answered = outcome.is_ok();
+            // A reply naming a document the command did not hold cannot be mapped back to
+            // a request: the batch counts as failed and is sent again, never credited.
+            let outcome = outcome.and_then(|rejected| {
+                match rejected
+                    .retry
+                    .iter()
+                    .chain(&rejected.refused)
+                    .find(|&&i| i >= todo.len())
+                {
+                    Some(&i) => Err(StoreError::Unavailable(format!(
+                        "the reply named document {i} of an insert of {}",
+                        todo.len()
+                    ))),
+                    None => Ok(rejected),
+                }
+            });
             let (retry, refused) = match outcome {
                 Ok(rejected) => {
                     let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                     self.last_insert_us.store(us, Ordering::Relaxed);
                     reason = "the database rejected documents".into();
                     let to_todo = |v: Vec<usize>| {
-                        // The sink checked the positions against what it was sent.
                         let mut v: Vec<usize> = v.into_iter().map(|i| todo[i]).collect();
                         v.sort_unstable();
                         v

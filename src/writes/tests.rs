@@ -28,6 +28,8 @@ enum Next {
     StoreButFail,
     /// Stores nothing and reports the database as gone.
     Fail,
+    /// Stores nothing and names a document it was not sent (a malformed reply).
+    BadIndex,
 }
 
 #[derive(Default)]
@@ -82,7 +84,7 @@ impl Sink for MemorySink {
         for (i, doc) in docs.iter().enumerate() {
             let id = id_of(doc);
             match &next {
-                Next::Fail => {}
+                Next::Fail | Next::BadIndex => {}
                 Next::Reject(ids) if ids.contains(&id) => rejected.retry.push(i),
                 Next::Refuse(ids) if ids.contains(&id) => rejected.refused.push(i),
                 // A duplicate `_id` is stored already: the real store reports it as such.
@@ -92,6 +94,10 @@ impl Sink for MemorySink {
         }
         match next {
             Next::Fail | Next::StoreButFail => Err(StoreError::Unavailable("gone".into())),
+            Next::BadIndex => Ok(Rejected {
+                retry: vec![docs.len()],
+                refused: vec![],
+            }),
             _ => Ok(rejected),
         }
     }
@@ -253,6 +259,24 @@ async fn a_lost_acknowledgement_is_retried_without_storing_twice() {
     assert_eq!(stored.len(), 5);
     assert!(ids.iter().all(|id| stored.contains(id)));
     assert_eq!(sink.0.inserts.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reply_naming_a_document_it_was_not_sent_fails_the_batch_not_the_flusher() {
+    let sink = MemorySink::default();
+    sink.0.script.lock().unwrap().push_back(Next::BadIndex);
+    let (writer, _stop) = start(settings(), &sink);
+    let (ids, task) = submit(&writer);
+    assert!(
+        task.await.unwrap().0.is_ok(),
+        "the batch is sent again and stored"
+    );
+    let stored = sink.0.stored.lock().unwrap().clone();
+    assert!(ids.iter().all(|id| stored.contains(id)));
+    assert_eq!(sink.0.inserts.lock().unwrap().len(), 2);
+    // The flusher is still there for the next request.
+    let (_, task) = submit(&writer);
+    assert!(task.await.unwrap().0.is_ok());
 }
 
 #[tokio::test(start_paused = true)]
