@@ -8,6 +8,7 @@
 #   ctl.sh replica-stop IDX    SIGTERM it and wait until it has exited (drains, flushes)
 #   ctl.sh replica-kill IDX    kill -9 it
 #   ctl.sh redis-restart       kill -9 Redis and start it again, empty, on the same port
+#                              with the same password
 #   ctl.sh db-signal SIG       send SIG (STOP, CONT) to the database
 #   ctl.sh db-kill             kill -9 the database (its supervisor starts it again)
 #   ctl.sh disk-fill           fill the database's own disk; exit 3 when it has none
@@ -60,7 +61,13 @@ case "${1:-}" in
     pid=$(cat "$LAB_STATE/redis.pid") || exit 1
     kill -KILL "$pid" 2>/dev/null
     gone "$pid" 5 || exit 1
-    lab_start_redis "${REDIS_URL##*:}"
+    # redis://:PASSWORD@127.0.0.1:PORT: the port follows the last colon. Never printed:
+    # the URL holds the password.
+    port=${REDIS_URL##*:}
+    [[ $port =~ ^[0-9]+$ ]] || { echo "no port at the end of REDIS_URL in lab.env" >&2; exit 1; }
+    # Same port, same password (lab_start_redis reads it from its file): the replicas'
+    # REDIS_URL stays right.
+    lab_start_redis "$port"
     ;;
   db-signal)
     kill "-${2:?signal}" "$(cat "$LAB_STATE/mongo.pid")"
@@ -97,7 +104,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -79,17 +79,58 @@ lab_cgroup_dir() {
   echo "$mnt$rel/$LAB_CGROUP_NAME"
 }
 
-# lab_start_redis PORT: an empty, non-persistent redis-server on PORT, recorded; waits
-# until it answers (setup starts it; ctl.sh redis-restart starts it again, empty).
+# Redis requires a password, as in the cluster (k8s/redis/auth.yaml), so a replica that
+# forgot it fails here as it would there. setup-local.sh makes a new one per lab
+# (lab_new_redis_password); Redis and its restarts read it from this 0600 file.
+LAB_REDIS_PASSWORD_FILE=$LAB_STATE/redis.password
+
+# lab_new_redis_password: writes a fresh random password (48 hex digits, URL-safe) to
+# LAB_REDIS_PASSWORD_FILE, readable by its owner only.
+lab_new_redis_password() {
+  local pw
+  pw=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n') && [ "${#pw}" -eq 48 ] || return 1
+  rm -f "$LAB_REDIS_PASSWORD_FILE"
+  (umask 077 && printf '%s\n' "$pw" >"$LAB_REDIS_PASSWORD_FILE")
+}
+
+# lab_redis_password: the lab Redis' password, from LAB_REDIS_PASSWORD_FILE.
+lab_redis_password() {
+  local pw
+  pw=$(cat "$LAB_REDIS_PASSWORD_FILE" 2>/dev/null) && [ -n "$pw" ] || return 1
+  printf '%s\n' "$pw"
+}
+
+# lab_redis_url PORT: sluice's REDIS_URL for the lab Redis, password included.
+lab_redis_url() {
+  local pw
+  pw=$(lab_redis_password) || return 1
+  printf 'redis://:%s@127.0.0.1:%s\n' "$pw" "$1"
+}
+
+# lab_redact_url URL: URL with the password of its user info shown as ***, as sluice
+# shows it (redis://:***@127.0.0.1:6379); for anything the lab prints.
+lab_redact_url() {
+  printf '%s\n' "$1" | sed -E 's#^([A-Za-z][A-Za-z0-9+.-]*://[^:/?@]*):[^/?]*@#\1:***@#'
+}
+
+# lab_start_redis PORT: an empty, non-persistent redis-server on PORT that requires the
+# password in LAB_REDIS_PASSWORD_FILE, recorded; waits until it answers (setup starts it;
+# ctl.sh redis-restart starts it again, empty, with the same password). The password is
+# in a 0600 config file, not on the command line, where `ps` would show it.
 lab_start_redis() {
-  local port=$1 pid i
-  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+  local port=$1 pid i pw conf=$LAB_STATE/redis.conf
+  pw=$(lab_redis_password) || { echo "no Redis password in $LAB_REDIS_PASSWORD_FILE" >&2; return 1; }
+  rm -f "$conf"
+  (umask 077 && printf '# Written by lab/lib.sh: the lab Redis password.\nrequirepass %s\n' "$pw" >"$conf") ||
+    return 1
+  redis-server "$conf" --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
     --maxclients 10000 --dir "$LAB_STATE" --daemonize no </dev/null >>"$LAB_STATE/redis.log" 2>&1 &
   pid=$!
   lab_record_pid redis "$pid"
   echo "$pid" >"$LAB_STATE/redis.pid"
   for ((i = 0; i < 40; i++)); do
-    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+    [ "$(REDISCLI_AUTH="$pw" redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+    kill -0 "$pid" 2>/dev/null || return 1
     sleep 0.25
   done
   return 1

@@ -113,6 +113,24 @@ impl Default for Clock {
     }
 }
 
+/// Logs, at most once a minute, that Redis refused the login: a missing or wrong password
+/// otherwise shows only as commands timing out while the client retries, and the
+/// operator would look for a network fault.
+fn warn_on_refused_login(client: &Client) {
+    const EVERY: Duration = Duration::from_secs(60);
+    let last: std::sync::Mutex<Option<tokio::time::Instant>> = std::sync::Mutex::new(None);
+    let _listener = client.on_error(move |(error, _server)| {
+        if *error.kind() == fred::error::ErrorKind::Auth {
+            let mut last = last.lock().expect("warning lock");
+            if last.is_none_or(|at| at.elapsed() >= EVERY) {
+                *last = Some(tokio::time::Instant::now());
+                tracing::warn!(error = %error, "redis refused the login: check the password in REDIS_URL");
+            }
+        }
+        async { Ok(()) }
+    });
+}
+
 pub struct Shared {
     client: Client,
     options: Options,
@@ -137,6 +155,7 @@ impl Shared {
             .with_performance_config(|p| p.default_command_timeout = timeout)
             .set_policy(ReconnectPolicy::new_constant(0, 500))
             .build()?;
+        warn_on_refused_login(&client);
         client.connect();
         let options = Options {
             fail_fast: true,

@@ -210,10 +210,12 @@ async fn credentials_are_never_logged_or_shown() {
         "mongodb://admin:Mongo-S3cret@127.0.0.1:{}/assessmentdb?authSource=admin",
         mongo.port
     );
+    // Not the test Redis' password (REDIS_PASSWORD), so its login fails too.
     let redis_url = format!("redis://:Redis-S3cret@127.0.0.1:{}", redis.port);
+    assert_ne!(REDIS_PASSWORD, "Redis-S3cret");
     let sluice = Sluice::binary(&mongo_uri, &redis_url, &[("LOG_LEVEL", "debug")]);
     let client = client();
-    // Neither server has these users, so both connections fail: the paths that log URLs.
+    // Neither server takes these credentials, so both logins fail: the paths that log URLs.
     for path in ["/healthz", "/readyz", "/api/data", "/api/stats", "/metrics"] {
         let _ = get(&client, &sluice.url(path)).await;
     }

@@ -463,3 +463,55 @@ async fn a_database_crash_is_answered_in_sluices_words() {
     );
     println!("the cause, in the log: {}", with_cause.unwrap());
 }
+
+/// Redis requires a password (k8s/redis/auth.yaml; every test Redis does too). A pod
+/// whose `REDIS_URL` lacks it reaches the port but runs no command: it treats Redis as
+/// down (L1 and MongoDB serve, the budget falls back), never crashes, and nothing it
+/// logs or answers contains the password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_url_without_the_password_is_redis_down() {
+    let redis = Redis::start();
+    let mongo = Mongo::start().await;
+    let no_password = format!("redis://127.0.0.1:{}", redis.port);
+    let env = [("BUDGET_FALLBACK_PODS", "3"), ("LOG_LEVEL", "debug")];
+    let mut sluice = Sluice::binary(&mongo.uri(), &no_password, &env);
+    sluice.wait_ready().await;
+
+    let (outcomes, status) = under_load(sluice.url("/api/data"), 10, || async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sluice.status().await
+    })
+    .await;
+    assert!(!outcomes.is_empty());
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "Redis is a cache; {} requests failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(outcomes.iter().all(|o| o.latency < BOUNDED));
+    assert_nothing_lost(&mongo, &outcomes).await;
+    assert_eq!(status["budget"]["mode"], "fallback", "{status}");
+    assert_eq!(status["l2"]["connected"], false, "{status}");
+
+    // Nothing reached Redis: the shared read and the budget's schedule were never written.
+    assert_eq!(redis.command(&["DBSIZE"]), ":0");
+    assert!(
+        sluice.process().exited(Duration::ZERO).await.is_none(),
+        "sluice exited:\n{}",
+        sluice.log()
+    );
+    let client = client();
+    let mut shown = status.to_string();
+    for path in ["/healthz", "/readyz", "/api/stats", "/metrics"] {
+        shown += &format!("{:?}", get(&client, &sluice.url(path)).await);
+    }
+    let log = sluice.log();
+    assert!(!shown.contains(REDIS_PASSWORD), "shown: {shown}");
+    assert!(!log.contains(REDIS_PASSWORD), "logged:\n{log}");
+    assert!(
+        log.contains("redis refused the login"),
+        "the cause is said at the default level:\n{log}"
+    );
+}

@@ -86,6 +86,11 @@ impl Drop for Proc {
     }
 }
 
+/// The password every test Redis requires (`--requirepass`), as the cluster's does
+/// (k8s/redis/auth.yaml): a sluice that forgot it fails here as it would there. Only
+/// URL-safe characters, so it goes into `redis://:PASSWORD@host:port` as is.
+pub const REDIS_PASSWORD: &str = "sluice-test-redis-7f3a9c";
+
 pub struct Redis {
     pub port: u16,
     proc: Option<Proc>,
@@ -104,28 +109,30 @@ impl Redis {
         redis
     }
 
+    /// The URL a sluice uses, password included.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}", self.port)
     }
 
     pub fn stop(&mut self) {
         self.proc = None;
     }
 
-    /// Runs one command over RESP, as another pod's client would, and returns the first
-    /// line of the answer.
+    /// Runs one command over RESP, as another pod's client would (it logs in first with
+    /// `AUTH`), and returns the first line of the answer.
     pub fn command(&self, args: &[&str]) -> String {
         use std::io::{BufRead, Write};
-        let mut out = format!("*{}\r\n", args.len());
-        for a in args {
-            out += &format!("${}\r\n{a}\r\n", a.len());
-        }
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        stream.write_all(out.as_bytes()).unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(stream)
-            .read_line(&mut line)
+        stream
+            .write_all(resp(&["AUTH", REDIS_PASSWORD]).as_bytes())
             .unwrap();
+        stream.write_all(resp(args).as_bytes()).unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line.trim_end(), "+OK", "AUTH to the test Redis");
+        line.clear();
+        reader.read_line(&mut line).unwrap();
         line.trim_end().to_string()
     }
 
@@ -143,6 +150,8 @@ impl Redis {
                     "",
                     "--appendonly",
                     "no",
+                    "--requirepass",
+                    REDIS_PASSWORD,
                     "--dir",
                 ])
                 .arg(self.dir.path()),
@@ -150,6 +159,15 @@ impl Redis {
         ));
         wait_for_port(self.port, Duration::from_secs(10));
     }
+}
+
+/// One command in RESP: an array of bulk strings.
+fn resp(args: &[&str]) -> String {
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out += &format!("${}\r\n{a}\r\n", a.len());
+    }
+    out
 }
 
 /// The MongoDB-wire server binary: `SLUICE_MONGOD`, else mongod on PATH, else secantusd-rs.
@@ -469,8 +487,10 @@ impl Relay {
         Relay { port, link, task }
     }
 
+    /// A Redis URL through the relay. The relay forwards bytes, `AUTH` included, so the
+    /// password is the test Redis' own.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}", self.port)
     }
 
     pub fn set_stalled(&self, stalled: bool) {
