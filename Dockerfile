@@ -28,10 +28,14 @@ RUN sh /usr/local/bin/stub-targets \
  && cargo build --release --locked \
  && rm -rf src
 
-# 2. sluice itself. COPY keeps the files' original modification times, which can be
-#    older than the stub build above; touch them so cargo cannot mistake the stubs'
-#    artefacts for up to date. The bench/test stubs stay: `cargo build` does not build
-#    those targets, but Cargo.toml must find a file for each it declares.
+# 2. sluice itself: its sources, and every file they compile in (include_str!:
+#    src/http/ops.rs serves api/openapi.json). Each such file must also be admitted by
+#    .dockerignore; scripts/check-deploy.sh replays this stage from the build context and
+#    names any that is missing. COPY keeps the files' original modification times, which
+#    can be older than the stub build above; touch the sources so cargo cannot mistake
+#    the stubs' artefacts for up to date. The bench/test stubs stay: `cargo build` does
+#    not build those targets, but Cargo.toml must find a file for each it declares.
+COPY api/openapi.json ./api/openapi.json
 COPY src ./src
 RUN find src -type f -exec touch {} + \
  && cargo build --release --locked \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Removes what ./setup.sh made: the k3d cluster (with its volumes and MongoDB's data) and
-# the sluice:local image. Succeeds when they are already gone; fails when Docker does not
+# the sluice:local image, after stopping any k6 container `stress-test/run.sh --in-docker`
+# left running against it. Succeeds when they are already gone; fails when Docker does not
 # answer, since then it cannot know. Touches /etc/hosts, and so needs sudo, only when
 # asked to with --remove-hosts. `./cleanup.sh --help`.
 set -euo pipefail
@@ -25,7 +26,8 @@ usage() {
 Usage: ./cleanup.sh [options]
        ./cleanup.sh --local [lab options]   stop the local lab instead (lab/cleanup-local.sh)
 
-Deletes the k3d cluster '$CLUSTER' (its nodes, load balancer, volumes and kubeconfig
+Stops a k6 container of stress-test/run.sh --in-docker still running against it, then
+deletes the k3d cluster '$CLUSTER' (its nodes, load balancer, volumes and kubeconfig
 entry) and the $IMAGE image. Whatever is already gone is skipped, so it ends
 successfully when nothing is left; when Docker does not answer it says what it could
 not check and exits 1.
@@ -64,6 +66,32 @@ elif ! docker info >/dev/null 2>&1; then
   docker_up=down
 fi
 unchecked=()
+
+# A `stress-test/run.sh --in-docker` k6 container outlives run.sh when run.sh is killed,
+# and goes on loading the cluster; attached to the cluster's network, it would also
+# keep k3d from deleting that network. run.sh labels each one with the cluster's name;
+# an unlabelled grafana/k6 container on the network is one from an older run.sh.
+step "k6 containers of stress-test/run.sh --in-docker"
+if [ "$docker_up" = 0 ]; then
+  info "docker is not installed: none"
+elif [ "$docker_up" = down ]; then
+  info "the docker daemon does not answer: cannot check for them"
+  unchecked+=("k6 containers")
+else
+  k6_ids=$( {
+    docker ps -aq --filter "label=sluice.stress-test.cluster=$CLUSTER" 2>/dev/null || true
+    docker ps -a --filter "network=k3d-$CLUSTER" --format '{{.ID}} {{.Image}}' 2>/dev/null |
+      awk '$2 ~ /^(docker\.io\/)?grafana\/k6(:|@|$)/ { print $1 }' || true
+  } | sort -u)
+  if [ -n "$k6_ids" ]; then
+    # shellcheck disable=SC2086 # one word per container id
+    docker rm -f $k6_ids >/dev/null ||
+      fail "docker could not stop the k6 container(s) $(tr '\n' ' ' <<<"$k6_ids")" "docker ps -a --filter label=sluice.stress-test.cluster=$CLUSTER, then docker rm -f them"
+    info "stopped and removed $(wc -w <<<"$k6_ids" | tr -d ' ')"
+  else
+    info "none"
+  fi
+fi
 
 step "Cluster '$CLUSTER'"
 if ! command -v k3d >/dev/null 2>&1; then

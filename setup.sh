@@ -13,11 +13,20 @@ if [ "${1:-}" = "--local" ]; then
 fi
 
 CLUSTER=${SLUICE_CLUSTER:-sluice}
-IMAGE=sluice:local # k8s/app/deployment.yaml names this tag
+IMAGE=sluice:local # what docker build tags; the pods run this build's own tag, sluice:build-<id>
+                   # (steps 4 and 5), set by kustomize over k8s/app/deployment.yaml's sluice:local
 # Kubernetes 1.36 (1.30, the line this used before, is out of support). 1.35 and newer
 # refuse cgroup v1 hosts unless told otherwise: the preflight handles that.
 K3S_IMAGE=${SLUICE_K3S_IMAGE:-rancher/k3s:v1.36.4-k3s1}
 AGENTS=2
+# What was asked for explicitly (an option, or its env variable): on an existing cluster,
+# which these cannot change, an explicit value that differs stops setup.sh, and an
+# unasked one is read from the cluster instead.
+K3S_IMAGE_SET=0
+[ -z "${SLUICE_K3S_IMAGE:-}" ] || K3S_IMAGE_SET=1
+AGENTS_SET=0
+HTTP_PORT_SET=0
+RECREATE=0
 # Memory each k3d node advertises (k3d --servers-memory/--agents-memory). Without it
 # every node claims the whole Docker VM and the scheduler overcommits it three times.
 # docs/deploy.md sums the pods' requests and limits against it;
@@ -54,12 +63,16 @@ with its tuning, then smoke-tests http://$HOST through the Ingress. Needs docker
 
 Options:
   -n, --name NAME       cluster name (default: $CLUSTER; env SLUICE_CLUSTER)
-      --agents N        agent nodes when creating the cluster (default: $AGENTS)
+      --agents N        agent nodes, when creating the cluster (default: $AGENTS)
       --k3s-image IMG   k3s node image, Kubernetes 1.30 or newer
                         (default: $K3S_IMAGE; env SLUICE_K3S_IMAGE)
-      --node-memory M   memory per node when creating the cluster, e.g. 3g
+      --node-memory M   memory per node, when creating the cluster, e.g. 3g
                         (default: $NODE_MEMORY, $MONITORING_NODE_MEMORY with --monitoring; env SLUICE_NODE_MEMORY)
-      --http-port PORT  host port for the load balancer's port 80 (default: $HTTP_PORT)
+      --http-port PORT  host port for the load balancer's port 80, when creating the
+                        cluster (default: $HTTP_PORT; an existing cluster's own otherwise)
+      --recreate        delete the existing cluster (its volumes and MongoDB's data with
+                        it) and create it again, with --agents, --node-memory,
+                        --http-port and --k3s-image as given
       --timeout SECS    how long to wait for each rollout (default: $TIMEOUT)
       --skip-build      reuse the existing $IMAGE image instead of running docker build
       --no-smoke        skip the smoke test through the Ingress
@@ -70,18 +83,25 @@ Options:
                         it empty: every full run leaves GBs behind on the Docker disk
   -h, --help            show this help
 
+An existing cluster keeps the agents, node memory, host port and k3s image it was
+created with: setup.sh reuses it as it is, and stops when one of those options asks
+for something else (--recreate applies them). One setup.sh runs at a time. A
+--reset-data that was interrupted is finished by the next run.
+
 Undo everything with ./cleanup.sh.
 EOF
 }
 
 die_usage() { printf 'setup.sh: %s\nTry ./setup.sh --help\n' "$1" >&2; exit 2; }
 
+ARGS=("$@") # as given, for the hints
 while [ $# -gt 0 ]; do
   case $1 in
     -n | --name) [ $# -ge 2 ] || die_usage "$1 needs a value"; CLUSTER=$2; shift 2 ;;
-    --agents) [ $# -ge 2 ] || die_usage "$1 needs a value"; AGENTS=$2; shift 2 ;;
-    --k3s-image) [ $# -ge 2 ] || die_usage "$1 needs a value"; K3S_IMAGE=$2; shift 2 ;;
-    --http-port) [ $# -ge 2 ] || die_usage "$1 needs a value"; HTTP_PORT=$2; shift 2 ;;
+    --agents) [ $# -ge 2 ] || die_usage "$1 needs a value"; AGENTS=$2; AGENTS_SET=1; shift 2 ;;
+    --k3s-image) [ $# -ge 2 ] || die_usage "$1 needs a value"; K3S_IMAGE=$2; K3S_IMAGE_SET=1; shift 2 ;;
+    --http-port) [ $# -ge 2 ] || die_usage "$1 needs a value"; HTTP_PORT=$2; HTTP_PORT_SET=1; shift 2 ;;
+    --recreate) RECREATE=1; shift ;;
     --timeout) [ $# -ge 2 ] || die_usage "$1 needs a value"; TIMEOUT=$2; shift 2 ;;
     --skip-build) BUILD=0; shift ;;
     --no-smoke) SMOKE=0; shift ;;
@@ -126,7 +146,7 @@ k() { kubectl --context "$CONTEXT" "$@"; }
 
 # ------------------------------------------------------------------ 1. preflight
 
-step "Preflight: tools, Docker, port $HTTP_PORT"
+step "Preflight: tools, Docker, the cluster and its port"
 os=$(uname -s)
 hint_for() {
   case $1:$os in
@@ -171,8 +191,117 @@ fi
 ok "k3d v$k3d_version"
 [ -f "$ROOT/Dockerfile" ] || die "no Dockerfile beside setup.sh" "run setup.sh from a full clone of the repository"
 
+# One setup.sh at a time: two would build, tag, import and apply the same things at
+# once, and one's removal of older build tags (step 4) can take the other's before it
+# is imported. The lock is a directory (mkdir is atomic, on macOS too) holding its
+# owner's pid; one whose owner is no longer a running setup.sh (killed, say) is taken
+# over. It is released on exit.
+LOCK=${TMPDIR:-/tmp}/sluice-setup-$UID.lock
+LOCKED=0
+release_lock() {
+  if [ "$LOCKED" = 1 ] && [ "$(cat "$LOCK/pid" 2>/dev/null)" = "$$" ]; then rm -rf "$LOCK"; fi
+  LOCKED=0
+}
+take_lock() {
+  local pid holder
+  until mkdir "$LOCK" 2>/dev/null; do
+    [ -d "$LOCK" ] || die "cannot create the lock directory $LOCK" "is ${TMPDIR:-/tmp} writable?"
+    pid=$(cat "$LOCK/pid" 2>/dev/null || true)
+    if [ -z "$pid" ]; then sleep 1; pid=$(cat "$LOCK/pid" 2>/dev/null || true); fi # being taken right now
+    holder=$(ps -p "${pid:-0}" -o args= 2>/dev/null || true)
+    case $holder in
+      *setup.sh*)
+        die "another ./setup.sh is running ($(cat "$LOCK/what" 2>/dev/null || echo "pid $pid"))" \
+          "wait for it to finish, or stop it: kill $pid" ;;
+    esac
+    warn "taking over the lock of a setup.sh that no longer runs (pid ${pid:-unknown})"
+    rm -rf "$LOCK" || die "cannot remove the stale lock $LOCK" "rm -rf $LOCK"
+  done
+  LOCKED=1
+  trap release_lock EXIT
+  echo "$$" >"$LOCK/pid"
+  printf 'pid %s, cluster %s, since %s: ./setup.sh %s\n' "$$" "$CLUSTER" "$(date -u +%FT%TZ)" "${ARGS[*]:-}" >"$LOCK/what"
+}
+take_lock
+ok "no other setup.sh is running (lock $LOCK)"
+
 cluster_exists=0
 if k3d cluster get "$CLUSTER" >/dev/null 2>&1; then cluster_exists=1; fi
+if [ "$cluster_exists" = 1 ] && [ "$RECREATE" = 1 ]; then
+  info "--recreate: deleting the cluster '$CLUSTER' and its volumes (MongoDB's data with them)"
+  k3d cluster delete "$CLUSTER" >/dev/null 2>&1 ||
+    die "k3d could not delete the cluster '$CLUSTER'" "k3d cluster delete $CLUSTER   (shows the error)" \
+      "its containers: docker ps -a --filter label=k3d.cluster=$CLUSTER"
+  cluster_exists=0
+  ok "deleted; it is created again in step 2"
+fi
+if [ "$cluster_exists" = 1 ]; then
+  # What the cluster was made with. Its nodes are containers created with their image,
+  # memory limit and published ports, which k3d cannot change afterwards: an option
+  # that asks for something else stops here rather than being ignored, and one not
+  # given takes the cluster's own value (the port above all: the smoke test and the
+  # URLs printed at the end use it).
+  roles=$(docker ps -a --filter "label=k3d.cluster=$CLUSTER" --format '{{.Names}} {{.Label "k3d.role"}}' 2>/dev/null || true)
+  nodes=$(awk '$2 == "server" || $2 == "agent" { print $1 }' <<<"$roles")
+  lb=$(awk '$2 == "loadbalancer" { print $1; exit }' <<<"$roles")
+  if [ -z "$nodes" ]; then
+    warn "could not list the containers of cluster '$CLUSTER' (docker ps -a --filter label=k3d.cluster=$CLUSTER):"
+    warn "--agents, --node-memory, --http-port and --k3s-image are not checked against it"
+  else
+    have_agents=$(awk '$2 == "agent" { n++ } END { print n + 0 }' <<<"$roles")
+    have_port=""
+    if [ -n "$lb" ]; then
+      have_port=$(docker inspect -f '{{range $p, $b := .HostConfig.PortBindings}}{{if eq (printf "%s" $p) "80/tcp"}}{{range $b}}{{.HostPort}} {{end}}{{end}}{{end}}' "$lb" 2>/dev/null || true)
+      have_port=$(awk '{ print $1 }' <<<"$have_port")
+    fi
+    # shellcheck disable=SC2086 # one word per node
+    node_info=$(docker inspect -f '{{.Config.Image}} {{.HostConfig.Memory}}' $nodes 2>/dev/null || true)
+    have_image=$(awk '{ sub(/^docker\.io\//, "", $1); print $1 }' <<<"$node_info" | sort -u | tr '\n' ' ')
+    have_image=${have_image% }
+    # Memory limits in bytes (0: none, a cluster made without --node-memory), as k3d
+    # sets them from --servers-memory/--agents-memory (binary units: 3g = 3 GiB).
+    have_mem=$(awk '{ b = $2 + 0; if (b == 0) print "none"; else if (b % 1073741824 == 0) print b / 1073741824 "g"; else print int(b / 1048576) "m" }' <<<"$node_info" | sort -u | tr '\n' ' ')
+    have_mem=${have_mem% }
+    case $NODE_MEMORY in *g) want_mem=$((${NODE_MEMORY%g} * 1024))m ;; *) want_mem=$NODE_MEMORY ;; esac
+    case $have_mem in *[!0-9g]* | '' | g) have_mem_m=$have_mem ;; *g) have_mem_m=$((${have_mem%g} * 1024))m ;; *) have_mem_m=$have_mem ;; esac
+    mismatch=()
+    if [ "$AGENTS_SET" = 1 ] && [ "$AGENTS" != "$have_agents" ]; then
+      mismatch+=("--agents $AGENTS: it has $have_agents agent(s)")
+    fi
+    if [ "$NODE_MEMORY_SET" = 1 ] && [ "$want_mem" != "$have_mem_m" ]; then
+      mismatch+=("--node-memory $NODE_MEMORY: its nodes' memory limit is ${have_mem:-(unknown)}")
+    fi
+    if [ "$HTTP_PORT_SET" = 1 ] && [ "$HTTP_PORT" != "$have_port" ]; then
+      mismatch+=("--http-port $HTTP_PORT: its load balancer is published on host port ${have_port:-(none)}")
+    fi
+    if [ "$K3S_IMAGE_SET" = 1 ] && [ "${K3S_IMAGE#docker.io/}" != "$have_image" ]; then
+      mismatch+=("--k3s-image $K3S_IMAGE: its nodes run ${have_image:-(unknown)}")
+    fi
+    # --monitoring's larger default node memory applies only to a cluster it creates.
+    case $have_mem_m in
+      *[!0-9m]* | '' | m) ;;
+      *) if [ "$MONITORING" = 1 ] && [ "$NODE_MEMORY_SET" = 0 ] && [ "${have_mem_m%m}" -lt "${want_mem%m}" ]; then
+        warn "the cluster's nodes have $have_mem each, not the $NODE_MEMORY --monitoring creates them with: the monitoring"
+        warn "stack's limits may not fit beside the load test. Recreate it: ./setup.sh --recreate --monitoring"
+      fi ;;
+    esac
+    if [ ${#mismatch[@]} -gt 0 ]; then
+      die "the cluster '$CLUSTER' already exists, created with other settings than these options ask for;
+k3d cannot change them on an existing cluster, so setup.sh stops instead of ignoring them:$(printf '\n    %s' "${mismatch[@]}")" \
+        "keep the cluster as it is: run ./setup.sh without those options" \
+        "or delete it and create it with them (MongoDB's data is deleted too): ./setup.sh --recreate ${ARGS[*]:-}"
+    fi
+    if [ -n "$have_port" ]; then
+      [ "$have_port" = "$HTTP_PORT" ] || info "the cluster's load balancer is published on host port $have_port: using it"
+      HTTP_PORT=$have_port
+    else
+      warn "could not read the host port of the cluster's load balancer ($lb): assuming $HTTP_PORT"
+    fi
+    AGENTS=$have_agents
+    if [ "$HTTP_PORT" = 80 ]; then BASE_URL=http://$HOST; else BASE_URL=http://$HOST:$HTTP_PORT; fi
+    ok "cluster '$CLUSTER' exists: $have_agents agent(s), node memory $have_mem, host port $HTTP_PORT, $have_image"
+  fi
+fi
 if [ "$cluster_exists" = 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT") 2>/dev/null; then
   die "something on this machine already listens on port $HTTP_PORT, which the cluster's load balancer needs" \
     "find it: sudo lsof -iTCP:$HTTP_PORT -sTCP:LISTEN   (or: sudo ss -ltnp 'sport = :$HTTP_PORT')" \
@@ -184,7 +313,7 @@ ok "port $HTTP_PORT $([ "$cluster_exists" = 1 ] && echo "belongs to the existing
 
 step "Cluster '$CLUSTER' (1 server, $AGENTS agents, port $HTTP_PORT -> load balancer -> Traefik)"
 if [ "$cluster_exists" = 1 ]; then
-  info "exists: reusing it (./cleanup.sh removes it)"
+  info "exists: reusing it (./setup.sh --recreate makes it anew, ./cleanup.sh removes it)"
   if ! out=$(k3d cluster start "$CLUSTER" --wait 2>&1); then
     printf '%s\n' "$out" | tail -n 15 | sed 's/^/    | /' >&2
     die "k3d could not start the existing cluster '$CLUSTER'" \
@@ -255,8 +384,24 @@ if [ -n "$low" ]; then
   warn "recreate the cluster (it gets --runtime-ulimit): ./cleanup.sh && ./setup.sh; if that is not"
   warn "enough, raise Docker's default (daemon.json \"default-ulimits\"). Small runs are unaffected."
 else
-  ok "every node and the load balancer may open >= 40000 files; $LB_WORKER_CONNECTIONS connections per nginx worker"
+  ok "every node and the load balancer may open >= 40000 files"
 fi
+# The connections the load balancer's nginx takes per worker, as its running config
+# says (k3d's proxy renders it from --lb-config-override): a cluster made without the
+# override, by an older setup.sh or by hand, keeps k3d's 1,024.
+lb_conf=$(docker exec "k3d-$CLUSTER-serverlb" cat /etc/nginx/nginx.conf 2>/dev/null || true)
+lb_conns=$(awk '$1 == "worker_connections" { sub(/;.*/, "", $2); print $2; exit }' <<<"$lb_conf")
+case $lb_conns in
+  '' | *[!0-9]*)
+    warn "could not read worker_connections in the load balancer's nginx.conf (docker exec k3d-$CLUSTER-serverlb cat /etc/nginx/nginx.conf)" ;;
+  *)
+    if [ "$lb_conns" -lt "$LB_WORKER_CONNECTIONS" ]; then
+      warn "the load balancer's nginx takes $lb_conns connections per worker, not $LB_WORKER_CONNECTIONS: 10,000 clients are"
+      warn "~20,000 connections there (client + upstream). Recreate the cluster: ./setup.sh --recreate (deletes MongoDB's data)"
+    else
+      ok "the load balancer's nginx takes $lb_conns connections per worker"
+    fi ;;
+esac
 
 # ------------------------------------------------------------------ 3. traefik
 
@@ -329,8 +474,12 @@ step "Image $IMAGE"
 if [ "$BUILD" = 1 ]; then
   info "docker build -t $IMAGE .   (first build compiles every dependency: several minutes)"
   docker build -t "$IMAGE" "$ROOT" ||
-    die "docker build failed" "read the error above; the build runs: cargo build --release --locked" \
-      "the same build without Docker: cargo build --release --locked"
+    die "docker build failed" \
+      "read the error above: a file reported not found, or \"couldn't read\", is one the build context lacks" \
+      "the daemon gets only what .dockerignore admits (its ! lines), and the build sees only what the Dockerfile COPYs:" \
+      "a file the sources compile in (include_str!) needs both; a plain cargo build here sees the whole checkout" \
+      "replay the Dockerfile's build stage from that same context, without Docker (names what is missing):" \
+      "  scripts/deploy/replay_build.py"
 elif ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
   die "--skip-build, but there is no $IMAGE image yet" "run ./setup.sh without --skip-build"
 fi
@@ -379,10 +528,27 @@ ok "$BUILD_TAG is on every node: $NODES"
 
 step "Manifests (k8s/base, mongodb, redis, app)"
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK"; release_lock' EXIT
 hash16() { if command -v sha256sum >/dev/null 2>&1; then sha256sum; else shasum -a 256; fi | cut -c1-16; }
 
+# A data reset is marked on the namespace (annotation sluice/reset-data: when it began)
+# before anything is deleted, and unmarked only once MongoDB runs empty and Redis is
+# flushed (step 6). A run interrupted or failed in between leaves the mark, and the next
+# run finishes the reset; else it would re-create MongoDB on its old volume (Deployment
+# deleted, claim not yet) or keep Redis' cache of deleted documents.
+RESET_MARK=sluice/reset-data
+RESET_MARKED=0
+reset_started=$(k get namespace "$NS" -o jsonpath="{.metadata.annotations.$RESET_MARK}" 2>/dev/null || true)
+if [ -n "$reset_started" ] && [ "$RESET_DATA" = 0 ]; then
+  warn "a --reset-data begun at $reset_started did not finish (interrupted, or failed): finishing it now"
+  RESET_DATA=1
+fi
 if [ "$RESET_DATA" = 1 ]; then
+  if k get namespace "$NS" >/dev/null 2>&1; then
+    k annotate namespace "$NS" --overwrite "$RESET_MARK=${reset_started:-$(date -u +%FT%TZ)}" >/dev/null ||
+      die "could not mark namespace $NS for the data reset" "kubectl --context $CONTEXT annotate namespace $NS $RESET_MARK=now"
+    RESET_MARKED=1
+  fi
   # On k3d the 2Gi volume is a directory on the node (local-path has no quota): every
   # run's documents stay on the Docker disk until the claim is deleted.
   info "--reset-data: deleting MongoDB and its volume mongo-pvc"
@@ -402,23 +568,80 @@ fi
 for dir in base mongodb redis; do
   k apply -f "$ROOT/k8s/$dir/" | sed 's/^/    /'
 done
-# sluice's settings first, then its Deployment with what its pods must restart for
-# stamped on the template in the same apply (so a first install rolls out once): the
-# image's ID (a rebuilt image keeps its tag) and a hash of the ConfigMap's and the
-# Secret's data as the cluster holds them (envFrom is read only when a container starts).
-app_files=()
-for f in "$ROOT"/k8s/app/*.yaml; do
-  [ "${f##*/}" = deployment.yaml ] || app_files+=(-f "$f")
-done
-k apply "${app_files[@]}" | sed 's/^/    /'
+# sluice: k8s/app is a kustomize base (k8s/app/kustomization.yaml), applied with kubectl's
+# built-in kustomize through two overlays written here:
+#   settings  the base without its Deployment, first, so that the cluster holds the
+#             ConfigMap's and the Secret's data before it is hashed;
+#   app       all of it, the Deployment's image set to this build's own tag (images:)
+#             and its pod template annotated (a patch) with the image's ID and a hash of
+#             that data (envFrom is read only when a container starts), in one apply: a
+#             first install rolls out once, a new build or a changed setting rolls out.
+# The pods never run the mutable sluice:local: `kubectl rollout undo`, or a restarted
+# container of an older ReplicaSet, runs that ReplicaSet's own build, whose tag stays
+# imported in the nodes.
+ln -s "$ROOT/k8s/app" "$WORK/base" # kustomize takes a base by relative path only
+mkdir "$WORK/settings" "$WORK/app"
+cat >"$WORK/settings/kustomization.yaml" <<'EOF'
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../base
+patches:
+  - target:
+      kind: Deployment
+      name: sluice
+    patch: |-
+      $patch: delete
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata:
+        name: sluice
+EOF
+k apply -k "$WORK/settings" | sed 's/^/    /'
 config_hash=$( { k -n "$NS" get configmap sluice-config -o jsonpath='{.data}'
   k -n "$NS" get secret sluice-secrets -o jsonpath='{.data}'; } | hash16)
-sed -e "s|sluice/image-id: set-by-setup.sh|sluice/image-id: \"${image_id:0:12}\"|" \
-  -e "s|sluice/config-hash: set-by-setup.sh|sluice/config-hash: \"$config_hash\"|" \
-  "$ROOT/k8s/app/deployment.yaml" >"$WORK/deployment.yaml"
-! grep -qE '^ +sluice/[a-z-]+: set-by-setup.sh' "$WORK/deployment.yaml" ||
-  die "k8s/app/deployment.yaml: an annotation setup.sh fills in has changed shape" \
-    "it must read: sluice/image-id: set-by-setup.sh and sluice/config-hash: set-by-setup.sh"
+cat >"$WORK/app/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - ../base
+images:
+  - name: sluice
+    newName: ${BUILD_TAG%%:*}
+    newTag: ${BUILD_TAG#*:}
+patches:
+  - target:
+      kind: Deployment
+      name: sluice
+    patch: |-
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata:
+        name: sluice
+      spec:
+        template:
+          metadata:
+            annotations:
+              sluice/image-id: "${image_id:0:12}"
+              sluice/config-hash: "$config_hash"
+EOF
+# What will be applied: kustomize's images: changes nothing, silently, when no container
+# is named sluice. The Deployment alone (documents are separated by --- lines) is also
+# what set-last-applied below records.
+rendered=$(k kustomize "$WORK/app") ||
+  die "kubectl kustomize could not render k8s/app with this build's overlay" \
+    "kubectl kustomize k8s/app   (shows the error in the base)" "kubectl version --client   (1.35 or newer)"
+awk 'BEGIN { n = 0; dep = -1 } /^---$/ { n++; next } { doc[n] = doc[n] $0 "\n" } /^kind: Deployment$/ { dep = n }
+  END { if (dep >= 0) printf "%s", doc[dep] }' <<<"$rendered" >"$WORK/deployment.yaml"
+sluice_images=$(sed -n 's/^[ -]*image: *"\{0,1\}\(sluice[:@][^" ]*\)"\{0,1\} *$/\1/p' "$WORK/deployment.yaml" | sort -u)
+[ "$sluice_images" = "$BUILD_TAG" ] ||
+  die "the Deployment rendered from k8s/app would run ${sluice_images:-no sluice image}, not this build's $BUILD_TAG" \
+    "k8s/app/deployment.yaml's container must name the image sluice:local (kustomize's images: matches the name sluice)" \
+    "see what is applied: kubectl kustomize k8s/app"
+grep -qF "sluice/config-hash: \"$config_hash\"" "$WORK/deployment.yaml" ||
+  grep -qF "sluice/config-hash: $config_hash" "$WORK/deployment.yaml" ||
+  die "the Deployment rendered from k8s/app lacks the settings hash $config_hash on its pod template" \
+    "the patch setup.sh writes must reach the pod template: kubectl kustomize k8s/app | grep -n -A3 'annotations:'"
 # A Deployment first applied by an older setup.sh carries spec.replicas in its
 # last-applied annotation; applying a file without it would reset the count to 1. Record
 # the new file as last applied first (changes nothing live), as the HPA guide advises.
@@ -427,8 +650,8 @@ case $last in
   *'"replicas"'*) k -n "$NS" apply set-last-applied -f "$WORK/deployment.yaml" >/dev/null &&
     info "handed spec.replicas over to the HPA" ;;
 esac
-k apply -f "$WORK/deployment.yaml" | sed 's/^/    /'
-ok "pods stamped with image ${image_id:0:12} and settings $config_hash"
+k apply -k "$WORK/app" | sed 's/^/    /'
+ok "pods stamped with image ${image_id:0:12} and settings $config_hash; they run $BUILD_TAG"
 
 # ------------------------------------------------------------------ 6. rollouts
 
@@ -447,8 +670,20 @@ for deploy in mongo redis sluice; do
 done
 
 if [ "$RESET_DATA" = 1 ]; then
-  # Redis may still hold read ids of the deleted documents; it is only a cache.
-  k -n "$NS" exec deploy/redis -- redis-cli FLUSHALL >/dev/null 2>&1 && info "Redis cache flushed"
+  # Redis may still hold read ids of the deleted documents; it is only a cache. redis-cli
+  # exits 0 on some error replies (NOAUTH), so the reply itself is checked.
+  flushed=$(k -n "$NS" exec deploy/redis -- redis-cli FLUSHALL 2>&1 || true)
+  [ "$flushed" = OK ] ||
+    die "Redis did not flush its cache of the deleted documents: ${flushed:-no answer}" \
+      "kubectl --context $CONTEXT -n $NS exec deploy/redis -- redis-cli FLUSHALL" \
+      "then ./setup.sh again: it finishes the data reset"
+  info "Redis cache flushed"
+  if [ "$RESET_MARKED" = 1 ]; then
+    k annotate namespace "$NS" "$RESET_MARK-" >/dev/null ||
+      die "could not clear the data reset's mark: the next ./setup.sh would delete MongoDB's data again" \
+        "kubectl --context $CONTEXT annotate namespace $NS $RESET_MARK-"
+  fi
+  ok "data reset finished: MongoDB and Redis start empty"
 fi
 
 # The Docker disk behind MongoDB's volume: local-path does not enforce the PVC's 2Gi, so
@@ -472,7 +707,7 @@ fi
 # ------------------------------------------------------------------ monitoring (--monitoring)
 
 if [ "$MONITORING" = 1 ]; then
-  step "Monitoring: kube-prometheus-stack, sluice's dashboard and alert rules"
+  step "Monitoring: kube-prometheus-stack (Prometheus, Alertmanager, Grafana), sluice's dashboard and alert rules"
   MON_TIMEOUT=$((TIMEOUT > 600 ? TIMEOUT : 600))
   deadline=$((SECONDS + 120))
   until k apply -f "$ROOT/k8s/monitoring/kube-prometheus-stack.yaml" >/dev/null 2>&1; do
@@ -501,16 +736,21 @@ if [ "$MONITORING" = 1 ]; then
     --from-file=sluice-dashboard.json="$ROOT/k8s/grafana/sluice-dashboard.json" --dry-run=client -o yaml |
     k label --local -f - grafana_dashboard=1 -o yaml | k apply -f - | sed 's/^/    /'
   deadline=$((SECONDS + MON_TIMEOUT))
-  until k -n monitoring get deployment/monitoring-grafana statefulset/prometheus-monitoring-prometheus >/dev/null 2>&1; do
+  # Alertmanager's StatefulSet is the operator's, named after the chart's Alertmanager
+  # resource (monitoring-alertmanager), like Prometheus'.
+  until k -n monitoring get deployment/monitoring-grafana statefulset/prometheus-monitoring-prometheus \
+    statefulset/alertmanager-monitoring-alertmanager >/dev/null 2>&1; do
     [ "$SECONDS" -lt "$deadline" ] ||
-      die "Grafana and Prometheus were not created within ${MON_TIMEOUT}s" "kubectl --context $CONTEXT -n monitoring get pods"
+      die "Grafana, Prometheus and Alertmanager were not created within ${MON_TIMEOUT}s" "kubectl --context $CONTEXT -n monitoring get pods"
     sleep 5
   done
-  for w in deployment/monitoring-grafana statefulset/prometheus-monitoring-prometheus; do
+  for w in deployment/monitoring-grafana statefulset/prometheus-monitoring-prometheus statefulset/alertmanager-monitoring-alertmanager; do
     k -n monitoring rollout status "$w" --timeout="${MON_TIMEOUT}s" >/dev/null ||
       die "$w did not become ready" "kubectl --context $CONTEXT -n monitoring describe $w"
   done
-  ok "Prometheus and Grafana ready in namespace monitoring"
+  ok "Prometheus, Alertmanager and Grafana ready in namespace monitoring"
+  info "Alertmanager routes every alert to its null receiver (nobody is notified): docs/runbook.md#routing-the-alerts;"
+  info "  see them at http://localhost:9093 after: kubectl --context $CONTEXT -n monitoring port-forward svc/monitoring-alertmanager 9093"
 fi
 
 # ------------------------------------------------------------------ 7. smoke test

