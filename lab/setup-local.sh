@@ -338,10 +338,12 @@ lab_info "ready (pid $DB_PID), log $(show "$LAB_STATE/mongo.log")"
 
 # ---------------------------------------------------------------- 5. Redis
 REDIS_PORT=$(free_port)
-REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
-lab_step "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence)"
+# A password, as in the cluster: a new one per lab, in a 0600 file (lib.sh).
+lab_new_redis_password || lab_die "cannot write a Redis password to $LAB_REDIS_PASSWORD_FILE"
+REDIS_URL=$(lab_redis_url "$REDIS_PORT") || lab_die "cannot read the Redis password"
+lab_step "starting redis-server on 127.0.0.1:$REDIS_PORT (no persistence, password in $(show "$LAB_REDIS_PASSWORD_FILE"))"
 lab_start_redis "$REDIS_PORT" || { tail -n 20 "$LAB_STATE/redis.log" >&2; lab_die "redis-server did not answer"; }
-lab_info "ready (pid $(cat "$LAB_STATE/redis.pid"))"
+lab_info "ready (pid $(cat "$LAB_STATE/redis.pid")), $(lab_redact_url "$REDIS_URL")"
 
 # ---------------------------------------------------------------- 6. the replicas
 lab_step "starting $REPLICAS sluice replica(s) with the cluster's settings"
@@ -366,7 +368,9 @@ for k in MAX_CONNECTIONS QUEUE_CAPACITY BATCH_MAX_DOCS BATCH_LINGER_MS FLUSH_CON
 done
 printf '%s\n' "${APP_ENV[@]}" >"$LAB_STATE/sluice.env"
 lab_info "settings: $(show "$LAB_STATE/sluice.env") (BUDGET_FALLBACK_PODS $SLOTS = maxReplicas + maxSurge or more)"
-printf 'MONGO_URI=%s\nREDIS_URL=%s\n' "$MONGO_URI" "$REDIS_URL" >"$LAB_STATE/lab.env"
+# REDIS_URL holds the Redis password: the file is its owner's only.
+rm -f "$LAB_STATE/lab.env"
+(umask 077 && printf 'MONGO_URI=%s\nREDIS_URL=%s\n' "$MONGO_URI" "$REDIS_URL" >"$LAB_STATE/lab.env")
 # One slot (a server name in HAProxy) per replica there can ever be; HAProxy knows them
 # all from the start, and the autoscaler moves them between maintenance and ready, with
 # a fresh port for every new replica (a new pod has a new address).
@@ -391,37 +395,38 @@ lab_info "all replicas answer /readyz"
 # ---------------------------------------------------------------- 7. HAProxy
 HAPROXY_PORT=$(free_port)
 BASE_URL="http://127.0.0.1:$HAPROXY_PORT"
-# Every VU holds one keep-alive connection to HAProxy, so it must accept them all
-# (10,000 in the lab and full profiles). Connections to the replicas are capped so that
-# both sides fit in the open files limit; past the cap HAProxy queues requests, as an
-# ingress does. Where the limit is big enough, nothing is capped in practice.
+# Every VU holds one keep-alive connection to HAProxy, and each request in flight one to a
+# replica: two descriptors per VU. An ingress passes a replica as many clients as come
+# (the HPA scales on what that costs the pod), so HAProxy must not cap them per replica
+# below that. One process gets at most the open files limit, so the lab starts as many
+# HAProxy processes as two descriptors per VU need, all on one port (SO_REUSEPORT: the
+# kernel spreads the connections), each letting a replica take every client it has.
 FDS=$(ulimit -n)
 case "$PROFILE" in smoke) PEAK_VUS=100 ;; *) PEAK_VUS=10000 ;; esac
 [ -z "$MAX_VUS_ARG" ] || PEAK_VUS=$MAX_VUS_ARG
 [ -z "$DURATION" ] || PEAK_VUS=${MAX_VUS_ARG:-100}
-HAPROXY_MAXCONN=$((PEAK_VUS + 1000))
-SERVER_MAXCONN=$(((FDS - HAPROXY_MAXCONN - 500) / SLOTS))
-[ "$SERVER_MAXCONN" -le 10000 ] || SERVER_MAXCONN=10000
-if [ "$SERVER_MAXCONN" -lt 100 ]; then
-  lab_warn "open files limit $FDS is too small for $PEAK_VUS VUs through HAProxy"
-  SERVER_MAXCONN=100
-fi
+# 1,000 connections of headroom (probes, scrapes, the report's own requests), and 500
+# descriptors per process for its own files.
+CLIENTS=$((PEAK_VUS + 1000))
+[ "$FDS" -gt 1500 ] || lab_die "open files limit $FDS is too small for HAProxy"
+HAPROXY_PROCS=$(((2 * CLIENTS + FDS - 500 - 1) / (FDS - 500)))
+HAPROXY_MAXCONN=$(((CLIENTS + HAPROXY_PROCS - 1) / HAPROXY_PROCS))
 read -r PROBE_PATH PROBE_PERIOD PROBE_TIMEOUT PROBE_FALL PROBE_RISE < <("$LAB_BIN" probe "$LAB_ROOT") ||
   lab_die "cannot read the readinessProbe of k8s/app/deployment.yaml"
-lab_step "starting HAProxy on 127.0.0.1:$HAPROXY_PORT (round robin, health check $PROBE_PATH as the readinessProbe)"
-{
-  cat <<EOF
-# Written by lab/setup-local.sh: plays the Ingress and the Service.
+lab_step "starting $HAPROXY_PROCS HAProxy process(es) on 127.0.0.1:$HAPROXY_PORT (round robin, health check $PROBE_PATH as the readinessProbe)"
+HAPROXY_PIDS=()
+for ((h = 0; h < HAPROXY_PROCS; h++)); do
+  {
+    cat <<EOF
+# Written by lab/setup-local.sh: plays the Ingress and the Service (process $h of $HAPROXY_PROCS).
 global
-    # Client connections (one per VU); server connections are capped per server below,
-    # so both fit in the open files limit even though HAProxy's own estimate (two per
-    # client connection) does not: hence no strict-limits.
+    # Client connections, and as many to the replicas: two descriptors each.
     maxconn $HAPROXY_MAXCONN
     ulimit-n $FDS
-    no strict-limits
     log stdout format raw local0 err
-    # The runtime API: the autoscaler moves servers between maint, ready and drain.
-    stats socket $LAB_STATE/haproxy.sock mode 600 level admin
+    # The runtime API: the autoscaler moves servers between maint, ready and drain in
+    # every process.
+    stats socket $LAB_STATE/haproxy-$h.sock mode 600 level admin
 
 defaults
     mode http
@@ -449,22 +454,23 @@ backend replicas
     timeout check ${PROBE_TIMEOUT}s
     http-check send meth GET uri $PROBE_PATH
     http-check expect status 200
-    default-server inter ${PROBE_PERIOD}s fall $PROBE_FALL rise $PROBE_RISE maxconn $SERVER_MAXCONN
+    default-server inter ${PROBE_PERIOD}s fall $PROBE_FALL rise $PROBE_RISE maxconn $HAPROXY_MAXCONN
 EOF
-  for ((r = 0; r < SLOTS; r++)); do
-    echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check$([ "$r" -lt "$REPLICAS" ] || echo " disabled")"
-  done
-} >"$LAB_STATE/haproxy.cfg"
-haproxy -c -f "$LAB_STATE/haproxy.cfg" >"$LAB_STATE/haproxy-check.log" 2>&1 || lab_die "bad HAProxy configuration"
-haproxy -db -f "$LAB_STATE/haproxy.cfg" >"$LAB_STATE/haproxy.log" 2>&1 &
-HAPROXY_PID=$!
-lab_record_pid haproxy "$HAPROXY_PID"
-lab_wait_http "$BASE_URL/readyz" 30 "$HAPROXY_PID" || {
-  tail -n 20 "$LAB_STATE/haproxy.log" >&2
+    for ((r = 0; r < SLOTS; r++)); do
+      echo "    server sluice-local-$r 127.0.0.1:${APP_PORTS[$r]} check$([ "$r" -lt "$REPLICAS" ] || echo " disabled")"
+    done
+  } >"$LAB_STATE/haproxy-$h.cfg"
+  haproxy -c -f "$LAB_STATE/haproxy-$h.cfg" >"$LAB_STATE/haproxy-check.log" 2>&1 || lab_die "bad HAProxy configuration"
+  haproxy -db -f "$LAB_STATE/haproxy-$h.cfg" >"$LAB_STATE/haproxy-$h.log" 2>&1 &
+  HAPROXY_PIDS+=($!)
+  lab_record_pid haproxy "$!"
+done
+lab_wait_http "$BASE_URL/readyz" 30 "${HAPROXY_PIDS[0]}" || {
+  tail -n 20 "$LAB_STATE/haproxy-0.log" >&2
   lab_die "HAProxy does not pass /readyz through"
 }
-lab_info "maxconn $HAPROXY_MAXCONN clients, $SERVER_MAXCONN per replica (open files limit $FDS)"
-lab_info "ready (pid $HAPROXY_PID), config $(show "$LAB_STATE/haproxy.cfg")"
+lab_info "$HAPROXY_PROCS process(es), each up to $HAPROXY_MAXCONN clients and as many to any one replica (open files limit $FDS)"
+lab_info "ready (pids ${HAPROXY_PIDS[*]}), config $(show "$LAB_STATE/haproxy-0.cfg")"
 
 cat >>"$LAB_STATE/lab.env" <<EOF
 BASE_URL=$BASE_URL
@@ -517,7 +523,7 @@ if [ "$NO_LOAD" = 1 ]; then
   for ((r = 0; r < REPLICAS; r++)); do lab_info "replica $r: http://127.0.0.1:${APP_PORTS[$r]}"; done
   lab_info "MongoDB:   $MONGO_URI"
   lab_info "Prometheus: $PROM_URL"
-  lab_info "Redis:     $REDIS_URL"
+  lab_info "Redis:     $(lab_redact_url "$REDIS_URL")   (password in $(show "$LAB_REDIS_PASSWORD_FILE"))"
   lab_info "the same, sourceable: $(show "$LAB_STATE/lab.env")"
   lab_info "stop it:   ./cleanup.sh --local"
   exit 0
@@ -579,7 +585,7 @@ lab_step "the conductor: per-second timeline, $([ "$AUTOSCALE" = 1 ] && echo "au
 echo warmup >"$LAB_STATE/phase"
 CONDUCTOR_ARGS=(--state "$LAB_STATE" --root "$LAB_ROOT" --mongo-uri "$MONGO_URI" --port-tag "$LAB_TAG" --time-scale "$TIME_SCALE")
 [ "$AUTOSCALE" = 1 ] || CONDUCTOR_ARGS+=(--replicas "$REPLICAS")
-[ -z "${LAB_CPU_TARGET:-}" ] || CONDUCTOR_ARGS+=(--cpu-target "$LAB_CPU_TARGET")
+[ -z "${LAB_MEMORY_TARGET:-}" ] || CONDUCTOR_ARGS+=(--memory-target "$LAB_MEMORY_TARGET")
 if [ "$CHAOS" = 1 ]; then
   if [ -n "$DURATION" ]; then # a short run: the faults spread over it, a few seconds apart
     GAP=${LAB_CHAOS_GAP:-$(((DURATION - 6) / 6))}

@@ -133,10 +133,10 @@ struct ConductorArgs {
     /// Divides the HPA's windows and periods (300 s stabilisation / 10 = 30 s).
     #[arg(long, default_value_t = 10.0)]
     time_scale: f64,
-    /// Overrides hpa.yaml's CPU target (percent of the request), e.g. to make a short
-    /// CI run scale; the report shows the target used.
+    /// Overrides hpa.yaml's memory target (percent of the request), e.g. to make a short
+    /// CI run with few clients scale; the report shows the target used.
     #[arg(long)]
-    cpu_target: Option<f64>,
+    memory_target: Option<f64>,
     #[arg(long)]
     chaos: bool,
     /// Seconds into the /api/data run of the first fault.
@@ -457,6 +457,23 @@ async fn snapshot(uri: &str, with_count: bool, out: &Path) -> Result<(), Error> 
 }
 
 /// The `data:` map of a ConfigMap, in the file's order: the replicas' environment.
+/// The replicas' `DB_TIMEOUT_MS`: the ConfigMap's, else sluice's own default.
+fn db_timeout(root: &Path) -> Duration {
+    let from_configmap = std::fs::read_to_string(root.join("k8s/app/configmap.yaml"))
+        .ok()
+        .and_then(|text| configmap_data(&text).ok())
+        .and_then(|data| {
+            data.into_iter()
+                .find(|(k, _)| k == "DB_TIMEOUT_MS")
+                .and_then(|(_, v)| v.parse().ok())
+                .map(Duration::from_millis)
+        });
+    from_configmap.unwrap_or_else(|| {
+        use clap::Parser;
+        sluice::config::Cli::parse_from(["sluice"]).config.store.db_timeout
+    })
+}
+
 fn configmap_data(text: &str) -> Result<Vec<(String, String)>, Error> {
     let doc: serde_yaml::Value = serde_yaml::from_str(text)?;
     let data = doc["data"]
@@ -494,7 +511,7 @@ struct Hpa {
     up: Behavior,
     down: Behavior,
     surge: u32,
-    cpu_request_cores: f64,
+    memory_request_mib: f64,
 }
 
 /// The parts of `autoscaling/v2` HorizontalPodAutoscaler the lab uses.
@@ -599,9 +616,9 @@ impl Hpa {
         let target_pct = spec
             .metrics
             .iter()
-            .filter(|m| m["resource"]["name"] == "cpu")
+            .filter(|m| m["resource"]["name"] == "memory")
             .find_map(|m| m["resource"]["target"]["averageUtilization"].as_f64())
-            .ok_or("hpa.yaml: no CPU averageUtilization target")?;
+            .ok_or("hpa.yaml: no memory averageUtilization target")?;
         let dep: serde_yaml::Value = serde_yaml::from_str(deployment)?;
         let surge = match &dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] {
             serde_yaml::Value::Number(n) => n.as_u64().map_or(1, |n| n as u32),
@@ -613,18 +630,24 @@ impl Hpa {
             // Kubernetes' default is 25 %.
             _ => (f64::from(spec.max_replicas) * 0.25).ceil() as u32,
         };
-        let cpu = dep["spec"]["template"]["spec"]["containers"]
+        let memory = dep["spec"]["template"]["spec"]["containers"]
             .as_sequence()
             .and_then(|c| c.iter().find(|c| c["name"] == "sluice"))
             .and_then(|c| {
-                c["resources"]["requests"]["cpu"]
+                c["resources"]["requests"]["memory"]
                     .as_str()
                     .map(str::to_string)
             })
-            .ok_or("deployment.yaml: no CPU request on the sluice container")?;
-        let cpu_request_cores = match cpu.strip_suffix('m') {
-            Some(m) => m.parse::<f64>()? / 1000.0,
-            None => cpu.parse()?,
+            .ok_or("deployment.yaml: no memory request on the sluice container")?;
+        let memory_request_mib = match memory.strip_suffix("Mi") {
+            Some(m) => m.parse::<f64>()?,
+            None => {
+                memory
+                    .strip_suffix("Gi")
+                    .ok_or("deployment.yaml: the memory request is not in Mi or Gi")?
+                    .parse::<f64>()?
+                    * 1024.0
+            }
         };
         Ok(Hpa {
             min: spec.min_replicas.unwrap_or(1),
@@ -633,7 +656,7 @@ impl Hpa {
             up: Behavior::from_spec(spec.behavior.scale_up, 0.0),
             down: Behavior::from_spec(spec.behavior.scale_down, 300.0),
             surge,
-            cpu_request_cores,
+            memory_request_mib,
         })
     }
 }
@@ -1040,7 +1063,7 @@ fn stop_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
 
 async fn conductor(a: ConductorArgs) -> Result<(), Error> {
     let mut hpa = Hpa::load(&a.root)?;
-    if let Some(t) = a.cpu_target {
+    if let Some(t) = a.memory_target {
         hpa.target_pct = t;
     }
     let scale = a.time_scale.max(1.0);
@@ -1076,8 +1099,8 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
     let mode = match a.replicas {
         Some(n) => format!("fixed at {n} replicas (--replicas)"),
         None => format!(
-            "HPA: {}-{} replicas, CPU target {}%{} of {} cores, scale-up window {} s, scale-down window {} s, time scale 1/{} (windows and periods divided by {})",
-            hpa.min, hpa.max, hpa.target_pct, if a.cpu_target.is_some() { " (--cpu-target, not hpa.yaml's)" } else { "" }, hpa.cpu_request_cores, hpa.up.window_s, hpa.down.window_s, scale, scale
+            "HPA: {}-{} replicas, memory target {}%{} of {} MiB, scale-up window {} s, scale-down window {} s, time scale 1/{} (windows and periods divided by {})",
+            hpa.min, hpa.max, hpa.target_pct, if a.memory_target.is_some() { " (--memory-target, not hpa.yaml's)" } else { "" }, hpa.memory_request_mib, hpa.up.window_s, hpa.down.window_s, scale, scale
         ),
     };
     event(&sh, "autoscaler", mode.clone());
@@ -1085,7 +1108,7 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
         a.state.join("autoscaler.json"),
         json!({"mode": mode, "time_scale": scale, "fixed_replicas": a.replicas,
                "min": hpa.min, "max": hpa.max, "surge": hpa.surge, "target_pct": hpa.target_pct,
-               "cpu_request_cores": hpa.cpu_request_cores,
+               "memory_request_mib": hpa.memory_request_mib,
                "scale_up_window_s": hpa.up.window_s, "scale_down_window_s": hpa.down.window_s})
         .to_string(),
     )?;
@@ -1242,8 +1265,9 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
             if st == SlotState::Ready {
                 n_ready += 1;
                 all_ready &= ready;
-                if let Some(c) = cpu {
-                    utils.push(100.0 * c / hpa.cpu_request_cores);
+                // As metrics-server reads a pod's memory: its resident set.
+                if let Some(kib) = procfs::status_kib(pid, "VmRSS:") {
+                    utils.push(100.0 * kib as f64 / 1024.0 / hpa.memory_request_mib);
                 }
             }
             reps.push(json!({
@@ -1259,7 +1283,7 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
         row["queue_depth"] = json!(queue);
         row["replica"] = json!(reps);
 
-        // Autoscaling, every HPA sync period (15 s, time-scaled), on the average CPU.
+        // Autoscaling, every HPA sync period (15 s, time-scaled), on the average memory.
         if !utils.is_empty() {
             util_acc.push(utils.iter().sum::<f64>() / utils.len() as f64);
         }
@@ -1281,14 +1305,14 @@ async fn conductor(a: ConductorArgs) -> Result<(), Error> {
                     .count() as u32;
                 (cur, s.slots.iter().any(|x| x.state == SlotState::Starting))
             };
-            row["cpu_util_pct"] = json!(util);
+            row["memory_util_pct"] = json!(util);
             if !busy {
                 let want = scaler.decide(&hpa, scale, t, current, util);
                 if want != current {
                     let i = event(
                         &sh,
                         if want > current { "scale-up" } else { "scale-down" },
-                        format!("{current} -> {want} replicas (average CPU {util:.0}% of the request, target {}%)", hpa.target_pct),
+                        format!("{current} -> {want} replicas (average memory {util:.0}% of the request, target {}%)", hpa.target_pct),
                     );
                     event_set(&sh, i, "replicas", json!(want));
                     let (off, on): (Vec<usize>, Vec<usize>) = {
@@ -1407,14 +1431,20 @@ async fn chaos(a: ConductorArgs, sh: SharedState) {
     event_set(&sh, i, "ok", json!(ok));
     settle(sh.clone()).await;
 
-    // 3. The database stopped for 2 s.
+    // 3. The database stopped for longer than a command may take (DB_TIMEOUT_MS), so the
+    // replicas see it down: they must stay in HAProxy (their readiness is their own) and
+    // answer their own 503 with Retry-After, not HAProxy's.
+    let stall = db_timeout(&a.root) + Duration::from_secs(2);
     let i = event(
         &sh,
         "chaos-db-stall",
-        "SIGSTOP the database, SIGCONT 2 s later".into(),
+        format!(
+            "SIGSTOP the database, SIGCONT {} s later (DB_TIMEOUT_MS + 2 s)",
+            stall.as_secs_f64()
+        ),
     );
     let (ok1, _) = run(&["db-signal", "STOP"]).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(stall).await;
     let (ok2, _) = run(&["db-signal", "CONT"]).await;
     event_set(&sh, i, "end", json!(now()));
     event_set(&sh, i, "stall_end", json!(now()));
@@ -2004,7 +2034,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
                    "req_per_s": r["requests"], "failed_per_s": r["failed"], "p95_ms": p95.get(&sec),
                    "db_commands": r["db_commands"], "db_span_s": r["span_s"], "db_other_commands": r["db_other"],
                    "documents": r["documents"], "queue_depth": r["queue_depth"], "all_ready": r["all_ready"],
-                   "cpu_util_pct": r["cpu_util_pct"]})
+                   "memory_util_pct": r["memory_util_pct"]})
         })
         .collect();
 
@@ -2566,7 +2596,7 @@ mod tests {
     fn reads_the_hpa_and_the_surge() {
         let h = Hpa::load(&repo()).unwrap();
         assert!(h.min >= 1 && h.max >= h.min);
-        assert!(h.target_pct > 0.0 && h.cpu_request_cores > 0.0);
+        assert!(h.target_pct > 0.0 && h.memory_request_mib > 0.0);
         assert!(!h.up.policies.is_empty() && !h.down.policies.is_empty());
         assert!(h.surge >= 1);
     }
@@ -2579,7 +2609,7 @@ mod tests {
   metrics:
     - type: Resource
       resource:
-        name: cpu
+        name: memory
         target:
           type: Utilization
           averageUtilization: 70
@@ -2611,7 +2641,7 @@ mod tests {
         - name: sluice
           resources:
             requests:
-              cpu: 500m
+              memory: 192Mi
 ",
         )
         .unwrap()
