@@ -470,7 +470,10 @@ fn db_timeout(root: &Path) -> Duration {
         });
     from_configmap.unwrap_or_else(|| {
         use clap::Parser;
-        sluice::config::Cli::parse_from(["sluice"]).config.store.db_timeout
+        sluice::config::Cli::parse_from(["sluice"])
+            .config
+            .store
+            .db_timeout
     })
 }
 
