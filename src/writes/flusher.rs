@@ -55,6 +55,19 @@ impl Batch {
         self.docs >= settings.batch_max_docs || self.bytes >= MAX_BATCH_BYTES
     }
 
+    /// The last deadline among its requests: past it, nobody waits for this batch.
+    fn deadline(&self) -> Option<Instant> {
+        self.jobs.iter().map(|j| j.deadline).max()
+    }
+
+    /// Leaves out the requests whose clients stopped waiting.
+    fn drop_expired(&mut self) {
+        let now = Instant::now();
+        self.jobs.retain(|j| !j.ack.is_closed() && j.deadline > now);
+        self.docs = self.jobs.iter().map(|j| j.docs.len()).sum();
+        self.bytes = self.jobs.iter().map(|j| j.bytes).sum();
+    }
+
     /// Adds a request, unless its client stopped waiting: it timed out in the queue
     /// (its `submit` has answered it) or disconnected. Its documents would only take
     /// room that live requests need.
@@ -131,10 +144,23 @@ impl<K: Sink> Flusher<K> {
                 .gather(&mut batch, Arc::clone(&slots).acquire_owned())
                 .await
                 .expect("the semaphore is never closed");
-            let sink = Arc::clone(&self.sink);
-            let paid = self
-                .gather(&mut batch, async move { sink.pay().await })
-                .await;
+            // A token may not come before every request has expired (a draining pod cut
+            // off from Redis gets none): then the batch is dropped, its requests having
+            // been answered 503 by `submit`, so the writer can still finish.
+            let paid = loop {
+                let Some(until) = batch.deadline() else {
+                    break None;
+                };
+                let sink = Arc::clone(&self.sink);
+                let pay = async move { tokio::time::timeout_at(until, sink.pay()).await.ok() };
+                match self.gather(&mut batch, pay).await {
+                    Some(paid) => break Some(paid),
+                    None => batch.drop_expired(),
+                }
+            };
+            let Some(paid) = paid else {
+                continue;
+            };
             let flush = Flush {
                 sink: Arc::clone(&self.sink),
                 metrics: Arc::clone(&self.metrics),
@@ -249,7 +275,20 @@ impl<K: Sink> Flush<K> {
         loop {
             let paid_now = match paid.take() {
                 Some(p) => p,
-                None => self.sink.pay().await,
+                None => {
+                    let now = Instant::now();
+                    let waiting = todo.iter().filter(|&&i| waiters[owner[i]].waiting(now));
+                    let Some(until) = waiting.map(|&i| waiters[owner[i]].deadline).max() else {
+                        break;
+                    };
+                    match tokio::time::timeout_at(until, self.sink.pay()).await {
+                        Ok(p) => p,
+                        Err(_) => {
+                            give_up(&mut waiters, "no budget token before the deadline");
+                            break;
+                        }
+                    }
+                }
             };
             // Leave out the requests nobody waits for any more, then give the command
             // until the last deadline among the rest: a request whose own deadline

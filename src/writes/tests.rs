@@ -280,6 +280,34 @@ async fn a_reply_naming_a_document_it_was_not_sent_fails_the_batch_not_the_flush
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_writer_that_never_gets_a_token_still_finishes_its_drain() {
+    // The budget never pays (a draining pod cut off from Redis): requests are answered
+    // 503 by their deadline, and the writer's task ends instead of waiting for ever.
+    let sink = MemorySink::default();
+    *sink.0.gate.lock().unwrap() = Some(Arc::new(tokio::sync::Notify::new()));
+    let stop = CancellationToken::new();
+    let (writer, task) = Writer::start(
+        settings(),
+        sink.clone(),
+        Arc::new(Metrics::new()),
+        stop.clone(),
+    );
+    let writer = Arc::new(writer);
+    let (_, answer) = submit(&writer);
+    // In the queue and gathered, waiting for its token, when the drain begins.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let (result, _) = answer.await.unwrap();
+    assert!(
+        matches!(result, Err(WriteError::NotStored(_))),
+        "{result:?}"
+    );
+    let finished = tokio::time::timeout(settings().write_timeout * 2, task).await;
+    assert!(finished.is_ok(), "the writer never finished draining");
+    assert!(sink.0.inserts.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_refused_document_fails_its_request_at_once() {
     let sink = MemorySink::default();
     let (writer, _stop) = start(settings(), &sink);
