@@ -126,6 +126,9 @@ lab_start_redis() {
   redis-server "$conf" --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
     --maxclients 10000 --dir "$LAB_STATE" --daemonize no </dev/null >>"$LAB_STATE/redis.log" 2>&1 &
   pid=$!
+  # The chaos kills it with SIGKILL: out of the job table, so the shell that started it
+  # does not print "Killed" into the run's output.
+  disown "$pid"
   lab_record_pid redis "$pid"
   echo "$pid" >"$LAB_STATE/redis.pid"
   for ((i = 0; i < 40; i++)); do

@@ -305,8 +305,9 @@ db_supervisor() {
     rc=$?
     n=$((n + 1))
     echo "$n" >"$LAB_STATE/db-restarts"
-    printf '%s the database (pid %s) exited with status %s; starting it again (restart %s)\n' \
-      "$(date -u +%H:%M:%S)" "$pid" "$rc" "$n" | tee -a "$LAB_STATE/db-restarts.log"
+    # Unix time first: the report tells a fault's restarts from the others by it.
+    printf '%s %s the database (pid %s) exited with status %s; starting it again (restart %s)\n' \
+      "$(date +%s.%N)" "$(date -u +%H:%M:%S)" "$pid" "$rc" "$n" | tee -a "$LAB_STATE/db-restarts.log"
     [ "$n" -lt 50 ] || exit 1
     sleep 2
   done
@@ -610,15 +611,18 @@ run_k6 data /api/data success
 echo settle >"$LAB_STATE/phase"
 # Whatever was acknowledged is stored already; let stragglers (writes of requests k6
 # gave up on) land before the exact count at the end.
-"$LAB_BIN" settle "$MONGO_URI" 2>>"$LAB_STATE/count.log" || lab_info "the database's insert counter did not settle within 60 s"
+"$LAB_BIN" settle "$MONGO_URI" >/dev/null 2>>"$LAB_STATE/count.log" || lab_info "the database's insert counter did not settle within 60 s"
 
-lab_step "cache status of each replica"
+lab_step "each replica's cache status, for the report"
 for f in "$LAB_STATE"/slot-*.pid; do
   [ -e "$f" ] || continue
   r=${f##*/slot-}; r=${r%.pid}
   kill -0 "$(cat "$f")" 2>/dev/null || continue
-  curl -fsS -m 5 "http://127.0.0.1:$(cat "$LAB_STATE/slot-$r.port")/api/cache/status" -o "$LAB_STATE/cache-sluice-local-$r.json" ||
+  if curl -fsS -m 5 "http://127.0.0.1:$(cat "$LAB_STATE/slot-$r.port")/api/cache/status" -o "$LAB_STATE/cache-sluice-local-$r.json"; then
+    lab_info "sluice-local-$r: saved"
+  else
     lab_warn "sluice-local-$r: /api/cache/status did not answer"
+  fi
 done
 
 lab_step "disk used by the database"

@@ -914,11 +914,10 @@ def cmd_traefik():
 # base and k per component; C_typical and C_max come from the manifests.
 PEAK_VUS = 10_000  # ASSESSMENT.md's load: 10,000 closed-loop clients
 SIZING = {
-    # measured (SOLUTION.md 5.4): 16 KiB per idle keep-alive connection, returned when
-    # it closes, + ~3 KiB for its request's 5 documents waiting in the write queue;
-    # base: the lab's highest peak, 87 MiB at 1,220 connections, less 1,220 x 20 KiB is
-    # 63 MiB; 80 leaves room for the read cache and a batch held by the driver
-    "sluice": {"base": 80, "k_kib": 20},
+    # docs/deploy.md, "Memory: one formula": k covers a connection whose request waits
+    # in the write queue (the most a connection holds, during a database stall); the
+    # base leaves room for the read cache and a batch held by the driver
+    "sluice": {"base": 80, "k_kib": 22},
     # estimates (no cluster here): Traefik's own heap, 50 KiB per proxied connection
     "traefik": {"base": 64, "k_kib": 50},
     # measured on redis-server 7.0: 6.4 MiB idle RSS + the 8 MiB maxmemory it may hold
