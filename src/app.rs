@@ -273,25 +273,49 @@ impl InFlight {
         {
             return None;
         }
-        let mut claim = Claim {
-            set: self,
-            key: key.clone(),
-            shared: None,
-        };
         let holder = format!(
             "{}:{}",
             self.pod,
             self.claims.fetch_add(1, Ordering::Relaxed)
         );
-        match self.shared.claim_key(key.as_str(), &holder, self.ttl).await {
-            Ok(true) => claim.shared = Some(holder),
+        // The holder is kept before Redis answers: a `SET` that took the key but whose
+        // answer was lost is still released by compare-and-delete, not left to expire.
+        let mut claim = Claim {
+            set: self,
+            key: key.clone(),
+            shared: Some(holder),
+        };
+        let holder = claim.shared.as_deref().expect("set above");
+        match self.shared.claim_key(key.as_str(), holder, self.ttl).await {
+            Ok(true) => {}
             // Another pod's request holds it; dropping the claim frees the local one.
-            Ok(false) => return None,
+            Ok(false) => {
+                claim.shared = None;
+                return None;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "redis unreachable; the idempotency key is claimed on this pod only");
             }
         }
         Some(claim)
+    }
+}
+
+impl Claim<'_> {
+    /// Releases the claim before the answer leaves, so the client's next replay finds
+    /// the key free on any pod. Redis is asked within its timeout; a release that fails
+    /// leaves the claim to expire after its ttl.
+    pub async fn release(mut self) {
+        if let Some(holder) = self.shared.take() {
+            if let Err(e) = self
+                .set
+                .shared
+                .release_key(self.key.as_str(), &holder)
+                .await
+            {
+                tracing::debug!(error = %e, "could not release an idempotency key's claim; it expires");
+            }
+        }
     }
 }
 
@@ -304,8 +328,8 @@ impl Drop for Claim<'_> {
             .remove(&self.key);
         if let Some(holder) = self.shared.take() {
             let (shared, key) = (Arc::clone(&self.set.shared), self.key.clone());
-            // Released in the background: the answer does not wait for Redis. A release
-            // that fails leaves the claim to expire after its ttl.
+            // A request dropped before its answer (the client went away): released in
+            // the background. A release that fails leaves the claim to expire.
             tokio::spawn(async move {
                 if let Err(e) = shared.release_key(key.as_str(), &holder).await {
                     tracing::debug!(error = %e, "could not release an idempotency key's claim; it expires");

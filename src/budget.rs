@@ -243,7 +243,10 @@ impl Budget {
                         Ok(Grant::Later(wait)) => {
                             turn.cluster_retry_at = None;
                             self.set_mode(Mode::Cluster, None);
-                            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                            // At most a period by construction; asking sooner costs a
+                            // round trip, waiting out a bad answer stops the pod.
+                            let wait = wait.clamp(Duration::from_millis(1), self.cluster_period);
+                            tokio::time::sleep(wait).await;
                             continue;
                         }
                         Err(e) => {
@@ -294,9 +297,10 @@ impl Budget {
         self.in_flight_cap
     }
 
-    /// Commands sent and not yet answered now.
+    /// Commands paid for and not yet answered now (the gauge: a slot held by a command
+    /// still waiting for its token is not counted).
     pub fn in_flight(&self) -> usize {
-        self.in_flight_cap - self.in_flight.available_permits()
+        usize::try_from(self.metrics.db_commands_in_flight.get()).unwrap_or(0)
     }
 
     pub fn mode(&self) -> Mode {

@@ -31,15 +31,19 @@ const BUDGET_KEY: &str = "sluice:budget:next";
 /// Keeping reservations within one period means at most one token is promised and not
 /// yet due at any moment, so losing the key (a Redis restart) frees at most that one.
 /// The key expires once it lies in the past, so an idle cluster leaves nothing behind.
+/// Reserving so never puts the schedule more than two periods ahead of Redis's clock; a
+/// schedule further ahead means that clock stepped back, and waiting for it would stop
+/// every pod for the size of the step: the schedule starts again from now (one token
+/// early, as after a restart). `%.0f`: Lua's `%d` is a C `long`, 32 bits on some builds.
 const RESERVE_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local period = tonumber(ARGV[1])
 local due = tonumber(redis.call('GET', KEYS[1]) or '0')
-if due < now then due = now end
+if due < now or due > now + 2 * period then due = now end
 local wait = due - now
 if wait > period then return -(wait - period) end
-redis.call('SET', KEYS[1], string.format('%d', due + period), 'PX', math.floor((wait + period) / 1000) + 1000)
+redis.call('SET', KEYS[1], string.format('%.0f', due + period), 'PX', math.floor((wait + period) / 1000) + 1000)
 return wait
 ";
 

@@ -45,10 +45,11 @@ const DUPLICATE_KEY: i32 = 11000;
 /// Connections one pod keeps to the database at most. Each in-flight command holds one;
 /// the budget caps those at `FLUSH_CONCURRENCY` + 1 (see [`in_flight_cap`]).
 pub const MAX_POOL_SIZE: u32 = 8;
-/// How long a command the caller gave up on may still hold its in-flight slot. Past it
-/// the command is dropped (the driver closes its connection) and its slot freed; a
-/// database that answers nothing for this long is down, not stalled, and the slot must
-/// not be lost for good to a connection that never answers.
+/// How long a command the caller gave up on may still hold its in-flight slot (or
+/// `DB_TIMEOUT_MS`, if that is longer). Past it the command is dropped (the driver closes
+/// its connection) and its slot freed; a database that answers nothing for this long is
+/// down, not stalled, and the slot must not be lost for good to a connection that never
+/// answers.
 pub const ORPHAN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Commands one pod may have sent and not yet seen answered: one per flush slot, plus one
@@ -348,8 +349,10 @@ impl Store {
         let late = Arc::clone(pulse);
         let answered_late = Arc::new(AtomicBool::new(false));
         let waiting = Arc::clone(&answered_late);
+        // Never shorter than the wait for an answer, however DB_TIMEOUT_MS is set.
+        let orphan_limit = ORPHAN_LIMIT.max(self.timeout);
         let mut task = tokio::spawn(async move {
-            let result = tokio::time::timeout(ORPHAN_LIMIT, command).await;
+            let result = tokio::time::timeout(orphan_limit, command).await;
             drop(paid);
             // The caller stopped waiting: an answer now still says the database is back.
             if waiting.load(Ordering::Acquire) && matches!(result, Ok(Ok(_))) {
@@ -357,20 +360,32 @@ impl Store {
             }
             result
         });
-        let result = match tokio::time::timeout(limit, &mut task).await {
-            Ok(Ok(Ok(Ok(value)))) => Ok(value),
-            Ok(Ok(Ok(Err(e)))) if is_unreachable(&e) => {
-                Err(StoreError::Unavailable(e.kind.to_string()))
-            }
-            Ok(Ok(Ok(Err(e)))) => Err(StoreError::Refused(e)),
-            Ok(Ok(Err(_orphan_limit))) => Err(StoreError::Unavailable(format!(
-                "no answer within {ORPHAN_LIMIT:?}"
-            ))),
-            Ok(Err(join)) => Err(StoreError::Unavailable(format!(
-                "the command's task failed: {join}"
-            ))),
+        let joined = match tokio::time::timeout(limit, &mut task).await {
+            Ok(joined) => Some(joined),
             Err(_) => {
                 answered_late.store(true, Ordering::Release);
+                // An answer that came between the timeout and the flag was not counted
+                // by the task: take it here.
+                if task.is_finished() {
+                    Some(task.await)
+                } else {
+                    None
+                }
+            }
+        };
+        let result = match joined {
+            Some(Ok(Ok(Ok(value)))) => Ok(value),
+            Some(Ok(Ok(Err(e)))) if is_unreachable(&e) => {
+                Err(StoreError::Unavailable(e.kind.to_string()))
+            }
+            Some(Ok(Ok(Err(e)))) => Err(StoreError::Refused(e)),
+            Some(Ok(Err(_orphan_limit))) => Err(StoreError::Unavailable(format!(
+                "no answer within {orphan_limit:?}"
+            ))),
+            Some(Err(join)) => Err(StoreError::Unavailable(format!(
+                "the command's task failed: {join}"
+            ))),
+            None => {
                 if limit < self.timeout {
                     Err(StoreError::Slow(limit))
                 } else {

@@ -95,6 +95,39 @@ async fn a_pod_started_while_redis_is_down_joins_it_when_it_comes_up() {
     assert_nothing_lost(&mongo, &outcomes).await;
 }
 
+/// Redis's clock stepped back (an NTP correction) leaves the command schedule far ahead
+/// of it: the pods start it again from now rather than wait out the step.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_far_ahead_of_redis_clock_does_not_stop_the_database() {
+    let (redis, mongo, sluice) = spawn_app(&[]).await;
+    // Redis runs on this machine, on this clock: an hour ahead of it.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        + Duration::from_secs(3600);
+    let set = redis.command(&[
+        "SET",
+        "sluice:budget:next",
+        &ahead.as_micros().to_string(),
+        "PX",
+        "3600000",
+    ]);
+    assert_eq!(set, "+OK");
+    let outcomes = burst(&sluice.url("/api/data"), 10).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.status == 200 && o.latency < BOUNDED),
+        "{:?}",
+        outcomes.iter().map(|o| o.status).collect::<Vec<_>>()
+    );
+    assert_nothing_lost(&mongo, &outcomes).await;
+    // The schedule is back beside the clock: it expires within a period or two.
+    let ttl = redis.command(&["PTTL", "sluice:budget:next"]);
+    let ttl: i64 = ttl.trim_start_matches(':').parse().unwrap();
+    assert!(ttl < 5_000, "the schedule still lies {ttl} ms ahead");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_crash_degrades_then_recovers() {
     let (mut redis, mongo, sluice) = spawn_app(&[("CACHE_FRESH_MS", "300")]).await;

@@ -43,26 +43,35 @@ impl Serialize for Hex {
     }
 }
 
-/// The real path: reads from the cache tiers while the writes wait for their batch.
+/// The real path. A request with an Idempotency-Key holds the key's claim until its
+/// answer is ready, and releases it before the answer leaves.
+pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response, ApiError> {
+    let Some(key) = req.headers().get("idempotency-key") else {
+        return answer(app, None).await;
+    };
+    let key = IdempotencyKey::parse(key.as_bytes()).map_err(ApiError::BadIdempotencyKey)?;
+    let claim = app
+        .in_flight
+        .claim(&key)
+        .await
+        .ok_or(ApiError::KeyInFlight)?;
+    let answer = answer(app, Some(&key)).await;
+    claim.release().await;
+    answer
+}
+
+/// Reads from the cache tiers while the writes wait for their batch.
 ///
 /// Both halves are bounded, so a request is answered (503 at worst) within
 /// `WRITE_TIMEOUT_MS` or `DB_TIMEOUT_MS`, whichever is longer, even when a cold cache's
 /// loader is queued behind the writer for the database budget.
-pub async fn handle(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response, ApiError> {
-    let key = match req.headers().get("idempotency-key") {
-        Some(v) => Some(IdempotencyKey::parse(v.as_bytes()).map_err(ApiError::BadIdempotencyKey)?),
-        None => None,
-    };
-    let _claim = match &key {
-        Some(k) => Some(app.in_flight.claim(k).await.ok_or(ApiError::KeyInFlight)?),
-        None => None,
-    };
+async fn answer(app: &Arc<App>, key: Option<&IdempotencyKey>) -> Result<Response, ApiError> {
     // While the database is known to be away, answer at once instead of queueing
     // requests that can only time out.
     if !app.health.database_up() {
         return Err(ApiError::DatabaseDown);
     }
-    let (ids, docs) = record::new_batch(key.as_ref());
+    let (ids, docs) = record::new_batch(key);
     // The five reads ask the same question (the first write), so one cache read
     // answers all five.
     let reads = async { Ok::<_, ApiError>([app.reads.first_write().await?; PER_REQUEST]) };
