@@ -103,8 +103,9 @@ save_state
 
 # 2. Setup over a running lab: stops the old one first, then a short chaos run with
 #    autoscaling. The memory target is lowered (--memory-target via LAB_MEMORY_TARGET) so that
-#    so few VUs make it scale, the HPA's windows shrunk 20 times, the faults 3 s apart.
-LAB_MEMORY_TARGET=${LAB_MEMORY_TARGET:-3} LAB_CHAOS_GAP=${LAB_CHAOS_GAP:-3} \
+#    so few VUs make it scale, the HPA's windows shrunk 20 times, the faults 3 s apart,
+#    the database's ceiling measured for 3 s a setting.
+LAB_MEMORY_TARGET=${LAB_MEMORY_TARGET:-3} LAB_CHAOS_GAP=${LAB_CHAOS_GAP:-3} LAB_CEILING_SECONDS=${LAB_CEILING_SECONDS:-3} \
   "$HERE/setup-local.sh" --profile smoke --duration "$DURATION" --healthz-duration 15 --max-vus "$VUS" \
   --autoscale --time-scale 20 --chaos --report "$REPORT" >>"$LOG" 2>&1
 rc=$?

@@ -31,18 +31,21 @@
 # and then, the same-run ceiling, against /healthz through the same HAProxy, while
 # Prometheus scrapes every replica with k8s/monitoring/sluice-alerts.rules.yaml loaded
 # and the conductor (examples/lab/) samples every second, autoscales and injects
-# faults; report. Without root, loop devices or cgroups it says so and runs unconstrained.
+# faults; then the database's own insert ceiling under the same limits; report. Without
+# root, loop devices or cgroups it says so and runs unconstrained.
 #
 # The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
 # settings (DB_COMMAND_BUDGET, MAX_CONNECTIONS, QUEUE_CAPACITY, BATCH_MAX_DOCS,
 # DRAIN_TIMEOUT_SECS, LOG_LEVEL, LOG_FORMAT (text here), ...) override them.
-# SLUICE_BIN skips the cargo build. LAB_DB_MEMORY_MIB changes the database's memory
-# limit (default 500, the assessment's) for experiments.
+# SLUICE_BIN and LAB_BIN (with CEILING_BIN) skip the cargo build. LAB_DB_MEMORY_MIB
+# changes the database's memory limit (default 500, the assessment's) for experiments;
+# LAB_CEILING_SECONDS the insert ceiling's seconds a setting (default 10).
 # LAB_STATE_DIR / LAB_RESULTS_DIR move the state and results folders.
 #
 # Exit status: 0 when sluice passed its own checks (nothing lost, the budget held in every
 # second, no restart, memory within the sizing formula, no alert but after a fault) and
-# every k6 threshold that /healthz passed on this machine; 3 when not; 1 when the lab
+# every k6 threshold that /healthz passed on this machine and the database's ceiling
+# allows; 3 when not; 1 when the lab
 # could not be set up (everything started is then stopped).
 set -euo pipefail
 
@@ -139,13 +142,14 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$LAB_ROOT/target}
 if [ -n "${SLUICE_BIN:-}" ] && [ -n "${LAB_BIN:-}" ]; then
   lab_info "sluice:       $SLUICE_BIN (SLUICE_BIN), lab: $LAB_BIN (LAB_BIN)"
 else
-  tools_step "cargo build --release --locked --bin sluice --example lab"
-  (cd "$LAB_ROOT" && cargo build --release --locked --bin sluice --example lab >"$LAB_STATE/cargo-build.log" 2>&1) || {
+  tools_step "cargo build --release --locked --bin sluice --example lab --example insert_ceiling"
+  (cd "$LAB_ROOT" && cargo build --release --locked --bin sluice --example lab --example insert_ceiling >"$LAB_STATE/cargo-build.log" 2>&1) || {
     tail -n 30 "$LAB_STATE/cargo-build.log" >&2
     lab_die "sluice does not build"
   }
   SLUICE_BIN=${SLUICE_BIN:-$TARGET_DIR/release/sluice}
   LAB_BIN=${LAB_BIN:-$TARGET_DIR/release/examples/lab}
+  CEILING_BIN=${CEILING_BIN:-$TARGET_DIR/release/examples/insert_ceiling}
   lab_info "sluice:       $(show "$SLUICE_BIN"), lab: $(show "$LAB_BIN")"
 fi
 [ -x "$SLUICE_BIN" ] || lab_die "no sluice binary at $SLUICE_BIN"
@@ -636,6 +640,19 @@ echo finished >"$LAB_STATE/phase"
 sleep 6 # the last scrapes and rule evaluations (Prometheus' discovery updates every 5 s)
 touch "$LAB_STATE/conductor.stop"
 wait "$CONDUCTOR_PID" 2>/dev/null || lab_warn "the conductor failed; see $(show "$LAB_STATE/conductor.log")"
+
+# The database's own ceiling, on the same database under the same limits, once nothing
+# else writes: the report holds a latency threshold that asks more documents a second
+# than this against the database, not sluice. Its documents are left out of "lost".
+if [ -x "${CEILING_BIN:-}" ]; then
+  CEILING_BATCH=$(sed -n 's/^BATCH_MAX_DOCS=//p' "$LAB_STATE/sluice.env" | tail -n1)
+  lab_step "the database's ceiling: raw insert_many of ${CEILING_BATCH:-2000} documents, 1 and 2 in flight, ${LAB_CEILING_SECONDS:-10} s each"
+  "$CEILING_BIN" --uri "$MONGO_URI" --batch "${CEILING_BATCH:-2000}" --concurrency 1 --concurrency 2 \
+    --seconds "${LAB_CEILING_SECONDS:-10}" --out "$LAB_STATE/insert-ceiling.json" >/dev/null 2>"$LAB_STATE/insert-ceiling.log" ||
+    lab_warn "the insert ceiling failed; see $(show "$LAB_STATE/insert-ceiling.log")"
+else
+  lab_info "no insert_ceiling binary (CEILING_BIN): latency thresholds are judged against /healthz only"
+fi
 
 DB_RESTARTS=0
 [ ! -s "$LAB_STATE/db-restarts" ] || DB_RESTARTS=$(cat "$LAB_STATE/db-restarts")

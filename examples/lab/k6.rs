@@ -32,6 +32,8 @@ pub struct Summary {
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
+    /// `vus_max`: the most virtual users the run held at once.
+    pub vus_max: Option<f64>,
     /// Every threshold, "metric expression", and whether it passed (the export's value
     /// says whether it was crossed).
     pub thresholds: BTreeMap<String, bool>,
@@ -70,6 +72,7 @@ impl Summary {
             p95_ms: duration("p(95)"),
             p99_ms: duration("p(99)"),
             max_ms: duration("max"),
+            vus_max: f(m, &["vus_max", "max"]).or_else(|| f(m, &["vus_max", "value"])),
             thresholds,
         }
     }
@@ -81,6 +84,7 @@ impl Summary {
             "req_per_s": self.req_per_s,
             "p95_ms": self.p95_ms,
             "p99_ms": self.p99_ms,
+            "vus_max": self.vus_max,
             "http_req_failed_rate": self.failed_rate,
             "failed_iterations": self.failed_iterations,
             "successful_requests": self.successful_requests,

@@ -40,9 +40,9 @@ mod procfs;
 /// is reported apart as `db_other`.
 const COUNTED_COMMANDS: [&str; 4] = ["insert", "find", "count", "ping"];
 /// docs/deploy.md "sizing" (and scripts/deploy/check_manifests.py's SIZING): sluice's
-/// memory M(C) = 80 MiB + 22 KiB × C, C = open connections.
+/// memory M(C) = 80 MiB + 28 KiB × C, C = open connections.
 const MEM_BASE_MIB: f64 = 80.0;
-const MEM_PER_CONN_KIB: f64 = 22.0;
+const MEM_PER_CONN_KIB: f64 = 28.0;
 const DOCS_PER_REQUEST: f64 = 5.0;
 /// Seconds after an event whose failed requests belong to it.
 const EVENT_WINDOW_S: f64 = 10.0;
@@ -1565,6 +1565,32 @@ fn tolerance(
     (budget * span_s).round() + 1.0 + pods * in_flight_cap + restart
 }
 
+/// The latency a threshold asks of every answer it counts, in ms: a duration percentile's
+/// limit, or `error_rate`'s, whose check fails an answer slower than 2 s
+/// (stress-test/stress-test.js).
+fn latency_limit_ms(name: &str) -> Option<f64> {
+    if name.starts_with("error_rate") {
+        return Some(2000.0);
+    }
+    latency_threshold(name).map(|(_, limit_ms)| limit_ms)
+}
+
+/// Documents the database must store each second for `vus` closed-loop clients to be
+/// answered within `limit_ms`: ASSESSMENT.md's arithmetic, latency = clients ÷
+/// throughput, five documents a request. At 10,000 clients and 2 s, 25,000.
+fn documents_needed(vus: f64, limit_ms: f64) -> f64 {
+    vus * DOCS_PER_REQUEST / (limit_ms / 1000.0)
+}
+
+/// The highest mean over `n` consecutive values (over all of them if there are fewer).
+fn best_mean(values: &[f64], n: usize) -> f64 {
+    let n = n.min(values.len()).max(1);
+    values
+        .windows(n)
+        .map(|w| w.iter().sum::<f64>() / n as f64)
+        .fold(0.0, f64::max)
+}
+
 /// `(0.99, 5000.0)` from k6's `http_req_duration p(99)<5000`.
 fn latency_threshold(name: &str) -> Option<(f64, f64)> {
     let rest = name.strip_prefix("http_req_duration p(")?;
@@ -1865,9 +1891,23 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
             .unwrap_or(0.0)
             .max(d["successful_requests"].as_f64().unwrap_or(0.0))
     });
+    // The database's own ceiling, measured after the load on the same database and under
+    // the same limits (examples/insert_ceiling.rs, sluice's batch shape): its best rate,
+    // and the documents it added, which are not sluice's.
+    let ceiling_runs: Vec<Value> = load_json(&st.join("insert-ceiling.json"))
+        .and_then(|c| c["runs"].as_array().cloned())
+        .unwrap_or_default();
+    let db_ceiling = ceiling_runs
+        .iter()
+        .filter_map(|r| r["documents_per_second"].as_f64())
+        .reduce(f64::max);
+    let ceiling_documents: f64 = ceiling_runs
+        .iter()
+        .filter_map(|r| r["documents"].as_f64())
+        .sum();
     let (stored, expected, lost) = match (before, after, acked) {
         (Some(b), Some(a), Some(k)) => {
-            let stored = a - b;
+            let stored = a - b - ceiling_documents;
             let expected = DOCS_PER_REQUEST * k;
             (
                 Some(stored),
@@ -2075,7 +2115,16 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         })
         .collect();
 
-    // Thresholds: sluice's unless /healthz fails the same one on this machine.
+    // Thresholds: sluice's unless /healthz fails the same one on this machine, or the
+    // database's own ceiling is below what it asks.
+    let best_stored = best_mean(
+        &timeline
+            .iter()
+            .filter(|r| r["phase"] == "data")
+            .map(|r| r["documents"].as_f64().unwrap_or(0.0))
+            .collect::<Vec<_>>(),
+        10,
+    );
     let mut thresholds = vec![];
     let mut sluice_threshold_fail = false;
     let (req_out, failed_out) = timeline
@@ -2167,10 +2216,30 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
                     );
                 }
             }
+            // The database's ceiling: a latency this run's clients could not get from a
+            // database that stores at most `db_ceiling` documents a second.
+            // Only while sluice itself stored near that ceiling (0.9 of it over its best
+            // 10 s, the load report's goal for stored ÷ ceiling): a sluice that stores
+            // less is the bound, not the database.
+            let db_bound = latency_limit_ms(name)
+                .zip(data.as_ref().and_then(|d| d["vus_max"].as_f64()))
+                .zip(db_ceiling)
+                .map(|((limit_ms, vus), ceiling)| (documents_needed(vus, limit_ms), ceiling, vus))
+                .filter(|(needed, ceiling, _)| ceiling < needed);
+            if let (false, Some((needed, ceiling, vus))) = (passed, db_bound) {
+                how = format!(
+                    "{how}; {vus:.0} clients answered within the limit need {needed:.0} documents stored a second; the database stores at most {ceiling:.0} (its insert ceiling, this run), sluice stored {best_stored:.0} over its best 10 s ({:.2} of it)",
+                    best_stored / ceiling
+                );
+            }
+            let db_bound = db_bound.filter(|(_, ceiling, _)| best_stored >= 0.9 * ceiling);
             let verdict = match (passed, healthz) {
                 (true, _) if k6_passed => "pass",
                 (true, _) => "pass outside the fault windows",
                 (false, Some(false)) => "machine's ceiling (/healthz fails it too)",
+                (false, _) if db_bound.is_some() => {
+                    "the database's ceiling (no service could pass it on this database)"
+                }
                 (false, _) => {
                     sluice_threshold_fail = true;
                     "FAIL (sluice: /healthz passes it)"
@@ -2230,7 +2299,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         .values()
         .all(|v| v == &json!(true));
     let pass = sluice_ok && !sluice_threshold_fail;
-    let rule = "exit 0 when sluice passed every one of its own checks and every k6 threshold that /healthz passed on this machine; a threshold /healthz also fails is the machine's ceiling; with --chaos, failed requests inside a fault's window (its start to 10 s after, or until every replica is ready again and HAProxy has seen it) are reported per event and left out, and so are iterations that failed a check (k6 logs each one with its start and end) and overlapped such a window; latency percentiles are k6's over the whole run";
+    let rule = "exit 0 when sluice passed every one of its own checks and every k6 threshold that /healthz passed on this machine; a threshold /healthz also fails is the machine's ceiling; a latency threshold that asks more documents a second than the database's own insert ceiling (measured after the load, same database, same limits; clients x 5 documents / the limit, ASSESSMENT.md's arithmetic) is the database's ceiling, as long as sluice stored at least 0.9 of that ceiling over its best 10 s; with --chaos, failed requests inside a fault's window (its start to 10 s after, or until every replica is ready again and HAProxy has seen it) are reported per event and left out, and so are iterations that failed a check (k6 logs each one with its start and end) and overlapped such a window; latency percentiles are k6's over the whole run";
     let tol_text = format!(
         "commands counted per wall-clock second from serverStatus ({}) may exceed DB_COMMAND_BUDGET = {budget} (times the sample's window when serverStatus answered late) by one token on the window's edge, plus each live pod's in-flight cap (FLUSH_CONCURRENCY + 1 = {}: the server counts a command when it completes), plus, for 3 s after a Redis restart, one forgotten token and each pod's fallback share (budget / BUDGET_FALLBACK_PODS = {budget} / {fallback_pods})",
         COUNTED_COMMANDS.join(", "),
@@ -2245,6 +2314,7 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         "checks": checks,
         "lost": lost,
         "documents": {"stored": stored, "expected_5x_acknowledged": expected, "before": before, "after": after},
+        "db_insert_ceiling": {"documents_per_second": db_ceiling, "documents_added": ceiling_documents, "runs": ceiling_runs},
         "budget": {"db_command_budget": budget, "flush_concurrency": flush_c, "counted_commands": COUNTED_COMMANDS,
                    "tolerance": tol_text, "seconds_checked": seconds, "seconds_over": over,
                    "seconds_over_in_fault_windows": over_in},
@@ -2298,6 +2368,12 @@ async fn report(a: ReportArgs) -> Result<i32, Error> {
         );
     }
     let n = |v: Option<f64>| v.map_or("n/a".to_string(), |x| format!("{x:.0}"));
+    if let Some(c) = db_ceiling {
+        println!(
+            "database insert ceiling (after the load, same database and limits): {c:.0} documents/s; sluice stored {best_stored:.0}/s over its best 10 s ({:.2} of it)",
+            best_stored / c
+        );
+    }
     println!(
         "documents stored {} / 5 x acknowledged {} (lost {}); peak database commands in one second {peak}",
         n(stored),
@@ -2755,6 +2831,21 @@ mod tests {
             tolerance(50.0, 1.0, 3.0, 2.0, Some(8.0)),
             57.0 + 1.0 + 3.0 * 7.0
         );
+    }
+
+    #[test]
+    fn a_latency_the_database_cannot_give_is_its_ceiling() {
+        assert_eq!(documents_needed(10_000.0, 2000.0), 25_000.0);
+        assert_eq!(documents_needed(10_000.0, 5000.0), 10_000.0);
+        assert_eq!(latency_limit_ms("error_rate rate<0.01"), Some(2000.0));
+        assert_eq!(
+            latency_limit_ms("http_req_duration p(99)<5000"),
+            Some(5000.0)
+        );
+        assert_eq!(latency_limit_ms("http_req_failed rate<0.01"), None);
+        assert_eq!(best_mean(&[1.0, 5.0, 3.0, 0.0], 2), 4.0);
+        assert_eq!(best_mean(&[2.0], 10), 2.0);
+        assert_eq!(best_mean(&[], 10), 0.0);
     }
 
     #[test]

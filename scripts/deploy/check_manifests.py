@@ -917,7 +917,7 @@ SIZING = {
     # docs/deploy.md, "Memory: one formula": k covers a connection whose request waits
     # in the write queue (the most a connection holds, during a database stall); the
     # base leaves room for the read cache and a batch held by the driver
-    "sluice": {"base": 80, "k_kib": 22},
+    "sluice": {"base": 80, "k_kib": 28},
     # estimates (no cluster here): Traefik's own heap, 50 KiB per proxied connection
     "traefik": {"base": 64, "k_kib": 50},
     # measured on redis-server 7.0: 6.4 MiB idle RSS + the 8 MiB maxmemory it may hold
