@@ -106,9 +106,72 @@ impl Summary {
     }
 }
 
+/// The seconds of load a `k6 inspect` plan runs: the longest scenario's start plus its
+/// stages (or its duration). The graceful stop is left out: iterations still running
+/// then are the tail, not the load.
+pub fn load_seconds(plan: &Value) -> Option<f64> {
+    let scenarios = plan["scenarios"].as_object()?;
+    scenarios
+        .values()
+        .map(|sc| {
+            let start = sc["startTime"].as_str().and_then(seconds).unwrap_or(0.0);
+            let run = match sc["stages"].as_array() {
+                Some(stages) => stages
+                    .iter()
+                    .map(|st| st["duration"].as_str().and_then(seconds))
+                    .sum::<Option<f64>>(),
+                None => sc["duration"].as_str().and_then(seconds),
+            };
+            run.map(|r| start + r)
+        })
+        .collect::<Option<Vec<f64>>>()?
+        .into_iter()
+        .reduce(f64::max)
+}
+
+/// A k6 duration ("1m30s", "500ms", "2h") in seconds.
+fn seconds(text: &str) -> Option<f64> {
+    let mut total = 0.0;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        total += n * match &rest[..unit] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return None,
+        };
+        rest = &rest[unit..];
+    }
+    Some(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plan_lasts_its_longest_scenario_without_the_graceful_stop() {
+        let plan = json!({"scenarios": {
+            "ramp": {"executor": "ramping-vus", "gracefulStop": "30s",
+                     "stages": [{"duration": "1m30s", "target": 10}, {"duration": "500ms", "target": 0}]},
+            "late": {"executor": "constant-vus", "startTime": "10s", "duration": "1m"}}});
+        assert_eq!(load_seconds(&plan), Some(90.5));
+        assert_eq!(seconds("2h"), Some(7200.0));
+        assert_eq!(seconds("3 parsecs"), None);
+        assert_eq!(load_seconds(&json!({"scenarios": null})), None);
+    }
 
     #[test]
     fn thresholds_read_as_passed() {
