@@ -19,10 +19,13 @@ FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /build
 ENV CARGO_TERM_COLOR=never
 
-# 1. Dependencies only. Cargo.toml and Cargo.lock alone decide this layer; every source
-#    file and declared bench/test target is an empty stub, so the build compiles and
-#    caches the whole dependency graph and nothing of sluice worth keeping.
+# 1. Dependencies only. Cargo.toml and Cargo.lock alone decide this layer, with the
+#    lab's manifest: it is a workspace member, and cargo loads every member's manifest
+#    though `cargo build` in the root builds only sluice. Every source file and declared
+#    bench/test target (and the lab's main.rs) is an empty stub, so the build compiles
+#    and caches sluice's dependency graph and nothing of sluice worth keeping.
 COPY Cargo.toml Cargo.lock ./
+COPY lab/Cargo.toml ./lab/
 COPY scripts/deploy/stub-targets.sh /usr/local/bin/stub-targets
 RUN sh /usr/local/bin/stub-targets \
  && cargo build --release --locked \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # sluice's own cost, the two rows of the performance table no load test gives: CPU per
 # request (/api/data against /healthz in the same run) and memory per idle keep-alive
-# connection, read from one replica's /proc by examples/sluice_cost.rs, plus a perf
+# connection, read from one replica's /proc by `lab sluice-cost` (lab/src/cost.rs), plus a perf
 # flame graph of each path.
 #
 # usage: bench-report/cost.sh [--clients N] [--seconds S] [--idle N] [--no-perf]
@@ -14,7 +14,7 @@
 # What it does: builds sluice with the `profiling` cargo profile (release plus line
 # tables), brings the lab up with one replica and no load (lab/setup-local.sh --no-load
 # --replicas 1, its own state folder: the constrained database, Redis), runs
-# sluice_cost against that replica with nothing else running, then once more per path
+# `lab sluice-cost` against that replica with nothing else running, then once more per path
 # under `perf record` (DWARF call graphs), folds and draws each profile with inferno
 # (installed once into the tools cache) and prints the top frames. The measuring run
 # and the profiled runs are separate, so perf's own cost is not in the figures.
@@ -45,8 +45,8 @@ RUN=$ROOT/results/cost-$TS
 mkdir -p "$RUN"
 export LAB_STATE_DIR=$ROOT/results/.cost-state
 
-tools_step "cargo build --profile profiling (sluice, the lab, sluice_cost)"
-cargo build --profile profiling --locked --bin sluice --example lab --example sluice_cost \
+tools_step "cargo build --profile profiling (sluice and the lab)"
+cargo build --profile profiling --locked -p sluice -p sluice-lab --bins \
   >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/profiling
 COST=$BIN/examples/sluice_cost
@@ -57,7 +57,7 @@ fi
 
 trap 'lab/cleanup-local.sh --quiet >>"$RUN/cleanup.log" 2>&1 || true' EXIT
 tools_step "lab up: one replica, no load"
-SLUICE_BIN=$BIN/sluice LAB_BIN=$BIN/examples/lab lab/setup-local.sh --no-load --replicas 1 \
+SLUICE_BIN=$BIN/sluice LAB_BIN=$BIN/lab lab/setup-local.sh --no-load --replicas 1 \
   >"$RUN/setup.log" 2>&1 || { tail -n 30 "$RUN/setup.log" >&2; exit 1; }
 PID=$(cat "$LAB_STATE_DIR/slot-0.pid")
 URL=http://127.0.0.1:$(cat "$LAB_STATE_DIR/slot-0.port")
@@ -74,7 +74,7 @@ if [ "$PERF" = 1 ]; then
     "$COST" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
       --idle 0 --only "$path" --out "$RUN/cost-perf-$name.json" >/dev/null &
     load=$!
-    sleep 2 # sluice_cost's warm-up
+    sleep 2 # sluice-cost's warm-up
     perf record -q -F 499 --call-graph dwarf,16384 -p "$PID" -o "$RUN/perf-$name.data" \
       -- sleep "$SECONDS_PER_PATH" 2>>"$RUN/perf.log"
     wait "$load"

@@ -31,7 +31,7 @@
 #      a. k6 (stress-test/stress-test.js, its stages replaced by --stage ramp,hold)
 #         against /api/data, with serverStatus snapshots around the run;
 #      b. the database ceiling right after, on the same database:
-#         examples/insert_ceiling.rs, unordered insert_many of 250 stored-shape
+#         `lab insert-ceiling` (lab/src/ceiling.rs), unordered insert_many of 250 stored-shape
 #         documents (about what one insert carries at 100 VUs: its time is the floor of
 #         a request's latency) and 2,000 (BATCH_MAX_DOCS) with w:1, j:true, 1 and 2 in
 #         flight (2 = the 2 replicas' FLUSH_CONCURRENCY of 1 each; --quick: 1);
@@ -39,7 +39,7 @@
 #   4. one fresh lab with NAIVE_MODE=true on the replicas, and step 3a for each level on
 #      it (naive mode stores about 50 documents a second: nothing to fill), a fresh one
 #      again only when a level left it not ready;
-#   5. the lab example's load-report (examples/lab/load_report.rs): report.json,
+#   5. the lab's load-report (lab/src/load_report.rs): report.json,
 #      report.md and chart.svg.
 #
 # Output: results/report-<time>/ (git-ignored); results/report-latest points at it.
@@ -122,13 +122,13 @@ wait_quiet() {
 }
 
 step "building sluice and the report's tools (cargo build --release --locked)"
-cargo build --release --locked --bin sluice --example insert_ceiling --example lab \
+cargo build --release --locked -p sluice -p sluice-lab --bins \
   >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
 mkdir -p "$RUN/bin"
 # A resumed run keeps the binaries it was measured with; the lab tool (snapshots, the
 # report) is always fresh.
-[ -x "$RUN/bin/sluice" ] || cp target/release/sluice target/release/examples/insert_ceiling "$RUN/bin/"
-cp target/release/examples/lab "$RUN/bin/"
+[ -x "$RUN/bin/sluice" ] || cp target/release/sluice "$RUN/bin/"
+cp target/release/lab "$RUN/bin/"
 export SLUICE_BIN=$RUN/bin/sluice
 # shellcheck source=scripts/tools.sh
 . scripts/tools.sh
@@ -242,7 +242,7 @@ CMD="bench-report/run.sh${ARGS[*]:+ ${ARGS[*]}}"
 # ceiling VUS: the database's raw insert rate right after that level, on its database.
 ceiling() {
   step "the database ceiling after $1 VUs: raw insert_many through the Rust driver, ${CEILING}s per size"
-  "$RUN/bin/insert_ceiling" --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
+  "$RUN/bin/lab" insert-ceiling --uri "$MONGO_URI" --batch 250 --batch 2000 "${CONCURRENCY[@]}" \
     --db-pid "$(cat "$LAB_STATE_DIR/mongo.pid")" \
     --seconds "$CEILING" --out "$RUN/insert-ceiling-$1.json" 2>&1 >/dev/null | sed 's/^/    /'
 }

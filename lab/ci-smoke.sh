@@ -68,7 +68,7 @@ echo "lab smoke: log in ${LOG#"$ROOT"/}"
 
 # 0. The lab's logic on made-up figures: HPA decisions, the budget tolerance, the memory
 #    formula, k6's thresholds, the settings (the lab example's unit tests).
-(cd "$ROOT" && cargo test --locked --quiet --example lab) >>"$LOG" 2>&1
+(cd "$ROOT" && cargo test --locked --quiet -p sluice-lab) >>"$LOG" 2>&1
 check "the lab example's unit tests (HPA, tolerance, memory formula, thresholds)" [ $? -eq 0 ]
 
 # cgroup v2 cannot be exercised on a cgroup v1 host: its exact writes, in order, against
@@ -115,7 +115,7 @@ check "the first lab's loop device was detached" at_most_one_loop
 save_state
 
 # 3. The report.
-LAB_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/lab
+LAB_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/lab
 CONSTRAINED=()
 machine_allows_constraints && CONSTRAINED=(--constrained)
 if [ -s "$REPORT" ] && [ -x "$LAB_BIN" ]; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the lab's conductor (examples/lab/) asks of the machine: processes and the disk.
+# What the lab's conductor (lab/src/conductor/) asks of the machine: processes and the disk.
 # The decisions (when, which replica) are the conductor's; this only acts.
 #
 #   ctl.sh replica-start IDX PORT  start replica slot IDX on PORT (the conductor gives

@@ -30,14 +30,14 @@
 # 500 MiB; start the database, Redis, N replicas and HAProxy; run k6 against /api/data
 # and then, the same-run ceiling, against /healthz through the same HAProxy, while
 # Prometheus scrapes every replica with k8s/monitoring/sluice-alerts.rules.yaml loaded
-# and the conductor (examples/lab/) samples every second, autoscales and injects
+# and the conductor (lab/src/conductor/) samples every second, autoscales and injects
 # faults; then the database's own insert ceiling under the same limits; report. Without
 # root, loop devices or cgroups it says so and runs unconstrained.
 #
 # The replicas get the cluster's settings from k8s/app/configmap.yaml; exported sluice
 # settings (DB_COMMAND_BUDGET, MAX_CONNECTIONS, QUEUE_CAPACITY, BATCH_MAX_DOCS,
 # DRAIN_TIMEOUT_SECS, LOG_LEVEL, LOG_FORMAT (text here), ...) override them.
-# SLUICE_BIN and LAB_BIN (with CEILING_BIN) skip the cargo build. LAB_DB_MEMORY_MIB
+# SLUICE_BIN and LAB_BIN skip the cargo build. LAB_DB_MEMORY_MIB
 # changes the database's memory limit (default 500, the assessment's) for experiments;
 # LAB_CEILING_SECONDS the insert ceiling's seconds a setting (default 10).
 # LAB_STATE_DIR / LAB_RESULTS_DIR move the state and results folders.
@@ -142,20 +142,19 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$LAB_ROOT/target}
 if [ -n "${SLUICE_BIN:-}" ] && [ -n "${LAB_BIN:-}" ]; then
   lab_info "sluice:       $SLUICE_BIN (SLUICE_BIN), lab: $LAB_BIN (LAB_BIN)"
 else
-  tools_step "cargo build --release --locked --bin sluice --example lab --example insert_ceiling"
-  (cd "$LAB_ROOT" && cargo build --release --locked --bin sluice --example lab --example insert_ceiling >"$LAB_STATE/cargo-build.log" 2>&1) || {
+  tools_step "cargo build --release --locked -p sluice -p sluice-lab --bins"
+  (cd "$LAB_ROOT" && cargo build --release --locked -p sluice -p sluice-lab --bins >"$LAB_STATE/cargo-build.log" 2>&1) || {
     tail -n 30 "$LAB_STATE/cargo-build.log" >&2
     lab_die "sluice does not build"
   }
   SLUICE_BIN=${SLUICE_BIN:-$TARGET_DIR/release/sluice}
-  LAB_BIN=${LAB_BIN:-$TARGET_DIR/release/examples/lab}
-  CEILING_BIN=${CEILING_BIN:-$TARGET_DIR/release/examples/insert_ceiling}
+  LAB_BIN=${LAB_BIN:-$TARGET_DIR/release/lab}
   lab_info "sluice:       $(show "$SLUICE_BIN"), lab: $(show "$LAB_BIN")"
 fi
 [ -x "$SLUICE_BIN" ] || lab_die "no sluice binary at $SLUICE_BIN"
 [ -x "$LAB_BIN" ] || lab_die "no lab binary at $LAB_BIN"
 # free_port: a port for a server of this lab, never one handed out before in this state
-# folder (examples/lab/main.rs, free_port, says how it is chosen).
+# folder (lab/src/procs.rs, free_port, says how it is chosen).
 free_port() { "$LAB_BIN" free-port --tag "$LAB_TAG" --used "$LAB_STATE/ports"; }
 echo "$SLUICE_BIN" >"$LAB_STATE/sluice.bin"
 
@@ -283,7 +282,7 @@ fi
 # ---------------------------------------------------------------- 4. the database
 DB_PORT=$(free_port)
 MONGO_URI="mongodb://127.0.0.1:$DB_PORT/assessmentdb"
-# The assessment's flags, or secantusd-rs' mapping of them (examples/lab/db_args.rs, which
+# The assessment's flags, or secantusd-rs' mapping of them (lab/src/db_args.rs, which
 # the tests use too).
 mapfile -t DB_ARGS < <("$LAB_BIN" db-args --server "$DB_BIN" --port "$DB_PORT" --dbpath "$DBPATH" --state "$LAB_STATE")
 [ ${#DB_ARGS[@]} -gt 0 ] || lab_die "no command line for $DB_KIND"
@@ -605,7 +604,7 @@ wait_quiet() {
   lab_warn "a replica is still not ready, or a fault still running, after 90 s"
 }
 
-# The conductor: samples every second, autoscales, injects the faults (examples/lab/).
+# The conductor: samples every second, autoscales, injects the faults (lab/src/conductor/).
 lab_step "the conductor: per-second timeline, $([ "$AUTOSCALE" = 1 ] && echo "autoscaling (time scale 1/$TIME_SCALE)" || echo "$REPLICAS fixed replicas")$([ "$CHAOS" = 1 ] && echo ", chaos")"
 echo warmup >"$LAB_STATE/phase"
 CONDUCTOR_ARGS=(--state "$LAB_STATE" --root "$LAB_ROOT" --mongo-uri "$MONGO_URI" --port-tag "$LAB_TAG" --time-scale "$TIME_SCALE")
@@ -669,15 +668,11 @@ wait "$CONDUCTOR_PID" 2>/dev/null || lab_warn "the conductor failed; see $(show 
 # The database's own ceiling, on the same database under the same limits, once nothing
 # else writes: the report holds a latency threshold that asks more documents a second
 # than this against the database, not sluice. Its documents are left out of "lost".
-if [ -x "${CEILING_BIN:-}" ]; then
-  CEILING_BATCH=$(sed -n 's/^BATCH_MAX_DOCS=//p' "$LAB_STATE/sluice.env" | tail -n1)
-  lab_step "the database's ceiling: raw insert_many of ${CEILING_BATCH:-2000} documents, 1 and 2 in flight, ${LAB_CEILING_SECONDS:-10} s each"
-  "$CEILING_BIN" --uri "$MONGO_URI" --batch "${CEILING_BATCH:-2000}" --concurrency 1 --concurrency 2 \
-    --seconds "${LAB_CEILING_SECONDS:-10}" --out "$LAB_STATE/insert-ceiling.json" >/dev/null 2>"$LAB_STATE/insert-ceiling.log" ||
-    lab_warn "the insert ceiling failed; see $(show "$LAB_STATE/insert-ceiling.log")"
-else
-  lab_info "no insert_ceiling binary (CEILING_BIN): latency thresholds are judged against /healthz only"
-fi
+CEILING_BATCH=$(sed -n 's/^BATCH_MAX_DOCS=//p' "$LAB_STATE/sluice.env" | tail -n1)
+lab_step "the database's ceiling: raw insert_many of ${CEILING_BATCH:-2000} documents, 1 and 2 in flight, ${LAB_CEILING_SECONDS:-10} s each"
+"$LAB_BIN" insert-ceiling --uri "$MONGO_URI" --batch "${CEILING_BATCH:-2000}" --concurrency 1 --concurrency 2 \
+  --seconds "${LAB_CEILING_SECONDS:-10}" --out "$LAB_STATE/insert-ceiling.json" >/dev/null 2>"$LAB_STATE/insert-ceiling.log" ||
+  lab_warn "the insert ceiling failed; see $(show "$LAB_STATE/insert-ceiling.log")"
 
 DB_RESTARTS=0
 [ ! -s "$LAB_STATE/db-restarts" ] || DB_RESTARTS=$(cat "$LAB_STATE/db-restarts")

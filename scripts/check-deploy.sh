@@ -504,7 +504,7 @@ check "Dockerfile: cached dependency layer, minimal non-root runtime, tight cont
 docker_stubs() {
   local tmp rc
   tmp=$(mktemp -d)
-  if ! cp Cargo.toml Cargo.lock "$tmp"/ || ! (cd "$tmp" && sh "$ROOT/scripts/deploy/stub-targets.sh"); then
+  if ! cp --parents Cargo.toml Cargo.lock lab/Cargo.toml "$tmp"/ || ! (cd "$tmp" && sh "$ROOT/scripts/deploy/stub-targets.sh"); then
     rm -rf "$tmp"
     return 1
   fi

@@ -7,8 +7,9 @@
 # then runs, against real servers:
 #   1. formatting, clippy, and cargo deny (licences, and that the GPL-licensed database
 #      stand-in never enters sluice's dependency graph), as CI would reject them;
-#   2. cargo test: unit tests (the flusher's, read cache's and budget's rules under
-#      paused time), and the service's contract, coalescing, reliability, fault and
+#   2. cargo test, the service and the lab (the workspace): unit tests (the flusher's,
+#      read cache's and budget's rules under paused time; the lab's judgement), and the
+#      service's contract, coalescing, reliability, fault and
 #      OpenAPI-fuzzing tests (tests/), against real redis-server and MongoDB-wire servers;
 #   3. the deployment checks (manifests, MongoDB constraints, alert rules, checkov,
 #      shell scripts, k6);
@@ -26,15 +27,15 @@ export SLUICE_MONGOD
 tools_venv >/dev/null
 tools_step "MongoDB-wire server: $SLUICE_MONGOD"
 
-tools_step "cargo fmt --check; cargo clippy --all-targets -- -D warnings"
+tools_step "cargo fmt --check; cargo clippy --workspace --all-targets -- -D warnings"
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 
 tools_step "cargo deny check licenses bans sources"
 "$(tools_cargo_deny)" deny --log-level error check licenses bans sources
 
-tools_step "cargo test"
-cargo test --locked
+tools_step "cargo test --workspace"
+cargo test --locked --workspace
 
 tools_step "deployment checks"
 scripts/check-deploy.sh

@@ -263,7 +263,7 @@ for (let i = 0; i < 30; i++) {
 }
 
 # k6_acknowledged SUMMARY: the responses k6 saw acknowledged, as the lab counts them
-# (examples/lab/k6.rs): the passes of the check 'body status is "success"' (a 200
+# (lab/src/k6.rs): the passes of the check 'body status is "success"' (a 200
 # whose body says every document was stored), or the script's successful_requests if
 # that is more. Nothing printed, and status 1, when the summary has neither.
 k6_acknowledged() {
@@ -444,7 +444,7 @@ if [ "$CLUSTER_UP" = 1 ]; then
       echo "acknowledged=${acked:-unknown}"
     } >>"$OUT/run.env"
     if [ -n "$RECORDS_BEFORE" ] && [ -n "$records_after" ] && [ -n "$acked" ]; then
-      # Lost, as the lab computes it (examples/lab/main.rs): 5 documents per acknowledged
+      # Lost, as the lab computes it (lab/src/report/stored.rs): 5 documents per acknowledged
       # response against what the collection gained, never below 0 (writes of requests
       # k6 gave up on land too).
       stored=$((records_after - RECORDS_BEFORE))

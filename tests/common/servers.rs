@@ -13,7 +13,7 @@ use mongodb::Client;
 use tempfile::TempDir;
 
 // The database's command line, one copy for the tests and the lab.
-#[path = "../../examples/lab/db_args.rs"]
+#[path = "../../lab/src/db_args.rs"]
 mod db_args;
 
 pub fn free_port() -> u16 {

@@ -1,7 +1,7 @@
 //! What sluice itself costs, read from its own process: CPU per request and memory per
 //! idle connection. The two rows of the performance table no other command measured.
 //!
-//!     cargo run --release --example sluice_cost -- --url http://127.0.0.1:8000 --pid PID \
+//!     cargo run --release -p sluice-lab -- sluice-cost --url http://127.0.0.1:8000 --pid PID \
 //!         --clients 1000 --seconds 20 --idle 5000 --out cost.json
 //!
 //! 1. **CPU per request.** `--clients` keep-alive connections in a closed loop, first on
@@ -23,19 +23,16 @@
 //! little of the machine's CPU as it can; run sluice pinned elsewhere if the machine has
 //! the cores. Needs the open-files limit raised for `--idle` (`ulimit -n 65536`).
 
-#[path = "lab/procfs.rs"]
-mod procfs;
-
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use serde::Serialize;
+
+use crate::util::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[derive(Debug, Parser)]
-#[command(about = "sluice's CPU per request and memory per idle connection")]
-struct Args {
+#[derive(Debug, clap::Args)]
+pub struct Args {
     /// Base URL of the running sluice (plain http, an IP address).
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     url: String,
@@ -108,11 +105,11 @@ struct Report {
 const AFTER_CLOSE: Duration = Duration::from_secs(12);
 
 fn cpu_seconds(pid: u32) -> f64 {
-    procfs::cpu_seconds(pid).expect("sluice's /proc/PID/stat")
+    crate::procfs::cpu_seconds(pid).expect("sluice's /proc/PID/stat")
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    procfs::status_kib(pid, "VmRSS:").expect("sluice's VmRSS")
+    crate::procfs::status_kib(pid, "VmRSS:").expect("sluice's VmRSS")
 }
 
 /// Sends one GET and reads its whole answer; returns the status code.
@@ -309,12 +306,10 @@ fn top(folded: &std::path::Path, n: usize) {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
+pub async fn run(args: Args) -> Result<(), Error> {
     if let Some(folded) = &args.top {
         top(folded, 25);
-        return;
+        return Ok(());
     }
     let mut cpu = vec![];
     for path in ["/healthz", "/api/data"] {
@@ -347,9 +342,10 @@ async fn main() {
         data_over_healthz_cpu_same_rate: same_rate,
         memory,
     };
-    let json = serde_json::to_string_pretty(&report).expect("serializable");
+    let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(out) = &args.out {
-        std::fs::write(out, &json).expect("the output file");
+        std::fs::write(out, &json)?;
     }
+    Ok(())
 }

@@ -5,7 +5,7 @@
 //! No budget, no cache, no HTTP: whatever sluice stores per second can only approach this
 //! figure, so the load report sets sluice's documents/s against it.
 //!
-//!     cargo run --release --example insert_ceiling -- \
+//!     cargo run --release -p sluice-lab -- insert-ceiling \
 //!         --uri mongodb://127.0.0.1:27017/assessmentdb --batch 250 --batch 2000 \
 //!         --seconds 15 --out ceiling.json
 //!
@@ -20,16 +20,10 @@
 //! It writes into the collection sluice uses, so point it at a lab database, never at one
 //! whose data matters.
 
-// Only its CPU readers are used here; the memory one is the lab's and sluice_cost's.
-#[allow(dead_code)]
-#[path = "lab/procfs.rs"]
-mod procfs;
-
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use bson::RawDocumentBuf;
-use clap::Parser;
 use mongodb::options::{Acknowledgment, WriteConcern};
 use mongodb::Client;
 use serde::Serialize;
@@ -37,9 +31,10 @@ use serde::Serialize;
 use sluice::record::{self, PER_REQUEST};
 use sluice::store::{COLLECTION, DEFAULT_DATABASE};
 
-#[derive(Debug, Parser)]
-#[command(about = "Raw batched-insert rate of a MongoDB-wire server, in documents per second")]
-struct Args {
+use crate::util::Error;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
     /// The database to measure; its path names the database (default assessmentdb).
     #[arg(long, env = "MONGO_URI")]
     uri: String,
@@ -98,9 +93,7 @@ fn batch(docs: usize) -> Vec<RawDocumentBuf> {
     out
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = Args::parse();
+pub async fn run(mut args: Args) -> Result<(), Error> {
     if args.batches.is_empty() {
         args.batches = vec![250, 2000];
     }
@@ -136,8 +129,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
         let started = Instant::now();
         let own_pid = std::process::id();
-        let cpu_before = procfs::cpu_seconds(own_pid).unwrap_or(0.0);
-        let db_before = args.db_pid.and_then(procfs::cpu_seconds);
+        let cpu_before = crate::procfs::cpu_seconds(own_pid).unwrap_or(0.0);
+        let db_before = args.db_pid.and_then(crate::procfs::cpu_seconds);
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
             let records = records.clone();
@@ -172,8 +165,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             errors += e;
         }
         let seconds = started.elapsed().as_secs_f64();
-        let cpu = procfs::cpu_seconds(own_pid).unwrap_or(0.0) - cpu_before;
-        let db_cpu = match (db_before, args.db_pid.and_then(procfs::cpu_seconds)) {
+        let cpu = crate::procfs::cpu_seconds(own_pid).unwrap_or(0.0) - cpu_before;
+        let db_cpu = match (db_before, args.db_pid.and_then(crate::procfs::cpu_seconds)) {
             (Some(b), Some(a)) => Some(a - b),
             _ => None,
         };

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use super::{f, load_json};
+use crate::util::{f, load_json};
 
 /// One run's figures. A figure the export lacks is `None`, except the test script's own
 /// counters (`successful_requests`, `failed_requests`), which k6 leaves out when nothing

@@ -5,7 +5,7 @@
 //!
 //! `bench-report/run.sh` drives the lab and then runs this; run it alone to redraw:
 //!
-//!     cargo run --release --example lab -- load-report results/report-<time>
+//!     cargo run --release -p sluice-lab -- load-report results/report-<time>
 //!
 //! The folder holds, as the script writes them:
 //!
@@ -14,7 +14,7 @@
 //!   naive, healthz);
 //! - `db-<target>-<vus>-before.json` / `-after.json`: serverStatus snapshots around each
 //!   `/api/data` run (`snapshot`);
-//! - `insert-ceiling-<vus>.json`: the `insert_ceiling` example's output, measured right
+//! - `insert-ceiling-<vus>.json`: `lab insert-ceiling`'s output, measured right
 //!   after that level on the same database (older runs have one `insert-ceiling.json`,
 //!   measured after every level, which stands in for each).
 
@@ -25,7 +25,10 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
-use super::{f as num, k6, load_json as load, Error, DOCS_PER_REQUEST};
+use crate::k6;
+use crate::util::{f as num, load_json as load, Error};
+
+const DOCS_PER_REQUEST: f64 = sluice::record::PER_REQUEST as f64;
 
 const TARGETS: [&str; 3] = ["sluice", "naive", "healthz"];
 

@@ -1,5 +1,5 @@
 //! A process's CPU time and memory from `/proc`, for the lab's per-replica samples and
-//! for `sluice_cost` and `insert_ceiling` (which include this file by path).
+//! for `sluice-cost` and `insert-ceiling`.
 
 /// utime + stime in seconds: `/proc` counts them in clock ticks (`USER_HZ`, 100 a
 /// second on Linux).

@@ -1,0 +1,281 @@
+//! What the lab plays of Kubernetes, read from `k8s/app/`: the ConfigMap's settings, the
+//! HPA and the Deployment's surge and readinessProbe, and the sizing formula.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::util::Error;
+
+/// docs/deploy.md "sizing" (and scripts/deploy/check_manifests.py's SIZING): sluice's
+/// memory M(C) = 80 MiB + 28 KiB × C, C = open connections.
+pub const MEM_BASE_MIB: f64 = 80.0;
+pub const MEM_PER_CONN_KIB: f64 = 28.0;
+
+pub fn mem_formula_mib(conns: f64) -> f64 {
+    MEM_BASE_MIB + MEM_PER_CONN_KIB * conns / 1024.0
+}
+
+/// The replicas' `DB_TIMEOUT_MS`: the ConfigMap's, else sluice's own default.
+pub fn db_timeout(root: &Path) -> Duration {
+    let from_configmap = std::fs::read_to_string(root.join("k8s/app/configmap.yaml"))
+        .ok()
+        .and_then(|text| configmap_data(&text).ok())
+        .and_then(|data| {
+            data.into_iter()
+                .find(|(k, _)| k == "DB_TIMEOUT_MS")
+                .and_then(|(_, v)| v.parse().ok())
+                .map(Duration::from_millis)
+        });
+    from_configmap.unwrap_or_else(|| {
+        use clap::Parser;
+        sluice::config::Cli::parse_from(["sluice"])
+            .config
+            .store
+            .db_timeout
+    })
+}
+
+pub fn configmap_data(text: &str) -> Result<Vec<(String, String)>, Error> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(text)?;
+    let data = doc["data"]
+        .as_mapping()
+        .ok_or("configmap.yaml: no data map")?;
+    data.iter()
+        .map(|(k, v)| match (k.as_str(), v.as_str()) {
+            (Some(k), Some(v)) => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("configmap.yaml: {k:?} is not a string setting").into()),
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------------------- the HPA
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Policy {
+    pub pods: bool,
+    pub value: f64,
+    pub period_s: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Behavior {
+    pub window_s: f64,
+    pub select_max: bool,
+    pub policies: Vec<Policy>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hpa {
+    pub min: u32,
+    pub max: u32,
+    pub target_pct: f64,
+    pub up: Behavior,
+    pub down: Behavior,
+    pub surge: u32,
+    pub memory_request_mib: f64,
+}
+
+/// The parts of `autoscaling/v2` HorizontalPodAutoscaler the lab uses.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HpaSpec {
+    min_replicas: Option<u32>,
+    max_replicas: u32,
+    metrics: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    behavior: BehaviorSpec,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BehaviorSpec {
+    scale_up: Option<RulesSpec>,
+    scale_down: Option<RulesSpec>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RulesSpec {
+    stabilization_window_seconds: Option<f64>,
+    select_policy: Option<String>,
+    #[serde(default)]
+    policies: Vec<PolicySpec>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    #[serde(rename = "type")]
+    kind: String,
+    value: f64,
+    period_seconds: f64,
+}
+
+impl Behavior {
+    /// Kubernetes' defaults where the spec is silent: no scale-up window, a 300 s
+    /// scale-down window, the policy allowing the most change.
+    fn from_spec(spec: Option<RulesSpec>, default_window_s: f64) -> Behavior {
+        let spec = spec.unwrap_or(RulesSpec {
+            stabilization_window_seconds: None,
+            select_policy: None,
+            policies: vec![],
+        });
+        Behavior {
+            window_s: spec
+                .stabilization_window_seconds
+                .unwrap_or(default_window_s),
+            select_max: spec.select_policy.as_deref() != Some("Min"),
+            policies: spec
+                .policies
+                .into_iter()
+                .map(|p| Policy {
+                    pods: p.kind == "Pods",
+                    value: p.value,
+                    period_s: p.period_seconds,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The sluice container's readinessProbe as "PATH PERIOD_S TIMEOUT_S FAILURES SUCCESSES",
+/// with Kubernetes' defaults where the manifest is silent (10 s, 1 s, 3, 1).
+pub fn readiness_probe(root: &Path) -> Result<String, Error> {
+    let dep: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        root.join("k8s/app/deployment.yaml"),
+    )?)?;
+    let probe = dep["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .and_then(|c| c.iter().find(|c| c["name"] == "sluice"))
+        .map(|c| &c["readinessProbe"])
+        .ok_or("deployment.yaml: no sluice container")?;
+    let path = probe["httpGet"]["path"]
+        .as_str()
+        .ok_or("deployment.yaml: the readinessProbe is not an httpGet")?;
+    let field = |name: &str, default: u64| probe[name].as_u64().unwrap_or(default);
+    Ok(format!(
+        "{path} {} {} {} {}",
+        field("periodSeconds", 10),
+        field("timeoutSeconds", 1),
+        field("failureThreshold", 3),
+        field("successThreshold", 1)
+    ))
+}
+
+impl Hpa {
+    pub fn load(root: &Path) -> Result<Hpa, Error> {
+        let hpa = std::fs::read_to_string(root.join("k8s/app/hpa.yaml"))?;
+        let dep = std::fs::read_to_string(root.join("k8s/app/deployment.yaml"))?;
+        Hpa::parse(&hpa, &dep)
+    }
+
+    /// From the HPA's spec, and the Deployment's `maxSurge` and the sluice container's
+    /// CPU request (what the HPA's utilisation is a percentage of).
+    pub fn parse(hpa: &str, deployment: &str) -> Result<Hpa, Error> {
+        let hpa: serde_yaml::Value = serde_yaml::from_str(hpa)?;
+        let spec: HpaSpec = serde_yaml::from_value(hpa["spec"].clone())?;
+        let target_pct = spec
+            .metrics
+            .iter()
+            .filter(|m| m["resource"]["name"] == "memory")
+            .find_map(|m| m["resource"]["target"]["averageUtilization"].as_f64())
+            .ok_or("hpa.yaml: no memory averageUtilization target")?;
+        let dep: serde_yaml::Value = serde_yaml::from_str(deployment)?;
+        let surge = match &dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] {
+            serde_yaml::Value::Number(n) => n.as_u64().map_or(1, |n| n as u32),
+            // A percentage rounds up, as the Deployment controller does.
+            serde_yaml::Value::String(p) => {
+                let pct: f64 = p.trim_end_matches('%').parse()?;
+                (f64::from(spec.max_replicas) * pct / 100.0).ceil() as u32
+            }
+            // Kubernetes' default is 25 %.
+            _ => (f64::from(spec.max_replicas) * 0.25).ceil() as u32,
+        };
+        let memory = dep["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .and_then(|c| c.iter().find(|c| c["name"] == "sluice"))
+            .and_then(|c| {
+                c["resources"]["requests"]["memory"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .ok_or("deployment.yaml: no memory request on the sluice container")?;
+        let memory_request_mib = match memory.strip_suffix("Mi") {
+            Some(m) => m.parse::<f64>()?,
+            None => {
+                memory
+                    .strip_suffix("Gi")
+                    .ok_or("deployment.yaml: the memory request is not in Mi or Gi")?
+                    .parse::<f64>()?
+                    * 1024.0
+            }
+        };
+        Ok(Hpa {
+            min: spec.min_replicas.unwrap_or(1),
+            max: spec.max_replicas,
+            target_pct,
+            up: Behavior::from_spec(spec.behavior.scale_up, 0.0),
+            down: Behavior::from_spec(spec.behavior.scale_down, 300.0),
+            surge,
+            memory_request_mib,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    #[test]
+    fn reads_the_hpa_and_the_surge() {
+        let h = Hpa::load(&repo()).unwrap();
+        assert!(h.min >= 1 && h.max >= h.min);
+        assert!(h.target_pct > 0.0 && h.memory_request_mib > 0.0);
+        assert!(!h.up.policies.is_empty() && !h.down.policies.is_empty());
+        assert!(h.surge >= 1);
+    }
+
+    #[test]
+    fn memory_formula_is_the_deploy_checks() {
+        // The same figures as scripts/deploy/check_manifests.py's SIZING, which sizes
+        // the Deployment: the lab checks each replica against what the pod is given.
+        let py = include_str!("../../scripts/deploy/check_manifests.py");
+        let line = py
+            .lines()
+            .find(|l| l.trim_start().starts_with("\"sluice\": {\"base\":"))
+            .expect("SIZING has a sluice line");
+        let figure = |key: &str| -> f64 {
+            let rest = &line[line.find(key).unwrap() + key.len()..];
+            rest.trim_start_matches([' ', ':'])
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            (MEM_BASE_MIB, MEM_PER_CONN_KIB),
+            (figure("\"base\""), figure("\"k_kib\""))
+        );
+        assert_eq!(mem_formula_mib(1024.0), MEM_BASE_MIB + MEM_PER_CONN_KIB);
+    }
+
+    #[test]
+    fn configmap_data_is_read_as_environment() {
+        let d = configmap_data(
+            "metadata:\n  name: x\ndata:\n  # c\n  A_B: \"50\"\n  LOG: json\nother:\n  C: 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            vec![("A_B".into(), "50".into()), ("LOG".into(), "json".into())]
+        );
+    }
+}
