@@ -4,9 +4,8 @@
 //! up to `SLOT_WAIT` (1 s) for a slot to free, then gets a 503 with `Retry-After` and is
 //! closed, so an overload costs a few bytes instead of unbounded memory. The wait is
 //! what keeps a refusal cheap: answered at once, a client that ignores `Retry-After`
-//! (k6 does) comes straight back. Measured: 10,000 k6 clients on one replica capped at
-//! 10,000 connections (a probe or a scrape takes the last slot) drew 92,100 instant
-//! refusals in 76 s, 22 % of k6's requests, CPU taken from k6 and the database.
+//! (k6 does) comes straight back at once, and the refusals take CPU from everything else
+//! on the node (docs/results/2026-12-03-code-comment-figures.md).
 //! Past the waiting pool up to `MAX_REFUSING` connections at once get their 503 at
 //! once; past those, a connection is closed unanswered (still counted as shed), so a
 //! flood holds a bounded number of descriptors and cannot take those MongoDB and Redis
@@ -217,8 +216,8 @@ const TRIM_AFTER_CLOSED: usize = 256;
 
 /// Hands memory freed by closed connections back to the kernel. glibc keeps freed
 /// buffers in its per-thread arenas for reuse, so without this a pod that once held
-/// 10,000 connections keeps their memory (measured: none of 3,000 idle connections'
-/// 18 KiB each came back after they closed). Runs at most every `TRIM_EVERY`, and only
+/// 10,000 connections keeps their memory for good
+/// (docs/results/2026-12-03-code-comment-figures.md). Runs at most every `TRIM_EVERY`, and only
 /// after `TRIM_AFTER_CLOSED` closes, on a blocking thread: it walks every arena.
 fn return_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -7,8 +7,8 @@
 //! many were left out before it); the client's body never carries the cause. At
 //! `LOG_LEVEL=debug` the request also runs inside a span that holds the id, so what is
 //! logged while serving it carries it too. Not at info: the work that logs (loads,
-//! flushes) runs in tasks of its own, outside any request, so at info the span carried
-//! nothing and cost a tenth of a `/healthz` answer's CPU.
+//! flushes) runs in tasks of its own, outside any request, so at info the span would
+//! carry nothing and still cost CPU on every request.
 
 mod data;
 mod error;
