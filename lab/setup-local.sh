@@ -352,24 +352,11 @@ lab_info "ready (pid $(cat "$LAB_STATE/redis.pid")), $(lab_redact_url "$REDIS_UR
 # ---------------------------------------------------------------- 6. the replicas
 lab_step "starting $REPLICAS sluice replica(s) with the cluster's settings"
 # The cluster's settings: k8s/app/configmap.yaml's data, then what only the lab knows
-# (the fallback divisor by the deploy rule, readable logs), then whatever the caller
-# exported, which wins.
-APP_ENV=()
-if [ -f "$LAB_ROOT/k8s/app/configmap.yaml" ]; then
-  settings=$("$LAB_BIN" settings "$LAB_ROOT") || lab_die "cannot read k8s/app/configmap.yaml's settings"
-  mapfile -t APP_ENV <<<"$settings"
-  lab_info "settings from k8s/app/configmap.yaml: ${#APP_ENV[@]}"
-else
-  lab_warn "k8s/app/configmap.yaml not found: sluice runs on its built-in defaults"
-fi
-APP_ENV+=(DB_COMMAND_BUDGET="${DB_COMMAND_BUDGET:-50}" BUDGET_FALLBACK_PODS="$SLOTS"
-  LOG_FORMAT="${LOG_FORMAT:-text}" LOG_LEVEL="${LOG_LEVEL:-info}")
-for k in MAX_CONNECTIONS QUEUE_CAPACITY BATCH_MAX_DOCS BATCH_LINGER_MS FLUSH_CONCURRENCY \
-  DRAIN_TIMEOUT_SECS WRITE_CONCERN_W WRITE_JOURNAL ENQUEUE_TIMEOUT_MS WRITE_TIMEOUT_MS \
-  CACHE_FRESH_MS CACHE_STALE_MS CACHE_EMPTY_MS DB_TIMEOUT_MS REDIS_TIMEOUT_MS \
-  HEADER_READ_TIMEOUT_MS BUDGET_FALLBACK_PODS; do
-  [ -z "${!k+x}" ] || APP_ENV+=("$k=${!k}")
-done
+# (the fallback divisor by the deploy rule, readable logs), then every setting sluice
+# reads that the caller exported, which wins (the lab asks clap for the names).
+settings=$("$LAB_BIN" settings "$LAB_ROOT" --lab "BUDGET_FALLBACK_PODS=$SLOTS" --lab LOG_FORMAT=text --lab LOG_LEVEL=info) ||
+  lab_die "cannot read k8s/app/configmap.yaml's settings"
+mapfile -t APP_ENV <<<"$settings"
 printf '%s\n' "${APP_ENV[@]}" >"$LAB_STATE/sluice.env"
 lab_info "settings: $(show "$LAB_STATE/sluice.env") (BUDGET_FALLBACK_PODS $SLOTS = maxReplicas + maxSurge or more)"
 # REDIS_URL holds the Redis password: the file is its owner's only.

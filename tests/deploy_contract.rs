@@ -1,11 +1,11 @@
 //! The deployment's contract with the code, checked where the code is: the manifests'
-//! settings go through sluice's own settings parser, and every metric the dashboard and
-//! the alert rules query exists in sluice's registry. (`scripts/check-deploy.sh` checks
+//! settings go through sluice's own settings parser, every setting has one name (clap's),
+//! and every metric the dashboard and the alert rules query exists in sluice's registry. (`scripts/check-deploy.sh` checks
 //! the rest of the manifests; these checks used to grep the Rust source from Python.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use serde_yaml::Value;
 use sluice::config::Cli;
 use sluice::metrics::Metrics;
@@ -52,6 +52,81 @@ fn the_manifests_settings_are_settings_sluice_accepts() {
     cli.config
         .validate()
         .unwrap_or_else(|e| panic!("k8s/app's settings are refused at start: {e}"));
+}
+
+/// The server's settings by their environment names, as clap declares them: the one
+/// source of the names (the operator subcommands' own flags are not settings).
+fn clap_settings() -> BTreeSet<String> {
+    Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The names in the first column of the README's "Configuration" table.
+fn readme_settings() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let section = readme
+        .split("\n## Configuration\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("README.md has a Configuration section");
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| cell.split(','))
+        .map(|name| name.trim().trim_matches('`').to_string())
+        .collect()
+}
+
+/// Every name the cluster sets in sluice's environment: the ConfigMap, the Secret and the
+/// container's own `env` (the downward API's POD_NAME).
+fn manifest_settings() -> BTreeSet<String> {
+    let deployment = yaml("k8s/app/deployment.yaml");
+    let env = deployment["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c["env"].as_sequence().cloned().unwrap_or_default())
+        .filter_map(|e| e["name"].as_str().map(str::to_string));
+    pod_settings().into_keys().chain(env).collect()
+}
+
+/// What the cluster leaves at sluice's default, and why; every other setting it sets.
+const CLUSTER_DEFAULTS: [&str; 3] = [
+    // 0.0.0.0: the pod's every address.
+    "APP_HOST",
+    // Comparison runs only.
+    "NAIVE_MODE",
+    // 10 s for a client that stopped reading; no deployment-specific reason to differ.
+    "WRITE_PROGRESS_TIMEOUT_MS",
+];
+
+#[test]
+fn every_setting_has_one_name_in_clap_the_readme_and_the_manifests() {
+    let clap = clap_settings();
+    assert!(clap.len() > 20, "read clap's settings: {clap:?}");
+    let readme = readme_settings();
+    let undocumented: Vec<_> = clap.difference(&readme).collect();
+    let unknown: Vec<_> = readme.difference(&clap).collect();
+    assert!(
+        undocumented.is_empty() && unknown.is_empty(),
+        "README.md's Configuration table and clap disagree: no row for {undocumented:?}; rows sluice does not read: {unknown:?}"
+    );
+    let set = manifest_settings();
+    let ignored: Vec<_> = set.difference(&clap).collect();
+    assert!(
+        ignored.is_empty(),
+        "k8s/app sets {ignored:?}, which sluice does not read"
+    );
+    let defaults: BTreeSet<String> = CLUSTER_DEFAULTS.iter().map(|s| s.to_string()).collect();
+    let unset: BTreeSet<String> = clap.difference(&set).cloned().collect();
+    assert_eq!(
+        unset, defaults,
+        "the settings k8s/app leaves at sluice's default are not the ones this test names: set the new one in the ConfigMap, or add it to CLUSTER_DEFAULTS with the reason"
+    );
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! What the lab plays of Kubernetes, read from `k8s/app/`: the ConfigMap's settings, the
 //! HPA and the Deployment's surge and readinessProbe, and the sizing formula.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+
+use clap::Parser;
 
 use crate::util::Error;
 
@@ -15,24 +17,47 @@ pub fn mem_formula_mib(conns: f64) -> f64 {
     MEM_BASE_MIB + MEM_PER_CONN_KIB * conns / 1024.0
 }
 
-/// The replicas' `DB_TIMEOUT_MS`: the ConfigMap's, else sluice's own default.
-pub fn db_timeout(root: &Path) -> Duration {
-    let from_configmap = std::fs::read_to_string(root.join("k8s/app/configmap.yaml"))
-        .ok()
-        .and_then(|text| configmap_data(&text).ok())
-        .and_then(|data| {
-            data.into_iter()
-                .find(|(k, _)| k == "DB_TIMEOUT_MS")
-                .and_then(|(_, v)| v.parse().ok())
-                .map(Duration::from_millis)
-        });
-    from_configmap.unwrap_or_else(|| {
-        use clap::Parser;
-        sluice::config::Cli::parse_from(["sluice"])
-            .config
-            .store
-            .db_timeout
-    })
+/// A replica's settings (`STATE/sluice.env`, by environment name) as sluice itself reads
+/// them: each passed as the flag clap declares for that name, so that the lab's figures
+/// are the replicas' own and no default is written twice.
+pub fn sluice_config(settings: &BTreeMap<String, String>) -> Result<sluice::config::Config, Error> {
+    use clap::CommandFactory;
+    let mut args = vec!["sluice".to_string()];
+    for arg in sluice::config::Cli::command().get_arguments() {
+        let (Some(name), Some(long)) = (arg.get_env().and_then(|n| n.to_str()), arg.get_long())
+        else {
+            continue;
+        };
+        if let Some(value) = settings.get(name) {
+            args.push(format!("--{long}={value}"));
+        }
+    }
+    Ok(sluice::config::Cli::try_parse_from(args)?.config)
+}
+
+/// The settings the lab manages itself, per replica: never taken from the caller.
+const PER_REPLICA: [&str; 5] = ["MONGO_URI", "REDIS_URL", "POD_NAME", "APP_HOST", "APP_PORT"];
+
+/// A lab replica's environment, a later line winning: the ConfigMap's data, then `lab`
+/// (KEY=VALUE), then each setting sluice reads (its clap names) that this process's
+/// environment holds.
+pub fn replica_settings(root: &Path, lab: &[String]) -> Result<Vec<String>, Error> {
+    use clap::CommandFactory;
+    let text = std::fs::read_to_string(root.join("k8s/app/configmap.yaml"))?;
+    let mut lines: Vec<String> = configmap_data(&text)?
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    lines.extend(lab.iter().cloned());
+    for arg in sluice::config::Cli::command().get_arguments() {
+        let Some(name) = arg.get_env().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let (false, Ok(value)) = (PER_REPLICA.contains(&name), std::env::var(name)) {
+            lines.push(format!("{name}={value}"));
+        }
+    }
+    Ok(lines)
 }
 
 pub fn configmap_data(text: &str) -> Result<Vec<(String, String)>, Error> {
@@ -265,6 +290,33 @@ mod tests {
             (figure("\"base\""), figure("\"k_kib\""))
         );
         assert_eq!(mem_formula_mib(1024.0), MEM_BASE_MIB + MEM_PER_CONN_KIB);
+    }
+
+    #[test]
+    fn settings_are_read_by_sluices_own_parser_under_their_env_names() {
+        let settings: BTreeMap<String, String> = [
+            ("DB_COMMAND_BUDGET", "20"),
+            ("DB_TIMEOUT_MS", "1500"),
+            ("WRITE_JOURNAL", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let c = sluice_config(&settings).unwrap();
+        assert_eq!(c.budget.db_command_budget, 20);
+        assert_eq!(c.store.db_timeout, std::time::Duration::from_millis(1500));
+        let bad = [("DB_COMMAND_BUDGET".to_string(), "lots".to_string())].into();
+        assert!(sluice_config(&bad).is_err());
+    }
+
+    #[test]
+    fn a_replicas_settings_are_the_clusters_then_the_labs() {
+        let lines = replica_settings(&repo(), &["LOG_FORMAT=text".into()]).unwrap();
+        let at = |line: &str| lines.iter().position(|l| l == line);
+        // The ConfigMap's json first, the lab's text after it (a later line wins).
+        assert!(at("DB_COMMAND_BUDGET=50").is_some(), "{lines:?}");
+        assert!(at("LOG_FORMAT=json") < at("LOG_FORMAT=text"), "{lines:?}");
+        assert!(at("LOG_FORMAT=json").is_some(), "{lines:?}");
     }
 
     #[test]

@@ -78,8 +78,15 @@ enum Cmd {
         #[arg(long)]
         used: PathBuf,
     },
-    /// Print k8s/app/configmap.yaml's data as KEY=VALUE lines (sluice's environment).
-    Settings { root: PathBuf },
+    /// Print a replica's settings as KEY=VALUE lines, a later line winning: the cluster's
+    /// (k8s/app/configmap.yaml), then the lab's own (--lab), then every setting sluice
+    /// reads (clap's names) that the caller exported.
+    Settings {
+        root: PathBuf,
+        /// KEY=VALUE the lab sets over the cluster's (readable logs, the fallback split).
+        #[arg(long)]
+        lab: Vec<String>,
+    },
     /// Print the seconds of load in PLAN, `k6 inspect`'s output: the longest scenario's
     /// start and stages (or duration), without the graceful stop.
     LoadSeconds { plan: PathBuf },
@@ -149,10 +156,9 @@ async fn run(cmd: Cmd) -> Result<i32, Error> {
             0
         }
         Cmd::FreePort { tag, used } => say(procs::free_port(tag, &used)?),
-        Cmd::Settings { root } => {
-            let text = std::fs::read_to_string(root.join("k8s/app/configmap.yaml"))?;
-            for (k, v) in k8s::configmap_data(&text)? {
-                println!("{k}={v}");
+        Cmd::Settings { root, lab } => {
+            for line in k8s::replica_settings(&root, &lab)? {
+                println!("{line}");
             }
             0
         }

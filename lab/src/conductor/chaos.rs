@@ -5,9 +5,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::{event, event_set, start_replica, ConductorArgs, SharedState, SlotState};
-use crate::k8s::db_timeout;
+use crate::k8s::sluice_config;
 use crate::procs::ctl;
-use crate::util::now;
+use crate::util::{env_file, now};
 
 /// Seconds after an event whose failed requests belong to it.
 pub const EVENT_WINDOW_S: f64 = 10.0;
@@ -34,7 +34,11 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
     let end = now() + load_s;
     let (start, gap) = chaos_schedule(load_s, a.chaos_start, a.chaos_gap);
     let hold = (gap / 2.0).clamp(2.0, 10.0);
-    let stall = db_timeout(&a.root) + Duration::from_secs(2);
+    // The replicas' own DB_TIMEOUT_MS (their settings file; sluice's default if unreadable).
+    let db_timeout = sluice_config(&env_file(&a.state.join("sluice.env")))
+        .or_else(|_| sluice_config(&Default::default()))
+        .map_or(Duration::ZERO, |c| c.store.db_timeout);
+    let stall = db_timeout + Duration::from_secs(2);
     let plan = format!(
         "faults from {start} s into the {load_s} s /api/data run, {gap} s after each recovery; each needs its own time and {EVENT_WINDOW_S} s after it before the run ends"
     );

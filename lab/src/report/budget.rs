@@ -1,8 +1,6 @@
 //! The budget, second by second: the commands serverStatus counted against what the
 //! design allows in that window.
 
-use std::collections::BTreeMap;
-
 use serde_json::{json, Value};
 
 use super::faults::Faults;
@@ -35,23 +33,16 @@ impl Budget {
     }
 }
 
-/// Judges every sample of `timeline` against `settings` (sluice's environment in the
-/// lab), and counts each second over inside a fault window against that fault's event.
+/// Judges every sample of `timeline` against the replicas' settings, and counts each second over inside a fault window against that fault's event.
 pub fn judge(
-    settings: &BTreeMap<String, String>,
+    config: &sluice::config::Config,
     timeline: &[Value],
     events: &mut [Value],
     faults: &Faults,
 ) -> Budget {
-    let setting = |k: &str, default: f64| {
-        settings
-            .get(k)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let budget = setting("DB_COMMAND_BUDGET", 50.0);
-    let flush_c = setting("FLUSH_CONCURRENCY", 1.0);
-    let fallback_pods = setting("BUDGET_FALLBACK_PODS", 8.0);
+    let budget = f64::from(config.budget.db_command_budget);
+    let flush_c = config.writes.flush_concurrency as f64;
+    let fallback_pods = f64::from(config.budget.budget_fallback_pods);
     // Seconds from a Redis restart until every pod has asked Redis again
     // (`CLUSTER_RETRY`, 1 s) and a sample has closed after it.
     let redis_windows: Vec<(f64, f64)> = events

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::database::COUNTED_COMMANDS;
 use crate::k6;
-use crate::k8s::{MEM_BASE_MIB, MEM_PER_CONN_KIB};
+use crate::k8s::{self, MEM_BASE_MIB, MEM_PER_CONN_KIB};
 use crate::util::{env_file, load_json, read_to_string, Error};
 
 #[derive(clap::Args)]
@@ -51,7 +51,9 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
     let ceil = k6::Summary::read(&st.join("k6-healthz.json")).map(|s| s.lab_report());
 
     let faults = faults::annotate(&mut events, &timeline);
-    let budget = budget::judge(&settings, &timeline, &mut events, &faults);
+    let config = k8s::sluice_config(&settings)
+        .map_err(|e| format!("{}: {e}", st.join("sluice.env").display()))?;
+    let budget = budget::judge(&config, &timeline, &mut events, &faults);
     let docs = stored::documents(st, &meta, data.as_ref());
     let memory = stored::memory(&timeline);
     let caches = stored::caches(st)?;
