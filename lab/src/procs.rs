@@ -47,13 +47,23 @@ pub fn connections_by_port() -> BTreeMap<u16, u64> {
 /// server has bound it. Ports come from below the kernel's ephemeral range (k6 and
 /// HAProxy open tens of thousands of outgoing connections, which could otherwise take a
 /// port between this check and the server's bind); the search starts at an offset from
-/// `tag`, unique to the state folder, so that two labs look in different places.
+/// `tag`, unique to the state folder, so that two labs look in different places. The
+/// file is locked from reading to appending: the conductor starts replicas on several
+/// threads at once (a scale-up by two, a killed replica's replacement), and two that
+/// read it together once chose the same port, so that one replica could not listen.
 pub fn free_port(tag: u64, used: &Path) -> Result<u16, Error> {
     const LOW: u16 = 20_000;
     const HIGH: u16 = 32_000;
     let span = u64::from(HIGH - LOW);
-    let taken: BTreeSet<u16> = read_to_string(used)
-        .unwrap_or_default()
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(used)?;
+    file.lock()?;
+    let mut listed = String::new();
+    file.read_to_string(&mut listed)?;
+    let taken: BTreeSet<u16> = listed
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
         .collect();
@@ -62,10 +72,6 @@ pub fn free_port(tag: u64, used: &Path) -> Result<u16, Error> {
         .filter(|p| !taken.contains(p))
         .find(|p| bindable(*p))
         .ok_or("no free port")?;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(used)?;
     writeln!(file, "{port}")?;
     Ok(port)
 }
@@ -167,6 +173,19 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_chosen_at_once_on_many_threads_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let used = dir.path().join("ports");
+        let ports: BTreeSet<u16> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| free_port(3, &used).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ports.len(), 8, "{ports:?}");
+    }
 
     #[test]
     fn free_ports_skip_the_listed_and_the_bound_and_are_listed() {
