@@ -15,18 +15,18 @@ use tokio::time::Instant;
 
 use crate::budget::Budget;
 use crate::metrics::{DbOp, Label as _, Metrics, RefreshSource, Tier};
-use crate::reads::{ReadCache, StoreSource};
+use crate::reads::ReadCache;
 use crate::record::IdempotencyKey;
 use crate::secret::SecretUrl;
 use crate::shared::Shared;
 use crate::status::{
     BudgetStatus, CachedValue, DatabaseStatus, L1Status, L2Status, Refreshes, Status, WriterStatus,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{PaidStore, Store, StoreError};
 use crate::writes::Writer;
 
 /// The read cache as the service runs it: MongoDB under Redis.
-pub type Reads = ReadCache<StoreSource, Arc<Shared>>;
+pub type Reads = ReadCache<PaidStore, Arc<Shared>>;
 
 pub struct App {
     pub pod: String,
@@ -39,7 +39,8 @@ pub struct App {
     pub stats: Stats,
     pub in_flight: InFlight,
     /// Set in the comparison mode: `/api/data` goes straight to the database.
-    pub naive: Option<Naive>,
+    /// The naive comparison mode: the paid store itself, nothing between.
+    pub naive: Option<PaidStore>,
     pub(crate) budget: Arc<Budget>,
     pub(crate) urls: Urls,
 }
@@ -337,10 +338,4 @@ impl Drop for Claim<'_> {
             });
         }
     }
-}
-
-/// What the naive comparison mode needs: the store and the budget, nothing between.
-pub struct Naive {
-    pub store: Arc<Store>,
-    pub budget: Arc<Budget>,
 }

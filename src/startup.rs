@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{App, Health, InFlight, Naive, Stats, Urls};
+use crate::app::{App, Health, InFlight, Stats, Urls};
 use crate::budget::{Budget, Cluster};
 use crate::config::{Config, ConfigError, ServerSettings};
 use crate::metrics::Metrics;
-use crate::reads::{ReadCache, StoreSource};
+use crate::reads::ReadCache;
 use crate::shared::Shared;
-use crate::store::{in_flight_cap, Store, MAX_POOL_SIZE};
-use crate::writes::{StoreSink, Writer};
+use crate::store::{in_flight_cap, PaidStore, Store, MAX_POOL_SIZE};
+use crate::writes::Writer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -98,22 +98,20 @@ pub async fn build(mut config: Config) -> Result<Application, StartError> {
         )
     });
 
+    let paid = PaidStore {
+        store: Arc::clone(&store),
+        budget: Arc::clone(&budget),
+    };
     let stop_writer = CancellationToken::new();
     let (writer, writer_task) = Writer::start(
         config.writes,
-        StoreSink {
-            store: Arc::clone(&store),
-            budget: Arc::clone(&budget),
-        },
+        paid.clone(),
         Arc::clone(&metrics),
         stop_writer.clone(),
     );
     let reads = Arc::new(ReadCache::new(
         config.reads,
-        StoreSource {
-            store: Arc::clone(&store),
-            budget: Arc::clone(&budget),
-        },
+        paid.clone(),
         Arc::clone(&shared),
         pod.clone(),
         Arc::clone(&metrics),
@@ -158,10 +156,7 @@ pub async fn build(mut config: Config) -> Result<Application, StartError> {
         read_timeout: config.store.db_timeout,
         stats: Stats::new(Arc::clone(&store), Arc::clone(&budget)),
         in_flight,
-        naive: config.naive_mode.then(|| Naive {
-            store: Arc::clone(&store),
-            budget: Arc::clone(&budget),
-        }),
+        naive: config.naive_mode.then_some(paid),
         budget,
         urls: Urls {
             mongo: config.store.mongo_uri.clone(),

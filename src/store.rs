@@ -101,6 +101,14 @@ pub struct Rejected {
     pub refused: Vec<usize>,
 }
 
+/// The database with the budget that pays for each command: what the read cache asks
+/// (a `Source`), the flusher inserts into (a `Sink`) and the naive mode goes straight to.
+#[derive(Clone)]
+pub struct PaidStore {
+    pub store: Arc<Store>,
+    pub budget: Arc<Budget>,
+}
+
 pub struct Store {
     db: Database,
     records: Collection<RawDocumentBuf>,

@@ -7,11 +7,11 @@ use hyper::StatusCode;
 
 use super::data::DataAnswer;
 use super::{json_response, ApiError, Response};
-use crate::app::Naive;
 use crate::record::{self, PER_REQUEST};
+use crate::store::PaidStore;
 use crate::writes::WriteError;
 
-pub async fn handle(naive: &Naive) -> Result<Response, ApiError> {
+pub async fn handle(naive: &PaidStore) -> Result<Response, ApiError> {
     if !naive.store.is_healthy() {
         return Err(ApiError::DatabaseDown);
     }

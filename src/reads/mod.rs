@@ -53,7 +53,7 @@ use moka::future::Cache;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use seams::{Source, StoreSource, Tier};
+pub use seams::{Source, Tier};
 
 use crate::config::ReadSettings;
 use crate::metrics::{Metrics, RefreshSource, Tier as TierLabel};

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use bson::oid::ObjectId;
 
-use crate::budget::Budget;
 use crate::shared::{CachedRead, Shared, SharedError};
-use crate::store::{Store, StoreError};
+use crate::store::{PaidStore, StoreError};
 
 /// Answers the read query. Every call costs the database one command.
 pub trait Source: Send + Sync + 'static {
@@ -41,12 +40,7 @@ pub trait Tier: Send + Sync + 'static {
 }
 
 /// MongoDB as a [`Source`], each query paid from the budget.
-pub struct StoreSource {
-    pub store: Arc<Store>,
-    pub budget: Arc<Budget>,
-}
-
-impl Source for StoreSource {
+impl Source for PaidStore {
     async fn first_write(&self) -> Result<Option<ObjectId>, StoreError> {
         self.store.first_write(self.budget.acquire().await).await
     }

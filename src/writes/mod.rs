@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use sink::{Sink, StoreSink};
+pub use sink::Sink;
 
 use crate::config::WriteSettings;
 use crate::metrics::Metrics;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bson::RawDocumentBuf;
 
-use crate::budget::{Budget, Token};
-use crate::store::{Rejected, Store, StoreError};
+use crate::budget::Token;
+use crate::store::{PaidStore, Rejected, StoreError};
 
 pub trait Sink: Send + Sync + 'static {
     /// The right to send one insert command.
@@ -28,12 +28,7 @@ pub trait Sink: Send + Sync + 'static {
 }
 
 /// MongoDB, each insert paid from the cluster budget.
-pub struct StoreSink {
-    pub store: Arc<Store>,
-    pub budget: Arc<Budget>,
-}
-
-impl Sink for StoreSink {
+impl Sink for PaidStore {
     type Paid = Token;
 
     async fn pay(&self) -> Token {
