@@ -3,7 +3,7 @@
 //! The database sees a few commands a second whatever the load, so at 5,000 req/s what
 //! decides how many replicas are needed is this per-request CPU. Each benchmark goes
 //! through sluice's public API, the same code a request runs, with the database and
-//! Redis replaced at the two seams (`reads::Source`/`Tier`, `writes::Sink`) by in-memory
+//! Redis replaced at the two seams (`reads::Source`/`SharedTier`, `writes::Sink`) by in-memory
 //! ones that answer at once:
 //!
 //! - `reads/5_l1_hits`: the five reads, served from L1 by [`ReadCache::first_write`].
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use sluice::config::{ReadSettings, WriteSettings};
 use sluice::http::json_response;
 use sluice::metrics::Metrics;
-use sluice::reads::{ReadCache, Source, Tier};
+use sluice::reads::{ReadCache, SharedTier, Source};
 use sluice::record::{self, PER_REQUEST};
 use sluice::shared::{CachedRead, SharedError};
 use sluice::store::{Rejected, StoreError};
@@ -67,7 +67,7 @@ impl Source for Fixed {
 /// A Redis that is never there: L1 alone serves.
 struct NoRedis;
 
-impl Tier for NoRedis {
+impl SharedTier for NoRedis {
     async fn get(&self) -> Result<Option<CachedRead>, SharedError> {
         Ok(None)
     }

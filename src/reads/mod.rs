@@ -32,7 +32,7 @@
 //!   ends like a failed one: its lock is released, its readers get an error, and the next
 //!   miss or due refresh starts afresh.
 //!
-//! The tiers are behind two traits ([`Source`], [`Tier`]), so these rules are unit-tested
+//! The tiers are behind two traits ([`Source`], [`SharedTier`]), so these rules are unit-tested
 //! under tokio's paused time in `tests.rs`; the real-server tests prove them end to end.
 
 mod seams;
@@ -53,10 +53,10 @@ use moka::future::Cache;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-pub use seams::{Source, Tier};
+pub use seams::{SharedTier, Source};
 
 use crate::config::ReadSettings;
-use crate::metrics::{Metrics, RefreshSource, Tier as TierLabel};
+use crate::metrics::{Metrics, RefreshSource, Tier};
 use crate::shared::{CachedRead, Clock, SharedError};
 use crate::store::StoreError;
 
@@ -106,7 +106,7 @@ pub struct ReadCache<S, T> {
     metrics: Arc<Metrics>,
 }
 
-impl<S: Source, T: Tier> ReadCache<S, T> {
+impl<S: Source, T: SharedTier> ReadCache<S, T> {
     pub fn new(
         settings: ReadSettings,
         source: S,
@@ -134,7 +134,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
     /// none.
     pub async fn first_write(self: &Arc<Self>) -> Result<Option<ObjectId>, ReadError> {
         if let Some(entry) = self.usable_l1().await {
-            self.metrics.cache_hits.get(TierLabel::L1).inc();
+            self.metrics.cache_hits.get(Tier::L1).inc();
             if entry.refresh_after <= Instant::now()
                 && !self.refreshing.swap(true, Ordering::AcqRel)
             {
@@ -146,7 +146,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             }
             return Ok(entry.read.id);
         }
-        self.metrics.cache_misses.get(TierLabel::L1).inc();
+        self.metrics.cache_misses.get(Tier::L1).inc();
         let mut answer = self.join_load();
         let loaded = answer
             .wait_for(Option::is_some)
@@ -203,7 +203,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             self.l1.invalidate(&()).await;
         }
         if let Err(e) = self.tier.forget_empty().await {
-            self.metrics.cache_errors.get(TierLabel::L2).inc();
+            self.metrics.cache_errors.get(Tier::L2).inc();
             tracing::debug!(error = %e, "could not clear the empty answer in L2");
         }
     }
@@ -272,11 +272,11 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             Err(e) => return self.without_l2(e, fallback.and_then(|r| r.id)).await,
         };
         if let Some(read) = l2.filter(|r| self.is_fresh(r)) {
-            self.metrics.cache_hits.get(TierLabel::L2).inc();
+            self.metrics.cache_hits.get(Tier::L2).inc();
             self.metrics.refreshes.get(RefreshSource::Shared).inc();
             return Ok((self.entry(read, None), true));
         }
-        self.metrics.cache_misses.get(TierLabel::L2).inc();
+        self.metrics.cache_misses.get(Tier::L2).inc();
         let known = [l2, fallback]
             .into_iter()
             .flatten()
@@ -378,7 +378,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
         e: SharedError,
         known: Option<ObjectId>,
     ) -> Result<(Entry, bool), ReadError> {
-        self.metrics.cache_errors.get(TierLabel::L2).inc();
+        self.metrics.cache_errors.get(Tier::L2).inc();
         tracing::debug!(error = %e, "L2 unavailable; reading MongoDB");
         self.query(false, known).await
     }
@@ -413,7 +413,7 @@ impl<S: Source, T: Tier> ReadCache<S, T> {
             match self.tier.put(read, ttl).await {
                 Ok(()) => shared = true,
                 Err(e) => {
-                    self.metrics.cache_errors.get(TierLabel::L2).inc();
+                    self.metrics.cache_errors.get(Tier::L2).inc();
                     tracing::debug!(error = %e, "could not share the read in L2");
                 }
             }

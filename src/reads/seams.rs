@@ -1,5 +1,5 @@
 //! The two things the read cache stands on, as traits: where answers come from
-//! ([`Source`]: MongoDB, paid from the budget) and the tier the pods share ([`Tier`]:
+//! ([`Source`]: MongoDB, paid from the budget) and the tier the pods share ([`SharedTier`]:
 //! Redis). The real ones are here; the unit tests bring small in-memory ones.
 
 use std::future::Future;
@@ -20,7 +20,7 @@ pub trait Source: Send + Sync + 'static {
 }
 
 /// The shared tier: the cached answer and the cluster-wide refresh lock.
-pub trait Tier: Send + Sync + 'static {
+pub trait SharedTier: Send + Sync + 'static {
     fn get(&self) -> impl Future<Output = Result<Option<CachedRead>, SharedError>> + Send;
     fn put(
         &self,
@@ -52,7 +52,7 @@ impl Source for PaidStore {
     }
 }
 
-impl Tier for Arc<Shared> {
+impl SharedTier for Arc<Shared> {
     async fn get(&self) -> Result<Option<CachedRead>, SharedError> {
         self.get_read().await
     }

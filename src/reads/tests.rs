@@ -7,7 +7,7 @@ use std::time::Duration;
 use bson::oid::ObjectId;
 use tokio::time::Instant;
 
-use super::{ReadCache, Source, Tier, LOCK_TTL};
+use super::{ReadCache, SharedTier, Source, LOCK_TTL};
 use crate::config::ReadSettings;
 use crate::metrics::Metrics;
 use crate::shared::{CachedRead, Clock, SharedError};
@@ -84,7 +84,7 @@ fn expire<V>(key: &Mutex<Option<V>>, expires: &Mutex<Option<Instant>>) {
 #[derive(Clone, Default)]
 struct MemoryTier(Arc<Redis>);
 
-impl Tier for MemoryTier {
+impl SharedTier for MemoryTier {
     async fn get(&self) -> Result<Option<CachedRead>, SharedError> {
         expire(&self.0.value, &self.0.value_expires);
         Ok(*self.0.value.lock().unwrap())
