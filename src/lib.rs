@@ -15,7 +15,9 @@
 
 pub mod app;
 pub mod budget;
+pub mod claims;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod operator;
@@ -25,6 +27,7 @@ pub mod secret;
 pub mod server;
 pub mod shared;
 pub mod startup;
+pub mod stats;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -27,12 +27,15 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{App, Health, InFlight, Stats, Urls};
+use crate::app::{App, Urls};
 use crate::budget::{Budget, Cluster};
+use crate::claims::InFlight;
 use crate::config::{Config, ConfigError, ServerSettings};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::reads::ReadCache;
 use crate::shared::Shared;
+use crate::stats::Stats;
 use crate::store::{in_flight_cap, PaidStore, Store, MAX_POOL_SIZE};
 use crate::writes::Writer;
 
