@@ -14,6 +14,7 @@
 //! out of logs, `status` is the status page's shape, `operator` the admin subcommands.
 
 pub mod app;
+pub mod background;
 pub mod budget;
 pub mod claims;
 pub mod config;

@@ -271,28 +271,6 @@ impl Shared {
             .await?)
     }
 
-    /// Logs each time the connection to Redis is lost or made, until `stop`: an operator
-    /// reading the log sees when a pod joined a Redis that came up after it.
-    pub async fn watch_connection(&self, stop: tokio_util::sync::CancellationToken) {
-        const EVERY: Duration = Duration::from_millis(250);
-        let mut was = self.client.is_connected();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(EVERY) => {}
-            }
-            let now = self.client.is_connected();
-            match (was, now) {
-                (false, true) => tracing::info!("connected to redis"),
-                (true, false) => {
-                    tracing::warn!("lost the connection to redis; reconnecting every 500 ms")
-                }
-                _ => {}
-            }
-            was = now;
-        }
-    }
-
     /// Round trip to Redis, for the `check` subcommand.
     pub async fn ping(&self) -> Result<String, SharedError> {
         Ok(self.call().ping(None).await?)

@@ -28,6 +28,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, Urls};
+use crate::background::{self, HealthCheck, RedisWatch};
 use crate::budget::{Budget, Cluster};
 use crate::claims::InFlight;
 use crate::config::{Config, ConfigError, ServerSettings};
@@ -129,18 +130,12 @@ pub async fn build(mut config: Config) -> Result<Application, StartError> {
     }
     let stop_background = CancellationToken::new();
     let mut background = tokio::task::JoinSet::new();
-    {
-        let (shared, stop) = (Arc::clone(&shared), stop_background.clone());
-        background.spawn(async move { shared.watch_connection(stop).await });
-    }
-    {
-        let (store, budget, stop) = (
-            Arc::clone(&store),
-            Arc::clone(&budget),
-            stop_background.clone(),
-        );
-        background.spawn(async move { store.run_health_checks(&budget, stop).await });
-    }
+    background::start(
+        &mut background,
+        RedisWatch(Arc::clone(&shared)),
+        &stop_background,
+    );
+    background::start(&mut background, HealthCheck(paid.clone()), &stop_background);
 
     if config.naive_mode {
         tracing::warn!(

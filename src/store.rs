@@ -19,7 +19,7 @@
 //! `DB_TIMEOUT_MS`. A command sent with less time than that (the rest of a
 //! request's deadline) that runs out is [`StoreError::Slow`] and leaves the bit alone, so
 //! a checkpoint stall does not turn every pod unready at once. `/readyz` and the
-//! fast-fail path of `/api/data` read the bit, and [`Store::run_health_checks`] keeps it
+//! fast-fail path of `/api/data` read the bit, and [`crate::background::HealthCheck`] keeps it
 //! current while no other command runs.
 
 use std::future::Future;
@@ -32,7 +32,6 @@ use bson::{doc, Document, RawDocumentBuf};
 use mongodb::error::{Error as DriverError, ErrorKind};
 use mongodb::options::{Acknowledgment, ClientOptions, CollectionOptions, WriteConcern};
 use mongodb::{Client, Collection, Database};
-use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Budget, Token};
 use crate::config::{ConfigError, StoreSettings, WriteAck};
@@ -313,28 +312,10 @@ impl Store {
         Ok(info.get_str("version").unwrap_or("unknown").to_string())
     }
 
-    /// Keeps the health bit current while nothing else talks to the database: pings when
-    /// no command was answered for a while, paying from the budget like any command.
-    pub async fn run_health_checks(&self, budget: &Budget, stop: CancellationToken) {
-        const EVERY: Duration = Duration::from_secs(1);
-        let mut tick = tokio::time::interval(EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if self.is_healthy() && self.pulse.since_answer() < 2 * EVERY {
-                continue;
-            }
-            // Down, or idle for two ticks: one ping, paid like any command. While
-            // commands flow they answer, and this never gets here.
-            let token = tokio::select! {
-                _ = stop.cancelled() => return,
-                token = budget.acquire() => token,
-            };
-            let _ = self.ping(token).await;
-        }
+    /// How long since the database last answered a command (any command, any outcome
+    /// that proves it alive).
+    pub fn since_answer(&self) -> Duration {
+        self.pulse.since_answer()
     }
 
     /// Runs one command in a task of its own that keeps `paid` until the database answers
