@@ -160,7 +160,7 @@ mod tests {
     use super::{retry_after, ApiError};
     use crate::reads::ReadError;
     use crate::store::StoreError;
-    use crate::writes::WriteError;
+    use crate::writes::{NotStored, WriteError};
 
     /// What the driver says when server selection fails: topology, address, port.
     const DRIVER: &str = "Server selection timeout: No available servers. Topology: { Type: \
@@ -170,9 +170,9 @@ mod tests {
     #[test]
     fn a_cause_is_logged_never_answered() {
         let read = ApiError::from(ReadError(StoreError::Unavailable(DRIVER.into())));
-        let write = ApiError::from(WriteError::NotStored(
-            StoreError::Unavailable(DRIVER.into()).to_string(),
-        ));
+        let write = ApiError::from(WriteError::NotStored(NotStored::Store(
+            StoreError::Unavailable(DRIVER.into()),
+        )));
         for (e, words) in [
             (read, "the reads did not finish; retry shortly"),
             (write, "documents were not stored; retry shortly"),

@@ -9,7 +9,7 @@ use super::data::DataAnswer;
 use super::{json_response, ApiError, Response};
 use crate::record::{self, PER_REQUEST};
 use crate::store::PaidStore;
-use crate::writes::WriteError;
+use crate::writes::{NotStored, Refused, WriteError};
 
 pub async fn handle(naive: &PaidStore) -> Result<Response, ApiError> {
     if !naive.store.is_healthy() {
@@ -24,9 +24,9 @@ pub async fn handle(naive: &PaidStore) -> Result<Response, ApiError> {
             .store
             .insert_many(std::sync::Arc::clone(&docs), vec![i], token, timeout)
             .await
-            .map_err(|e| WriteError::NotStored(e.to_string()))?;
+            .map_err(|e| WriteError::NotStored(NotStored::Store(e)))?;
         if !rejected.retry.is_empty() || !rejected.refused.is_empty() {
-            return Err(WriteError::Refused("the database rejected a document".into()).into());
+            return Err(WriteError::Refused(Refused::Document).into());
         }
     }
     let mut reads = [None; PER_REQUEST];

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Gate, Job, Sink, WriteError, MAX_BATCH_BYTES};
+use super::{Gate, Job, NotStored, Refused, Sink, WriteError, MAX_BATCH_BYTES};
 use crate::config::WriteSettings;
 use crate::metrics::Metrics;
 use crate::store::StoreError;
@@ -271,7 +271,8 @@ impl<K: Sink> Flush<K> {
             .with_jitter()
             .build();
         let mut paid = Some(paid);
-        let mut reason = String::from("no attempt had enough time left");
+        let mut reason = NotStored::NoTimeLeft;
+        let mut refusal = Refused::Document;
         loop {
             let paid_now = match paid.take() {
                 Some(p) => p,
@@ -284,7 +285,7 @@ impl<K: Sink> Flush<K> {
                     match tokio::time::timeout_at(until, self.sink.pay()).await {
                         Ok(p) => p,
                         Err(_) => {
-                            give_up(&mut waiters, "no budget token before the deadline");
+                            give_up(&mut waiters, &NotStored::NoToken);
                             break;
                         }
                     }
@@ -329,7 +330,7 @@ impl<K: Sink> Flush<K> {
                 Ok(rejected) => {
                     let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
                     self.last_insert_us.store(us, Ordering::Relaxed);
-                    reason = "the database rejected documents".into();
+                    reason = NotStored::Rejected;
                     let to_todo = |v: Vec<usize>| {
                         let mut v: Vec<usize> = v.into_iter().map(|i| todo[i]).collect();
                         v.sort_unstable();
@@ -337,16 +338,17 @@ impl<K: Sink> Flush<K> {
                     };
                     (to_todo(rejected.retry), to_todo(rejected.refused))
                 }
-                Err(e) if e.is_permanent() => (Vec::new(), todo.clone()),
+                Err(e) if e.is_permanent() => {
+                    refusal = Refused::Command(e);
+                    (Vec::new(), todo.clone())
+                }
                 Err(e) => {
-                    reason = e.to_string();
+                    reason = NotStored::Store(e);
                     (todo.clone(), Vec::new())
                 }
             };
             for &i in &refused {
-                waiters[owner[i]].answer(Err(WriteError::Refused(
-                    "a document was refused for good".into(),
-                )));
+                waiters[owner[i]].answer(Err(WriteError::Refused(refusal.clone())));
             }
             let stored = todo.len() - retry.len() - refused.len();
             self.metrics.documents_stored.inc_by(stored as u64);
@@ -376,7 +378,7 @@ impl<K: Sink> Flush<K> {
                 break;
             }
             self.metrics.write_retries.inc();
-            tracing::debug!(documents = todo.len(), ?delay, reason, "retrying insert");
+            tracing::debug!(documents = todo.len(), ?delay, %reason, "retrying insert");
             tokio::time::sleep(delay).await;
         }
         self.metrics
@@ -393,17 +395,17 @@ impl<K: Sink> Flush<K> {
 
 /// Answers every request still waiting with 503: its documents were not stored in time
 /// (some may have been; none is acknowledged).
-fn give_up(waiters: &mut [Waiter], reason: &str) {
+fn give_up(waiters: &mut [Waiter], reason: &NotStored) {
     let now = Instant::now();
     let mut answered = 0;
     for waiter in waiters.iter_mut().filter(|w| w.waiting(now)) {
-        waiter.answer(Err(WriteError::NotStored(reason.to_string())));
+        waiter.answer(Err(WriteError::NotStored(reason.clone())));
         answered += 1;
     }
     if answered > 0 {
         tracing::warn!(
             requests = answered,
-            reason,
+            %reason,
             "documents not stored before their deadline; answered 503"
         );
     }

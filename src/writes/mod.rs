@@ -45,6 +45,7 @@ pub use sink::Sink;
 
 use crate::config::WriteSettings;
 use crate::metrics::Metrics;
+use crate::store::StoreError;
 
 /// A batch's documents take at most this many bytes, well below MongoDB's 48 MB message
 /// limit: above it the driver would split the batch into several commands, each costing
@@ -56,13 +57,40 @@ pub enum WriteError {
     #[error("the write queue is full")]
     QueueFull,
     #[error("documents not stored within the write timeout: {0}")]
-    NotStored(String),
+    NotStored(#[source] NotStored),
     #[error("the database refused the documents: {0}")]
-    Refused(String),
+    Refused(#[source] Refused),
     #[error("the database is refusing every write (a full disk?); retry shortly")]
     Refusing,
     #[error("the service is shutting down")]
     Closed,
+}
+
+/// Why a request's documents were not stored by its deadline (the log's cause; the
+/// client hears only that they were not).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotStored {
+    #[error("waited longer than WRITE_TIMEOUT_MS for the insert")]
+    Deadline,
+    #[error("no budget token before the deadline")]
+    NoToken,
+    #[error("no attempt had enough time left")]
+    NoTimeLeft,
+    #[error("the database rejected documents")]
+    Rejected,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+/// Why documents were refused for good.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refused {
+    /// The insert answered, naming the document among those it refused.
+    #[error("a document was refused for good")]
+    Document,
+    /// The whole command was refused with an error no retry can fix.
+    #[error(transparent)]
+    Command(StoreError),
 }
 
 /// While the database refuses whole batches (a full disk, say), new requests are answered
@@ -165,9 +193,7 @@ impl Writer {
             })?;
         let result = match tokio::time::timeout_at(deadline, done).await {
             Ok(answer) => answer.unwrap_or(Err(WriteError::Closed)),
-            Err(_) => Err(WriteError::NotStored(
-                "waited longer than WRITE_TIMEOUT_MS for the insert".into(),
-            )),
+            Err(_) => Err(WriteError::NotStored(NotStored::Deadline)),
         };
         if matches!(
             result,
