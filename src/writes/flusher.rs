@@ -245,11 +245,179 @@ impl Waiter {
 }
 
 impl<K: Sink> Flush<K> {
+    /// Sends the batch, paying again for each retry, until every document is stored or
+    /// refused, or no request is left that can still be answered in time.
     async fn run(self, batch: Batch, paid: K::Paid, _slot: OwnedSemaphorePermit) {
         let started = Instant::now();
         self.metrics.batch_documents.observe(batch.docs as f64);
+        let (mut ledger, docs) = Ledger::new(batch);
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .without_max_times()
+            .with_jitter()
+            .build();
+        let mut paid = Some(paid);
+        let mut reason = NotStored::NoTimeLeft;
+        loop {
+            let paid_now = match paid.take() {
+                Some(p) => p,
+                None => {
+                    let Some(until) = ledger.last_deadline(Instant::now()) else {
+                        break;
+                    };
+                    match tokio::time::timeout_at(until, self.sink.pay()).await {
+                        Ok(p) => p,
+                        Err(_) => {
+                            ledger.give_up(&NotStored::NoToken);
+                            break;
+                        }
+                    }
+                }
+            };
+            // Leave out the requests nobody waits for any more, then give the command
+            // until the last deadline among the rest: a request whose own deadline
+            // passes meanwhile has been answered 503 by `submit`.
+            let now = Instant::now();
+            ledger.forget_unwaited(now);
+            let Some(deadline) = ledger.last_deadline(now) else {
+                break;
+            };
+            let limit = deadline.saturating_duration_since(now);
+            if limit < self.min_attempt() {
+                ledger.give_up(&reason);
+                break;
+            }
+            let attempt = self.attempt(&docs, &ledger.todo, paid_now, limit).await;
+            if let Some(why) = attempt.not_stored.clone() {
+                reason = why;
+            }
+            let sent = ledger.todo.len();
+            let stored = sent - attempt.retry.len() - attempt.refused.len();
+            self.metrics.documents_stored.inc_by(stored as u64);
+            if stored > 0 {
+                self.gate.open();
+            } else if attempt.answered && attempt.retry.len() == sent {
+                // The database answered and stored none of it: it is refusing writes.
+                self.gate.shut();
+            }
+            ledger.credit(&attempt);
+            if ledger.todo.is_empty() {
+                break;
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(1));
+            if Instant::now() + delay >= deadline {
+                ledger.give_up(&reason);
+                break;
+            }
+            self.metrics.write_retries.inc();
+            tracing::debug!(documents = ledger.todo.len(), ?delay, %reason, "retrying insert");
+            tokio::time::sleep(delay).await;
+        }
+        self.metrics
+            .flush_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// One insert of the documents at `todo` (positions in `docs`) within `limit`, and
+    /// what its reply means for them.
+    async fn attempt(
+        &self,
+        docs: &Arc<[RawDocumentBuf]>,
+        todo: &[usize],
+        paid: K::Paid,
+        limit: Duration,
+    ) -> Attempt {
+        let sent = Instant::now();
+        let outcome = self
+            .sink
+            .insert(Arc::clone(docs), todo.to_vec(), paid, limit)
+            .await;
+        let answered = outcome.is_ok();
+        // A reply naming a document the command did not hold cannot be mapped back to a
+        // request: the batch counts as failed and is sent again, never credited.
+        let outcome = outcome.and_then(|rejected| {
+            match rejected
+                .retry
+                .iter()
+                .chain(&rejected.refused)
+                .find(|&&i| i >= todo.len())
+            {
+                Some(&i) => Err(StoreError::Unavailable(format!(
+                    "the reply named document {i} of an insert of {}",
+                    todo.len()
+                ))),
+                None => Ok(rejected),
+            }
+        });
+        match outcome {
+            Ok(rejected) => {
+                let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                self.last_insert_us.store(us, Ordering::Relaxed);
+                let in_batch = |v: Vec<usize>| {
+                    let mut v: Vec<usize> = v.into_iter().map(|i| todo[i]).collect();
+                    v.sort_unstable();
+                    v
+                };
+                Attempt {
+                    retry: in_batch(rejected.retry),
+                    refused: in_batch(rejected.refused),
+                    answered,
+                    not_stored: Some(NotStored::Rejected),
+                    refusal: Refused::Document,
+                }
+            }
+            Err(e) if e.is_permanent() => Attempt {
+                retry: Vec::new(),
+                refused: todo.to_vec(),
+                answered,
+                not_stored: None,
+                refusal: Refused::Command(e),
+            },
+            Err(e) => Attempt {
+                retry: todo.to_vec(),
+                refused: Vec::new(),
+                answered,
+                not_stored: Some(NotStored::Store(e)),
+                refusal: Refused::Document,
+            },
+        }
+    }
+
+    /// Less time than this left, an attempt could only time out.
+    fn min_attempt(&self) -> Duration {
+        let last = Duration::from_micros(self.last_insert_us.load(Ordering::Relaxed));
+        (2 * last).clamp(MIN_ATTEMPT, MAX_MIN_ATTEMPT)
+    }
+}
+
+/// What one attempt left undone, as positions in the batch, ascending.
+struct Attempt {
+    /// Worth sending again.
+    retry: Vec<usize>,
+    /// Refused for good, and why.
+    refused: Vec<usize>,
+    refusal: Refused,
+    /// The database answered the command (it may still have stored nothing).
+    answered: bool,
+    /// Why the documents to retry were not stored, if this attempt says.
+    not_stored: Option<NotStored>,
+}
+
+/// Who is owed what in one batch: each document's request, each request's documents not
+/// yet stored, and the documents still to send. Attempts read it; crediting their
+/// replies writes it, and answers each request once.
+struct Ledger {
+    /// For each document, the index of its request in `waiters`.
+    owner: Vec<usize>,
+    waiters: Vec<Waiter>,
+    /// Positions in the batch's documents still to be stored, ascending.
+    todo: Vec<usize>,
+}
+
+impl Ledger {
+    fn new(batch: Batch) -> (Ledger, Arc<[RawDocumentBuf]>) {
         let mut docs: Vec<RawDocumentBuf> = Vec::with_capacity(batch.docs);
-        // For each document, the index of its request in `waiters`.
         let mut owner = Vec::with_capacity(batch.docs);
         let mut waiters = Vec::with_capacity(batch.jobs.len());
         for (j, job) in batch.jobs.into_iter().enumerate() {
@@ -261,152 +429,72 @@ impl<K: Sink> Flush<K> {
             });
             docs.extend(job.docs);
         }
-        let docs: Arc<[RawDocumentBuf]> = docs.into();
-        // Positions in `docs` still to be stored, ascending.
-        let mut todo: Vec<usize> = (0..docs.len()).collect();
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(1))
-            .without_max_times()
-            .with_jitter()
-            .build();
-        let mut paid = Some(paid);
-        let mut reason = NotStored::NoTimeLeft;
-        let mut refusal = Refused::Document;
-        loop {
-            let paid_now = match paid.take() {
-                Some(p) => p,
-                None => {
-                    let now = Instant::now();
-                    let waiting = todo.iter().filter(|&&i| waiters[owner[i]].waiting(now));
-                    let Some(until) = waiting.map(|&i| waiters[owner[i]].deadline).max() else {
-                        break;
-                    };
-                    match tokio::time::timeout_at(until, self.sink.pay()).await {
-                        Ok(p) => p,
-                        Err(_) => {
-                            give_up(&mut waiters, &NotStored::NoToken);
-                            break;
-                        }
-                    }
-                }
-            };
-            // Leave out the requests nobody waits for any more, then give the command
-            // until the last deadline among the rest: a request whose own deadline
-            // passes meanwhile has been answered 503 by `submit`.
-            let now = Instant::now();
-            todo.retain(|&i| waiters[owner[i]].waiting(now));
-            let Some(deadline) = todo.iter().map(|&i| waiters[owner[i]].deadline).max() else {
-                break;
-            };
-            let limit = deadline.saturating_duration_since(now);
-            if limit < self.min_attempt() {
-                give_up(&mut waiters, &reason);
-                break;
-            }
-            let sent = Instant::now();
-            let outcome = self
-                .sink
-                .insert(Arc::clone(&docs), todo.clone(), paid_now, limit)
-                .await;
-            let outcome_answered = outcome.is_ok();
-            // A reply naming a document the command did not hold cannot be mapped back to
-            // a request: the batch counts as failed and is sent again, never credited.
-            let outcome = outcome.and_then(|rejected| {
-                match rejected
-                    .retry
-                    .iter()
-                    .chain(&rejected.refused)
-                    .find(|&&i| i >= todo.len())
-                {
-                    Some(&i) => Err(StoreError::Unavailable(format!(
-                        "the reply named document {i} of an insert of {}",
-                        todo.len()
-                    ))),
-                    None => Ok(rejected),
-                }
-            });
-            let (retry, refused) = match outcome {
-                Ok(rejected) => {
-                    let us = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
-                    self.last_insert_us.store(us, Ordering::Relaxed);
-                    reason = NotStored::Rejected;
-                    let to_todo = |v: Vec<usize>| {
-                        let mut v: Vec<usize> = v.into_iter().map(|i| todo[i]).collect();
-                        v.sort_unstable();
-                        v
-                    };
-                    (to_todo(rejected.retry), to_todo(rejected.refused))
-                }
-                Err(e) if e.is_permanent() => {
-                    refusal = Refused::Command(e);
-                    (Vec::new(), todo.clone())
-                }
-                Err(e) => {
-                    reason = NotStored::Store(e);
-                    (todo.clone(), Vec::new())
-                }
-            };
-            for &i in &refused {
-                waiters[owner[i]].answer(Err(WriteError::Refused(refusal.clone())));
-            }
-            let stored = todo.len() - retry.len() - refused.len();
-            self.metrics.documents_stored.inc_by(stored as u64);
-            if stored > 0 {
-                self.gate.open();
-            } else if outcome_answered && retry.len() == todo.len() {
-                // The database answered and stored none of it: it is refusing writes.
-                self.gate.shut();
-            }
-            // Credit stored documents to their requests; answer the complete ones.
-            for &i in &todo {
-                if retry.binary_search(&i).is_err() && refused.binary_search(&i).is_err() {
-                    let waiter = &mut waiters[owner[i]];
-                    waiter.left -= 1;
-                    if waiter.left == 0 {
-                        waiter.answer(Ok(()));
-                    }
-                }
-            }
-            todo = retry;
-            if todo.is_empty() {
-                break;
-            }
-            let delay = delays.next().unwrap_or(Duration::from_secs(1));
-            if Instant::now() + delay >= deadline {
-                give_up(&mut waiters, &reason);
-                break;
-            }
-            self.metrics.write_retries.inc();
-            tracing::debug!(documents = todo.len(), ?delay, %reason, "retrying insert");
-            tokio::time::sleep(delay).await;
+        let todo = (0..docs.len()).collect();
+        let ledger = Ledger {
+            owner,
+            waiters,
+            todo,
+        };
+        (ledger, docs.into())
+    }
+
+    fn waiter(&self, doc: usize) -> &Waiter {
+        &self.waiters[self.owner[doc]]
+    }
+
+    /// The latest deadline among the requests still waiting for a document to send.
+    fn last_deadline(&self, now: Instant) -> Option<Instant> {
+        self.todo
+            .iter()
+            .map(|&i| self.waiter(i))
+            .filter(|w| w.waiting(now))
+            .map(|w| w.deadline)
+            .max()
+    }
+
+    /// Leaves out the documents of requests nobody waits for any more.
+    fn forget_unwaited(&mut self, now: Instant) {
+        let (owner, waiters) = (&self.owner, &self.waiters);
+        self.todo.retain(|&i| waiters[owner[i]].waiting(now));
+    }
+
+    /// Credits an attempt at `todo`: answers the requests it refused with 503, the ones
+    /// whose every document is now stored with 200, and keeps the documents to send
+    /// again.
+    fn credit(&mut self, attempt: &Attempt) {
+        for &i in &attempt.refused {
+            let refusal = WriteError::Refused(attempt.refusal.clone());
+            self.waiters[self.owner[i]].answer(Err(refusal));
         }
-        self.metrics
-            .flush_seconds
-            .observe(started.elapsed().as_secs_f64());
+        for i in std::mem::take(&mut self.todo) {
+            let undone = attempt.retry.binary_search(&i).is_ok()
+                || attempt.refused.binary_search(&i).is_ok();
+            if !undone {
+                let waiter = &mut self.waiters[self.owner[i]];
+                waiter.left -= 1;
+                if waiter.left == 0 {
+                    waiter.answer(Ok(()));
+                }
+            }
+        }
+        self.todo = attempt.retry.clone();
     }
 
-    /// Less time than this left, an attempt could only time out.
-    fn min_attempt(&self) -> Duration {
-        let last = Duration::from_micros(self.last_insert_us.load(Ordering::Relaxed));
-        (2 * last).clamp(MIN_ATTEMPT, MAX_MIN_ATTEMPT)
-    }
-}
-
-/// Answers every request still waiting with 503: its documents were not stored in time
-/// (some may have been; none is acknowledged).
-fn give_up(waiters: &mut [Waiter], reason: &NotStored) {
-    let now = Instant::now();
-    let mut answered = 0;
-    for waiter in waiters.iter_mut().filter(|w| w.waiting(now)) {
-        waiter.answer(Err(WriteError::NotStored(reason.clone())));
-        answered += 1;
-    }
-    if answered > 0 {
-        tracing::warn!(
-            requests = answered,
-            %reason,
-            "documents not stored before their deadline; answered 503"
-        );
+    /// Answers every request still waiting with 503: its documents were not stored in
+    /// time (some may have been; none is acknowledged).
+    fn give_up(&mut self, reason: &NotStored) {
+        let now = Instant::now();
+        let mut answered = 0;
+        for waiter in self.waiters.iter_mut().filter(|w| w.waiting(now)) {
+            waiter.answer(Err(WriteError::NotStored(reason.clone())));
+            answered += 1;
+        }
+        if answered > 0 {
+            tracing::warn!(
+                requests = answered,
+                %reason,
+                "documents not stored before their deadline; answered 503"
+            );
+        }
     }
 }
