@@ -36,7 +36,12 @@ check() {
   else
     failed=$((failed + 1)); printf 'FAIL %s (exit %d)\n' "$name" "$rc"
   fi
-  sed -e 's/^ */    /' "$OUT" | head -n 60
+  # A pass shows its first 60 lines; a failure all of them, so its cause is never cut.
+  if [ "$rc" -eq 0 ]; then
+    sed -e 's/^ */    /' "$OUT" | head -n 60
+  else
+    sed -e 's/^ */    /' "$OUT"
+  fi
 }
 
 VENV=$(tools_venv 2>"$OUT")

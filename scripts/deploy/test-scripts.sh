@@ -233,6 +233,10 @@ esac
 code=0
 if [ -e "$STATE/ctrl-c" ]; then
   trap "echo \"k6 stand-in: stopping on SIGINT\"; code=105" INT
+  # A person presses Ctrl-C once k6 runs, not in the microseconds between the fork of
+  # run.sh'"'"'s pipeline and its tee ignoring SIGINT (sent that early, it killed tee: 130
+  # instead of 105, 1 run in 12).
+  sleep 0.2
   kill -INT 0
   sleep 0.3
 fi
