@@ -8,13 +8,35 @@ use clap::Parser;
 
 use crate::util::Error;
 
-/// docs/deploy.md "sizing" (and scripts/deploy/check_manifests.py's SIZING): sluice's
-/// memory M(C) = 80 MiB + 28 KiB × C, C = open connections.
-pub const MEM_BASE_MIB: f64 = 80.0;
-pub const MEM_PER_CONN_KIB: f64 = 28.0;
+/// sluice's memory, M(C) = base + k × C for C open connections: docs/deploy.md's sizing
+/// formula, whose figures docs/sizing.json holds for the deploy checks and the lab alike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MemFormula {
+    pub base_mib: f64,
+    pub per_conn_kib: f64,
+}
 
-pub fn mem_formula_mib(conns: f64) -> f64 {
-    MEM_BASE_MIB + MEM_PER_CONN_KIB * conns / 1024.0
+impl MemFormula {
+    /// sluice's, from docs/sizing.json (compiled in: the lab judges the checkout it was
+    /// built from).
+    pub fn sluice() -> MemFormula {
+        let sizing: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/sizing.json"))
+                .expect("docs/sizing.json is JSON");
+        let figure = |k: &str| {
+            sizing["sluice"][k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("docs/sizing.json has sluice.{k}"))
+        };
+        MemFormula {
+            base_mib: figure("base"),
+            per_conn_kib: figure("k_kib"),
+        }
+    }
+
+    pub fn mib(&self, conns: f64) -> f64 {
+        self.base_mib + self.per_conn_kib * conns / 1024.0
+    }
 }
 
 /// A replica's settings (`STATE/sluice.env`, by environment name) as sluice itself reads
@@ -267,29 +289,10 @@ mod tests {
     }
 
     #[test]
-    fn memory_formula_is_the_deploy_checks() {
-        // The same figures as scripts/deploy/check_manifests.py's SIZING, which sizes
-        // the Deployment: the lab checks each replica against what the pod is given.
-        let py = include_str!("../../scripts/deploy/check_manifests.py");
-        let line = py
-            .lines()
-            .find(|l| l.trim_start().starts_with("\"sluice\": {\"base\":"))
-            .expect("SIZING has a sluice line");
-        let figure = |key: &str| -> f64 {
-            let rest = &line[line.find(key).unwrap() + key.len()..];
-            rest.trim_start_matches([' ', ':'])
-                .split([',', '}'])
-                .next()
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        };
-        assert_eq!(
-            (MEM_BASE_MIB, MEM_PER_CONN_KIB),
-            (figure("\"base\""), figure("\"k_kib\""))
-        );
-        assert_eq!(mem_formula_mib(1024.0), MEM_BASE_MIB + MEM_PER_CONN_KIB);
+    fn memory_formula_is_docs_sizing_json() {
+        let m = MemFormula::sluice();
+        assert!(m.base_mib > 0.0 && m.per_conn_kib > 0.0, "{m:?}");
+        assert_eq!(m.mib(1024.0), m.base_mib + m.per_conn_kib);
     }
 
     #[test]

@@ -903,16 +903,12 @@ def cmd_traefik():
 # request = M(C_typical) and limit = 1.1 * M(C_max), each rounded up to 16 MiB.
 # base and k per component; C_typical and C_max come from the manifests.
 PEAK_VUS = 10_000  # ASSESSMENT.md's load: 10,000 closed-loop clients
-SIZING = {
-    # docs/deploy.md, "Memory: one formula": k covers a connection whose request waits
-    # in the write queue (the most a connection holds, during a database stall); the
-    # base leaves room for the read cache and a batch held by the driver
-    "sluice": {"base": 80, "k_kib": 28},
-    # estimates (no cluster here): Traefik's own heap, 50 KiB per proxied connection
-    "traefik": {"base": 64, "k_kib": 50},
-    # measured on redis-server 7.0: 6.4 MiB idle RSS + the 8 MiB maxmemory it may hold
-    "redis": {"base": 6.4 + 8, "k_kib": 13},
-}
+# docs/deploy.md, "Memory: one formula", whose figures live in docs/sizing.json (the lab
+# reads the same file): for sluice, k covers a connection whose request waits in the
+# write queue (the most a connection holds, during a database stall); the base leaves
+# room for the read cache and a batch held by the driver.
+with open("docs/sizing.json") as _f:
+    SIZING = {k: v for k, v in json.load(_f).items() if isinstance(v, dict)}
 # k3s itself (server ~0.7 GiB, agents ~0.3 GiB each) and its add-ons (CoreDNS' 170 Mi
 # limit, metrics-server): an allowance, not a measurement.
 SYSTEM_MIB = 1536

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::database::COUNTED_COMMANDS;
 use crate::k6;
-use crate::k8s::{self, MEM_BASE_MIB, MEM_PER_CONN_KIB};
+use crate::k8s::{self, MemFormula};
 use crate::util::{env_file, load_json, read_to_string, Error};
 
 #[derive(clap::Args)]
@@ -103,7 +103,8 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
         .filter(|e| e["ok"] != true)
         .collect();
 
-    let formula = format!("{MEM_BASE_MIB} MiB + {MEM_PER_CONN_KIB} KiB x connections");
+    let m = MemFormula::sluice();
+    let formula = format!("{} MiB + {} KiB x connections", m.base_mib, m.per_conn_kib);
     let mut checks = json!({
         "lost == 0": docs.lost.map(|l| l == 0.0),
         "budget held in every second, faults included (within the tolerance)": budget.ok,

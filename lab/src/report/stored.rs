@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::k8s::{mem_formula_mib, MEM_BASE_MIB};
+use crate::k8s::MemFormula;
 use crate::util::{load_json, read_to_string, Error};
 
 /// The documents: counted before and after, the ones the insert ceiling added (not
@@ -75,6 +75,7 @@ pub fn documents(st: &Path, meta: &BTreeMap<String, String>, data: Option<&Value
 
 /// Each replica's peak RSS against M(C) at its peak connection count.
 pub fn memory(timeline: &[Value]) -> Vec<Value> {
+    let formula = MemFormula::sluice();
     let mut per_pid: BTreeMap<u64, (u64, f64, f64)> = BTreeMap::new();
     for r in timeline {
         for p in r["replica"].as_array().into_iter().flatten() {
@@ -94,10 +95,10 @@ pub fn memory(timeline: &[Value]) -> Vec<Value> {
     per_pid
         .iter()
         .map(|(pid, (slot, rss, c))| {
-            let limit = mem_formula_mib(*c);
+            let limit = formula.mib(*c);
             json!({"slot": slot, "pid": pid, "peak_rss_mib": rss, "peak_connections": c,
                    "mib_per_1000_connections": if *c > 0.0 { Some(1000.0 * rss / c) } else { None },
-                   "mib_per_1000_connections_above_base": if *c > 0.0 { Some(1000.0 * (rss - MEM_BASE_MIB) / c) } else { None },
+                   "mib_per_1000_connections_above_base": if *c > 0.0 { Some(1000.0 * (rss - formula.base_mib) / c) } else { None },
                    "formula_mib": limit, "ok": *rss <= limit})
         })
         .collect()
