@@ -292,6 +292,7 @@ impl<K: Sink> Flush<K> {
             if let Some(why) = attempt.not_stored.clone() {
                 reason = why;
             }
+            ledger.refuse(&attempt);
             let sent = ledger.todo.len();
             let stored = sent - attempt.retry.len() - attempt.refused.len();
             self.metrics.documents_stored.inc_by(stored as u64);
@@ -458,14 +459,17 @@ impl Ledger {
         self.todo.retain(|&i| waiters[owner[i]].waiting(now));
     }
 
-    /// Credits an attempt at `todo`: answers the requests it refused with 503, the ones
-    /// whose every document is now stored with 200, and keeps the documents to send
-    /// again.
-    fn credit(&mut self, attempt: &Attempt) {
+    /// Answers the requests an attempt refused a document of with 503.
+    fn refuse(&mut self, attempt: &Attempt) {
         for &i in &attempt.refused {
             let refusal = WriteError::Refused(attempt.refusal.clone());
             self.waiters[self.owner[i]].answer(Err(refusal));
         }
+    }
+
+    /// Credits an attempt at `todo`: answers the requests whose every document is now
+    /// stored with 200, and keeps the documents to send again.
+    fn credit(&mut self, attempt: &Attempt) {
         for i in std::mem::take(&mut self.todo) {
             let undone = attempt.retry.binary_search(&i).is_ok()
                 || attempt.refused.binary_search(&i).is_ok();
