@@ -74,8 +74,11 @@ pub fn annotate(events: &mut [Value], timeline: &[Value]) -> Faults {
         e["failed_in_10s"] = json!(failed);
         if kind == "chaos-db-stall" {
             // Readiness is the pod's own: a stalled database must leave every replica in
-            // HAProxy, so clients get sluice's 503 and Retry-After, not HAProxy's.
-            let until = e["stall_end"].as_f64().unwrap_or(end) + EVENT_WINDOW_S;
+            // HAProxy, so clients get sluice's 503 and Retry-After, not HAProxy's. Until
+            // 10 s after the stall, or the next fault if it comes sooner (what a killed
+            // database or a full disk does is that fault's, not the stall's).
+            let until = (e["stall_end"].as_f64().unwrap_or(end) + EVENT_WINDOW_S)
+                .min(search_until(t0, end));
             let rows = || {
                 timeline.iter().filter(move |r| {
                     r["t"]
