@@ -3,7 +3,9 @@
 use crate::k8s::Hpa;
 
 /// The HPA's decision, as in the Kubernetes controller: a recommendation from the ratio
-/// of the average utilisation to the target (10% tolerance), stabilised over a window
+/// of the average utilisation to the target, left alone within 10% of 1 (the
+/// controller's default `--horizontal-pod-autoscaler-tolerance` 0.1, which k3s keeps: the
+/// lab copies the cluster's rule, it does not choose one), stabilised over a window
 /// (the highest recommendation of the window when scaling down, the lowest when up),
 /// then limited by the policies over their periods. Times are already time-scaled.
 #[derive(Debug, Default)]

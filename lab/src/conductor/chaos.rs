@@ -115,16 +115,25 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
         settle(sh.clone()).await;
     }
 
+    // One ctl.sh command as a fault: its event, the command, its end, then the settle.
+    let one_command = |kind: &'static str, detail: &'static str, args: &'static [&'static str]| {
+        let (sh, run, settle) = (sh.clone(), &run, &settle);
+        async move {
+            let i = event(&sh, kind, detail.into());
+            let (ok, _) = run(args).await;
+            finish(&sh, i, ok);
+            settle(sh.clone()).await;
+        }
+    };
+
     // 2. Redis restarted empty.
     if fits(&sh, "chaos-redis-restart", 2.0) {
-        let i = event(
-            &sh,
+        one_command(
             "chaos-redis-restart",
-            "Redis killed and started again, empty, on the same port".into(),
-        );
-        let (ok, _) = run(&["redis-restart"]).await;
-        finish(&sh, i, ok);
-        settle(sh.clone()).await;
+            "Redis killed and started again, empty, on the same port",
+            &["redis-restart"],
+        )
+        .await;
     }
 
     // 3. The database stopped for longer than a command may take (DB_TIMEOUT_MS), so the
@@ -149,14 +158,12 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
 
     // 4. The database killed; its supervisor starts it again on the same files.
     if fits(&sh, "chaos-db-kill", 3.0) {
-        let i = event(
-            &sh,
+        one_command(
             "chaos-db-kill",
-            "kill -9 the database; the supervisor restarts it on the same files".into(),
-        );
-        let (ok, _) = run(&["db-kill"]).await;
-        finish(&sh, i, ok);
-        settle(sh.clone()).await;
+            "kill -9 the database; the supervisor restarts it on the same files",
+            &["db-kill"],
+        )
+        .await;
     }
 
     // 5. The database's disk filled until it refuses writes, then freed (filling takes a
