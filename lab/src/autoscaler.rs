@@ -89,9 +89,36 @@ impl Autoscaler {
     }
 }
 
+/// The highest average memory utilisation (% of the request) that the replicas held
+/// through a whole scale-up window while at the minimum count, before the first change:
+/// what the HPA's target must be below, by its 10% tolerance, for the run to scale up.
+/// `evals` are the autoscaler's readings, (time, replicas, utilisation); `window_s` is
+/// already time-scaled.
+pub fn held_at_minimum(evals: &[(f64, u32, f64)], min: u32, window_s: f64) -> Option<f64> {
+    let at_min: Vec<(f64, f64)> = evals
+        .iter()
+        .take_while(|e| e.1 == min)
+        .map(|e| (e.0, e.2))
+        .collect();
+    at_min
+        .iter()
+        .filter(|(t, _)| t - at_min[0].0 >= window_s)
+        .map(|(t, _)| {
+            at_min
+                .iter()
+                .filter(|(rt, _)| rt <= t && t - rt <= window_s)
+                .map(|x| x.1)
+                .fold(f64::INFINITY, f64::min)
+        })
+        .reduce(f64::max)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
+    use crate::k8s::MemFormula;
 
     fn hpa() -> Hpa {
         Hpa::parse(
@@ -162,5 +189,67 @@ mod tests {
         let mut s = Autoscaler::default();
         assert_eq!(s.decide(&h, 10.0, 0.0, 4, 5.0), 4);
         assert_eq!(s.decide(&h, 10.0, 31.0, 4, 5.0), 3);
+    }
+
+    /// The HPA's decisions every sync period (15 s) at a steady utilisation, from `pods`.
+    fn settle(h: &Hpa, pods: u32, util_pct: f64, seconds: f64) -> u32 {
+        let mut s = Autoscaler::default();
+        let mut n = pods;
+        let mut t = 0.0;
+        while t <= seconds {
+            n = s.decide(h, 1.0, t, n, util_pct);
+            t += 15.0;
+        }
+        n
+    }
+
+    /// k8s/app/hpa.yaml's target against the two loads docs/deploy.md derives it from:
+    /// the pods must scale up at what the lab's weakest default run held at 2 pods
+    /// (docs/sizing.json's hold_mib), and an idle cluster, each pod at the formula's base,
+    /// must come back to the minimum.
+    #[test]
+    fn the_manifests_target_scales_up_at_the_labs_load_and_back_to_the_minimum_idle() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let h = Hpa::load(&root).unwrap();
+        let sizing: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/sizing.json")).unwrap();
+        let hold = sizing["sluice"]["hold_mib"].as_f64().unwrap();
+        let pct = |mib: f64| 100.0 * mib / h.memory_request_mib;
+        // One whole scale-up window plus a sync period to see it.
+        let up = settle(&h, h.min, pct(hold), h.up.window_s + 15.0);
+        assert!(
+            up > h.min,
+            "{hold} MiB is {:.0}% of the request: target {}% must scale it up",
+            pct(hold),
+            h.target_pct
+        );
+        let base = MemFormula::sluice().mib(0.0);
+        for pods in h.min..=h.max {
+            let idle = settle(&h, pods, pct(base), 1800.0);
+            assert_eq!(
+                idle,
+                h.min,
+                "from {pods} pods at the base ({:.0}%) with target {}%",
+                pct(base),
+                h.target_pct
+            );
+        }
+    }
+
+    #[test]
+    fn held_at_minimum_is_the_best_whole_window_before_the_first_change() {
+        let evals = [
+            (0.0, 2, 50.0),
+            (1.5, 2, 80.0),
+            (3.0, 2, 75.0),
+            (4.5, 2, 70.0),
+            (6.0, 2, 40.0),
+            (7.5, 3, 90.0),
+        ];
+        // Windows of 3 s ending at 3.0 (50, 80, 75), 4.5 (80, 75, 70) and 6.0 (75, 70,
+        // 40); the reading after the change to 3 is not at the minimum.
+        assert_eq!(held_at_minimum(&evals, 2, 3.0), Some(70.0));
+        // No whole window before the change.
+        assert_eq!(held_at_minimum(&evals, 2, 10.0), None);
     }
 }

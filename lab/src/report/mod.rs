@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use crate::autoscaler::held_at_minimum;
 use crate::database::COUNTED_COMMANDS;
 use crate::k6;
 use crate::k8s::{self, MemFormula};
@@ -46,7 +47,7 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
     let mut events: Vec<Value> = load_json(&st.join("events.json"))
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default();
-    let autoscaler = load_json(&st.join("autoscaler.json")).unwrap_or(Value::Null);
+    let mut autoscaler = load_json(&st.join("autoscaler.json")).unwrap_or(Value::Null);
     let data = k6::Summary::read(&st.join("k6-data.json")).map(|s| s.lab_report());
     let ceil = k6::Summary::read(&st.join("k6-healthz.json")).map(|s| s.lab_report());
 
@@ -67,6 +68,23 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
         prom.latency_outside.as_ref(),
         docs.ceiling,
     );
+
+    if autoscaler["fixed_replicas"].is_null() && autoscaler.is_object() {
+        let num = |k: &str| autoscaler[k].as_f64().unwrap_or(0.0);
+        let evals: Vec<(f64, u32, f64)> = timeline
+            .iter()
+            .filter_map(|r| {
+                Some((
+                    r["t"].as_f64()?,
+                    r["replicas"].as_u64()? as u32,
+                    r["memory_util_pct"].as_f64()?,
+                ))
+            })
+            .collect();
+        let window = num("scale_up_window_s") / num("time_scale").max(1.0);
+        autoscaler["held_at_minimum_pct"] =
+            json!(held_at_minimum(&evals, num("min") as u32, window));
+    }
 
     // The timeline, trimmed to what the chart and a reader need.
     let tl: Vec<Value> = timeline

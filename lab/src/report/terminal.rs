@@ -48,6 +48,15 @@ pub fn print(r: &Value, report: &str, chart: &str) {
         "budget tolerance: {}",
         r["budget"]["tolerance"].as_str().unwrap_or("")
     );
+    let a = &r["autoscaler"];
+    if let Some(held) = a["held_at_minimum_pct"].as_f64() {
+        let target = num(&a["target_pct"]);
+        println!(
+            "autoscaler: at its minimum {} replicas the pods held {held:.0}% of their memory request on average through a whole scale-up window; it scales up above {:.1}% (1.1 x the {target:.0}% target)",
+            a["min"],
+            1.1 * target
+        );
+    }
     events(r, t_start);
     alerts(r, t_start);
     caches_and_memory(r);
