@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
-# What the lab's conductor (lab/src/conductor/) asks of the machine: processes and the disk.
-# The decisions (when, which replica) are the conductor's; this only acts.
+# What the lab's conductor (lab/src/conductor/) asks of the machine for its faults: Redis,
+# the database's process and its disk. The decisions (when, which) are the conductor's;
+# this only acts. The replicas' lifecycle is the conductor's own (lab/src/replica.rs).
 #
-#   ctl.sh replica-start IDX PORT  start replica slot IDX on PORT (the conductor gives
-#                              each new replica a fresh port, as a new pod gets a new
-#                              address), wait for /readyz 200, print "PID PORT"
-#   ctl.sh replica-stop IDX    SIGTERM it and wait until it has exited (drains, flushes)
-#   ctl.sh replica-kill IDX    kill -9 it
 #   ctl.sh redis-restart       kill -9 Redis and start it again, empty, on the same port
 #                              with the same password
 #   ctl.sh db-signal SIG       send SIG (STOP, CONT) to the database
@@ -18,7 +14,6 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lab/lib.sh
 . "$HERE/lib.sh"
 
-slot_pid() { cat "$LAB_STATE/slot-$1.pid" 2>/dev/null; }
 gone() { # PID SECONDS: true once PID has exited
   local i
   for ((i = 0; i < $2 * 10; i++)); do
@@ -29,32 +24,6 @@ gone() { # PID SECONDS: true once PID has exited
 }
 
 case "${1:-}" in
-  replica-start)
-    idx=${2:?slot}
-    port=${3:?port}
-    # shellcheck disable=SC1091
-    . "$LAB_STATE/lab.env"
-    mapfile -t settings <"$LAB_STATE/sluice.env"
-    env "${settings[@]}" MONGO_URI="$MONGO_URI" REDIS_URL="$REDIS_URL" APP_PORT="$port" \
-      POD_NAME="sluice-local-$idx" "$(cat "$LAB_STATE/sluice.bin")" \
-      </dev/null >>"$LAB_STATE/sluice-$idx.log" 2>&1 &
-    pid=$!
-    lab_record_pid "sluice-$idx" "$pid"
-    echo "$pid" >"$LAB_STATE/slot-$idx.pid"
-    echo "$port" >"$LAB_STATE/slot-$idx.port"
-    lab_wait_http "http://127.0.0.1:$port/readyz" 30 "$pid" || { tail -n 5 "$LAB_STATE/sluice-$idx.log" >&2; exit 1; }
-    echo "$pid $port"
-    ;;
-  replica-stop)
-    pid=$(slot_pid "${2:?slot}") || exit 0
-    t0=$SECONDS
-    kill -TERM "$pid" 2>/dev/null || exit 0
-    if gone "$pid" 60; then echo "exited after $((SECONDS - t0)) s"; else kill -KILL "$pid"; echo "killed after 60 s"; exit 1; fi
-    ;;
-  replica-kill)
-    pid=$(slot_pid "${2:?slot}") || exit 1
-    kill -KILL "$pid" && gone "$pid" 5
-    ;;
   redis-restart)
     # shellcheck disable=SC1091
     . "$LAB_STATE/lab.env"
@@ -104,7 +73,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -373,12 +373,8 @@ for ((r = 0; r < SLOTS; r++)); do
   echo "$r $port" >>"$LAB_STATE/slots"
 done
 for ((r = 0; r < REPLICAS; r++)); do
-  pid=""
-  read -r pid _ < <("$HERE/ctl.sh" replica-start "$r" "${APP_PORTS[$r]}") || true
-  [ -n "$pid" ] || {
-    tail -n 20 "$LAB_STATE/sluice-$r.log" >&2
-    lab_die "sluice-local-$r is not ready after 30 s"
-  }
+  pid=$("$LAB_BIN" replica-start --state "$LAB_STATE" "$r" "${APP_PORTS[$r]}") ||
+    lab_die "sluice-local-$r did not start (above, the end of its log)"
   lab_info "sluice-local-$r on 127.0.0.1:${APP_PORTS[$r]} (pid $pid), log $(show "$LAB_STATE/sluice-$r.log")"
 done
 lab_info "all replicas answer /readyz"

@@ -1,12 +1,13 @@
 //! The local lab: what `lab/setup-local.sh` and `bench-report/` ask of Rust, and what it
-//! plays of Kubernetes. The shell scripts start and stop processes, mount disks and write
-//! cgroups; everything that measures, decides or judges is here.
+//! plays of Kubernetes. The shell scripts start the servers, mount disks and write
+//! cgroups; the replicas' lifecycle and everything that measures, decides or judges is
+//! here.
 //!
 //!     cargo run --release -p sluice-lab -- <subcommand>
 //!
 //! The modules follow the data: `util`; what the lab reads (`database`, `k8s`, `k6`,
-//! `procs`, `procfs`); what runs during a load (`autoscaler`, `conductor` with its
-//! `chaos`); what judges it afterwards (`report`, `load_report`); and the two
+//! `procs`, `procfs`); what runs during a load (`replica`, `autoscaler`, `conductor` with
+//! its `chaos`); what judges it afterwards (`report`, `load_report`); and the two
 //! measurements of their own (`ceiling`, `cost`). `db_args` is shared with the service's
 //! tests.
 
@@ -21,6 +22,7 @@ mod k8s;
 mod load_report;
 mod procfs;
 mod procs;
+mod replica;
 mod report;
 mod util;
 
@@ -90,6 +92,14 @@ enum Cmd {
     /// Print the seconds of load in PLAN, `k6 inspect`'s output: the longest scenario's
     /// start and stages (or duration), without the graceful stop.
     LoadSeconds { plan: PathBuf },
+    /// Start replica slot IDX on PORT with the lab's settings (STATE/sluice.env, lab.env),
+    /// wait for its /readyz, print its pid; fail with the end of its log.
+    ReplicaStart {
+        #[arg(long)]
+        state: PathBuf,
+        idx: usize,
+        port: u16,
+    },
     /// Sample, autoscale and inject faults until SIGTERM or STATE/conductor.stop.
     Conductor(conductor::ConductorArgs),
     /// Write the report JSON and SVG, print the verdict; exit 0 or 3.
@@ -170,6 +180,9 @@ async fn run(cmd: Cmd) -> Result<i32, Error> {
                     plan.display()
                 )
             })?),
+        Cmd::ReplicaStart { state, idx, port } => {
+            say(replica::Replica::new(&state, idx).start(port).await?)
+        }
         Cmd::Conductor(a) => {
             conductor::run(a).await?;
             0

@@ -1,5 +1,6 @@
 //! Processes and what they serve: liveness, open connections, free ports, HAProxy's runtime
-//! API, `lab/ctl.sh` (what needs root), and a replica's HTTP endpoints.
+//! API, `lab/ctl.sh` (the faults that act on the database, its disk and Redis), and a
+//! replica's HTTP endpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

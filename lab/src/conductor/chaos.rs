@@ -7,6 +7,7 @@ use serde_json::json;
 use super::{event, event_set, start_replica, ConductorArgs, SharedState, SlotState};
 use crate::k8s::sluice_config;
 use crate::procs::ctl;
+use crate::replica::Replica;
 use crate::util::{env_file, now};
 
 /// Seconds after an event whose failed requests belong to it.
@@ -104,8 +105,11 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
                 "chaos-kill-replica",
                 format!("kill -9 sluice-local-{idx}"),
             );
-            let (ok, _) = run(&["replica-kill", &idx.to_string()]).await;
-            finish(&sh, i, ok);
+            let killed = Replica::new(&a.state, idx).kill().await;
+            if let Err(e) = &killed {
+                event_set(&sh, i, "error", json!(e.to_string()));
+            }
+            finish(&sh, i, killed.is_ok());
             sh.lock().unwrap().slots[idx].state = SlotState::Off;
             start_replica(&a, &sh, idx, "replacing the killed replica");
         } else {

@@ -18,8 +18,9 @@ use crate::autoscaler::Autoscaler;
 use crate::database::{client, server_status, DbCounters, COUNTED_COMMANDS};
 use crate::k8s::Hpa;
 use crate::procs::{
-    alive, connections_by_port, ctl, free_port, haproxy, haproxy_stat, http_get, metric_value,
+    alive, connections_by_port, free_port, haproxy, haproxy_stat, http_get, metric_value,
 };
+use crate::replica::Replica;
 use crate::util::{now, read_to_string, Error};
 
 pub use chaos::EVENT_WINDOW_S;
@@ -124,8 +125,8 @@ pub fn server_name(idx: usize) -> String {
     format!("replicas/sluice-local-{idx}")
 }
 
-/// Starts slot `idx` on a fresh port, as a new pod gets a new address (ctl.sh waits for
-/// /readyz), then lets HAProxy send it requests.
+/// Starts slot `idx` on a fresh port, as a new pod gets a new address, waits for its
+/// /readyz, then lets HAProxy send it requests.
 pub fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
     {
         let mut s = sh.lock().unwrap();
@@ -133,48 +134,48 @@ pub fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str)
         s.slots[idx].expected_exit = false;
     }
     let (a, sh, why) = (a.clone(), sh.clone(), why.to_string());
-    tokio::task::spawn_blocking(move || {
-        let (ok, out) = match free_port(a.port_tag, &a.state.join("ports")) {
-            Ok(port) => ctl(
-                &a.root,
-                &["replica-start", &idx.to_string(), &port.to_string()],
-            ),
-            Err(e) => (false, e.to_string()),
+    tokio::spawn(async move {
+        let started = match free_port(a.port_tag, &a.state.join("ports")) {
+            Ok(port) => Replica::new(&a.state, idx)
+                .start(port)
+                .await
+                .map(|pid| (pid, port)),
+            Err(e) => Err(e),
         };
         let mut s = sh.lock().unwrap();
-        let mut words = out.split_whitespace();
-        let pid: Option<u32> = words.next().and_then(|p| p.parse().ok());
-        let port: Option<u16> = words.next().and_then(|p| p.parse().ok());
-        if let (true, Some(pid), Some(port)) = (ok, pid, port) {
-            s.slots[idx].pid = Some(pid);
-            s.slots[idx].port = port;
-            s.slots[idx].state = SlotState::Ready;
-            s.slots[idx].cpu_seconds = None;
-            // A new pod, a new address: the slot's server gets the replica's port.
-            let name = server_name(idx);
-            haproxy(
-                &a.state,
-                &format!("set server {name} addr 127.0.0.1 port {port}"),
-            );
-            haproxy(&a.state, &format!("set server {name} state ready"));
-            haproxy(&a.state, &format!("set server {name} health up"));
-            write_targets(&a.state, &s.slots);
-            drop(s);
-            event(&sh, "replica-ready", format!("sluice-local-{idx} ({why})"));
-        } else {
-            s.slots[idx].state = SlotState::Off;
-            drop(s);
-            event(
-                &sh,
-                "replica-failed",
-                format!("sluice-local-{idx} did not become ready ({why})"),
-            );
+        match started {
+            Ok((pid, port)) => {
+                s.slots[idx].pid = Some(pid);
+                s.slots[idx].port = port;
+                s.slots[idx].state = SlotState::Ready;
+                s.slots[idx].cpu_seconds = None;
+                // A new pod, a new address: the slot's server gets the replica's port.
+                let name = server_name(idx);
+                haproxy(
+                    &a.state,
+                    &format!("set server {name} addr 127.0.0.1 port {port}"),
+                );
+                haproxy(&a.state, &format!("set server {name} state ready"));
+                haproxy(&a.state, &format!("set server {name} health up"));
+                write_targets(&a.state, &s.slots);
+                drop(s);
+                event(&sh, "replica-ready", format!("sluice-local-{idx} ({why})"));
+            }
+            Err(e) => {
+                s.slots[idx].state = SlotState::Off;
+                drop(s);
+                event(
+                    &sh,
+                    "replica-failed",
+                    format!("sluice-local-{idx} did not become ready ({why}): {e}"),
+                );
+            }
         }
     });
 }
 
 /// As Kubernetes removes a pod: out of the endpoints (HAProxy drain, Prometheus), then
-/// SIGTERM, which sluice answers by draining and flushing; ctl.sh waits for its exit.
+/// SIGTERM, which sluice answers by draining and flushing, and the wait for its exit.
 pub fn stop_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) {
     {
         let mut s = sh.lock().unwrap();
@@ -187,9 +188,9 @@ pub fn stop_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) 
         &format!("set server {} state drain", server_name(idx)),
     );
     let (a, sh, why) = (a.clone(), sh.clone(), why.to_string());
-    tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_secs(1));
-        let (ok, out) = ctl(&a.root, &["replica-stop", &idx.to_string()]);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopped = Replica::new(&a.state, idx).stop().await;
         haproxy(
             &a.state,
             &format!("set server {} state maint", server_name(idx)),
@@ -198,17 +199,11 @@ pub fn stop_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) 
         s.slots[idx].state = SlotState::Off;
         s.slots[idx].pid = None;
         drop(s);
+        let how = stopped.unwrap_or_else(|e| e.to_string());
         event(
             &sh,
             "replica-stopped",
-            format!(
-                "sluice-local-{idx} ({why}; SIGTERM, {})",
-                if ok {
-                    out
-                } else {
-                    "did not exit cleanly".into()
-                }
-            ),
+            format!("sluice-local-{idx} ({why}; SIGTERM, {how})"),
         );
     });
 }

@@ -1,0 +1,228 @@
+//! A replica's lifecycle, as the kubelet runs a pod: started with the cluster's settings
+//! on an address of its own and waited for until `/readyz` answers, stopped with SIGTERM
+//! (sluice drains and flushes) and waited for, or killed. setup-local.sh starts the first
+//! replicas through `lab replica-start`; the conductor starts, stops and kills the rest
+//! through these functions. Which replica and when is the conductor's to decide.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::procs::{alive, http_get};
+use crate::util::{env_file, read_to_string, Error};
+
+/// Slot `idx`'s replica in `state`: its pid file, log and name.
+pub struct Replica<'a> {
+    state: &'a Path,
+    idx: usize,
+}
+
+impl<'a> Replica<'a> {
+    pub fn new(state: &'a Path, idx: usize) -> Replica<'a> {
+        Replica { state, idx }
+    }
+
+    pub fn name(&self) -> String {
+        format!("sluice-local-{}", self.idx)
+    }
+
+    fn file(&self, suffix: &str) -> std::path::PathBuf {
+        self.state.join(format!("slot-{}.{suffix}", self.idx))
+    }
+
+    /// The pid setup or the conductor last started in this slot.
+    pub fn pid(&self) -> Option<u32> {
+        read_to_string(self.file("pid"))?.trim().parse().ok()
+    }
+
+    /// Starts sluice on `port` with STATE/sluice.env's settings and lab.env's URIs, its
+    /// output appended to STATE/sluice-IDX.log, and waits up to 30 s for `/readyz` 200.
+    /// The replica gets a process group of its own: a Ctrl-C in setup's terminal is for
+    /// setup's trap, which stops the replicas in order, not for every replica at once.
+    pub async fn start(&self, port: u16) -> Result<u32, Error> {
+        let bin = read_to_string(self.state.join("sluice.bin")).ok_or("no STATE/sluice.bin")?;
+        let uris = env_file(&self.state.join("lab.env"));
+        let settings = env_file(&self.state.join("sluice.env"));
+        let log_path = self.state.join(format!("sluice-{}.log", self.idx));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(bin.trim());
+        cmd.envs(&settings);
+        for key in ["MONGO_URI", "REDIS_URL"] {
+            cmd.env(
+                key,
+                uris.get(key).ok_or(format!("no {key} in STATE/lab.env"))?,
+            );
+        }
+        let mut child = cmd
+            .env("APP_PORT", port.to_string())
+            .env("POD_NAME", self.name())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        let pid = child.id();
+        // Reaped when it exits, so that a stopped replica is not left a zombie of the
+        // conductor's; `alive` already counts a zombie as gone.
+        std::thread::spawn(move || child.wait());
+        record_pid(self.state, &self.name(), pid)?;
+        std::fs::write(self.file("pid"), format!("{pid}\n"))?;
+        std::fs::write(self.file("port"), format!("{port}\n"))?;
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}/readyz");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && alive(pid) {
+            if matches!(http_get(&http, &url, 2000).await, Some((200, _))) {
+                return Ok(pid);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let log = read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!(
+            "{} (pid {pid}) {} within 30 s; the end of its log:\n{}",
+            self.name(),
+            if alive(pid) {
+                "was not ready"
+            } else {
+                "exited"
+            },
+            tail.join("\n")
+        )
+        .into())
+    }
+
+    /// SIGTERM, then waits up to 60 s for the exit; kills it after that. Says how long
+    /// the drain took, or fails saying it had to be killed.
+    pub async fn stop(&self) -> Result<String, Error> {
+        let Some(pid) = self.pid().filter(|p| alive(*p)) else {
+            return Ok("not running".into());
+        };
+        let t0 = Instant::now();
+        signal(pid, Signal::SIGTERM)?;
+        if gone(pid, Duration::from_secs(60)).await {
+            return Ok(format!("exited after {} s", t0.elapsed().as_secs()));
+        }
+        signal(pid, Signal::SIGKILL)?;
+        Err(format!(
+            "{} did not exit within 60 s of SIGTERM: killed",
+            self.name()
+        )
+        .into())
+    }
+
+    /// kill -9, as a node losing the pod would; waits up to 5 s for it to be gone.
+    pub async fn kill(&self) -> Result<(), Error> {
+        let pid = self.pid().ok_or(format!("{} has no pid", self.name()))?;
+        signal(pid, Signal::SIGKILL)?;
+        if gone(pid, Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(format!("{} (pid {pid}) outlived SIGKILL by 5 s", self.name()).into())
+        }
+    }
+}
+
+fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
+    let pid = i32::try_from(pid)?;
+    match kill(Pid::from_raw(pid), sig) {
+        // Gone already: what the signal was for.
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(format!("{sig} to pid {pid}: {e}").into()),
+    }
+}
+
+async fn gone(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// Appends "NAME PID START" to STATE/pids, as lab/lib.sh's `lab_record_pid` does for the
+/// processes setup starts: cleanup signals a pid only while its start time (field 22 of
+/// /proc/PID/stat, in clock ticks since boot) still matches, never a later process that
+/// got the same pid.
+fn record_pid(state: &Path, name: &str, pid: u32) -> Result<(), Error> {
+    use std::io::Write;
+    let start = read_to_string(format!("/proc/{pid}/stat"))
+        .and_then(|s| {
+            s.rsplit_once(") ")?
+                .1
+                .split_whitespace()
+                .nth(19)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "0".into());
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("pids"))?;
+    writeln!(f, "{name} {pid} {start}")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state folder whose "sluice" is `bin`.
+    fn state_with(bin: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("sluice.bin"), bin).unwrap();
+        std::fs::write(
+            dir.path().join("lab.env"),
+            "MONGO_URI=mongodb://127.0.0.1:1\nREDIS_URL=redis://127.0.0.1:1\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("sluice.env"), "LOG_LEVEL=info\n").unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_exits_fails_its_start_with_its_log_and_is_recorded() {
+        let dir = state_with("/bin/false");
+        let r = Replica::new(dir.path(), 3);
+        let err = r.start(1).await.unwrap_err().to_string();
+        assert!(
+            err.contains("sluice-local-3") && err.contains("exited"),
+            "{err}"
+        );
+        let pid = r.pid().unwrap();
+        let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap();
+        assert!(
+            pids.starts_with(&format!("sluice-local-3 {pid} ")),
+            "{pids}"
+        );
+        assert_eq!(r.stop().await.unwrap(), "not running");
+    }
+
+    #[tokio::test]
+    async fn stop_and_kill_end_the_process_in_the_slot() {
+        for how in ["stop", "kill"] {
+            let dir = state_with("/bin/false");
+            let r = Replica::new(dir.path(), 0);
+            let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+            std::fs::write(r.file("pid"), child.id().to_string()).unwrap();
+            if how == "stop" {
+                assert!(r.stop().await.unwrap().starts_with("exited after"));
+            } else {
+                r.kill().await.unwrap();
+            }
+            let status = child.wait().unwrap();
+            assert!(!status.success(), "{how}: {status}");
+        }
+    }
+}
