@@ -170,7 +170,7 @@ fi
 SLOTS=$((HPA_MAX + HPA_SURGE))
 [ "$REPLICAS" -le "$SLOTS" ] || SLOTS=$REPLICAS
 if [ "$AUTOSCALE" = 1 ]; then
-  lab_info "replicas:     autoscaled $HPA_MIN-$HPA_MAX on CPU (target $HPA_TARGET% of the request), time scale 1/$TIME_SCALE"
+  lab_info "replicas:     autoscaled $HPA_MIN-$HPA_MAX on memory (target $HPA_TARGET% of the request), time scale 1/$TIME_SCALE"
 else
   lab_info "replicas:     $REPLICAS, fixed"
 fi
