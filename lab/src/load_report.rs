@@ -421,8 +421,8 @@ fn instructions(dir: &Path) -> BTreeMap<String, u64> {
             let part = path.file_stem()?.to_str()?.to_string();
             let summary = load(&path)?;
             // The new count is the first of Left ("no earlier run") or Both (new, old).
-            let ir = &summary["profiles"][0]["summaries"]["total"]["summary"]["Callgrind"]
-                ["Ir"]["metrics"];
+            let ir = &summary["profiles"][0]["summaries"]["total"]["summary"]["Callgrind"]["Ir"]
+                ["metrics"];
             let new = ir["Left"]
                 .as_object()
                 .or_else(|| ir["Both"][0].as_object())?;
@@ -578,7 +578,6 @@ pub fn run(dir: &Path) -> Result<(), Error> {
 mod tests {
     use super::*;
 
-
     #[test]
     fn instructions_are_the_new_count_of_each_gungraun_summary() {
         let dir = tempfile::tempdir().unwrap();
@@ -590,7 +589,11 @@ mod tests {
                 .to_string()
         };
         // A first run has only the new count; a later one the new and the old.
-        std::fs::write(parts.join("records.json"), summary(json!({"Left": {"Int": 34129}}))).unwrap();
+        std::fs::write(
+            parts.join("records.json"),
+            summary(json!({"Left": {"Int": 34129}})),
+        )
+        .unwrap();
         std::fs::write(
             parts.join("answer.json"),
             summary(json!({"Both": [{"Int": 7946}, {"Int": 8000}]})),

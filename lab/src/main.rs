@@ -24,6 +24,7 @@ mod procfs;
 mod procs;
 mod replica;
 mod report;
+mod state;
 mod util;
 
 use std::path::PathBuf;

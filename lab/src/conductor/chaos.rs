@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-
-use super::{event, event_set, start_replica, ConductorArgs, SharedState, SlotState};
+use super::{event, event_update, start_replica, ConductorArgs, SharedState, SlotState};
 use crate::k8s::sluice_config;
 use crate::procs::ctl;
 use crate::replica::Replica;
@@ -69,8 +67,10 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
             kind,
             format!("skipped: {left:.0} s of the load were left; it needs {need:.0} s (its own {own_s:.0} s and the report's {EVENT_WINDOW_S} s window)"),
         );
-        event_set(sh, i, "skipped", json!(true));
-        event_set(sh, i, "not_enough_time", json!(true));
+        event_update(sh, i, |e| {
+            e.skipped = true;
+            e.not_enough_time = true;
+        });
         finish(sh, i, true);
         false
     };
@@ -107,14 +107,15 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
             );
             let killed = Replica::new(&a.state, idx).kill().await;
             if let Err(e) = &killed {
-                event_set(&sh, i, "error", json!(e.to_string()));
+                let error = e.to_string();
+                event_update(&sh, i, |e| e.error = Some(error));
             }
             finish(&sh, i, killed.is_ok());
             sh.lock().unwrap().slots[idx].state = SlotState::Off;
             start_replica(&a, &sh, idx, "replacing the killed replica");
         } else {
             let i = event(&sh, "chaos-kill-replica", "no ready replica to kill".into());
-            event_set(&sh, i, "ok", json!(false));
+            event_update(&sh, i, |e| e.ok = Some(false));
         }
         settle(sh.clone()).await;
     }
@@ -155,7 +156,7 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
         let (ok1, _) = run(&["db-signal", "STOP"]).await;
         tokio::time::sleep(stall).await;
         let (ok2, _) = run(&["db-signal", "CONT"]).await;
-        event_set(&sh, i, "stall_end", json!(now()));
+        event_update(&sh, i, |e| e.stall_end = Some(now()));
         finish(&sh, i, ok1 && ok2);
         settle(sh.clone()).await;
     }
@@ -181,8 +182,10 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
 
 /// The fault's event is over: when, and whether the lab could inject it.
 fn finish(sh: &SharedState, i: usize, ok: bool) {
-    event_set(sh, i, "end", json!(now()));
-    event_set(sh, i, "ok", json!(ok));
+    event_update(sh, i, |e| {
+        e.end = Some(now());
+        e.ok = Some(ok);
+    });
 }
 
 async fn disk_full<F, R>(sh: &SharedState, run: &F, hold: f64)
@@ -197,31 +200,24 @@ where
     );
     let (ok, out) = run(&["disk-fill"]).await;
     if ok {
-        event_set(
-            sh,
-            i,
-            "detail",
-            json!(format!(
-                "filled the database's disk ({out}), held it full, freed it"
-            )),
-        );
+        event_update(sh, i, |e| {
+            e.detail = format!("filled the database's disk ({out}), held it full, freed it")
+        });
         tokio::time::sleep(Duration::from_secs_f64(hold)).await;
         let (ok2, out2) = run(&["disk-free"]).await;
-        event_set(sh, i, "ok", json!(ok2));
-        if !out2.is_empty() {
-            event_set(
-                sh,
-                i,
-                "detail",
-                json!(format!(
-                    "filled the database's disk ({out}), held it full, freed it; {out2}"
-                )),
-            );
-        }
+        event_update(sh, i, |e| {
+            e.ok = Some(ok2);
+            if !out2.is_empty() {
+                e.detail =
+                    format!("filled the database's disk ({out}), held it full, freed it; {out2}");
+            }
+        });
     } else {
-        event_set(sh, i, "detail", json!(format!("skipped: {out}")));
-        event_set(sh, i, "skipped", json!(true));
-        event_set(sh, i, "ok", json!(true));
+        event_update(sh, i, |e| {
+            e.detail = format!("skipped: {out}");
+            e.skipped = true;
+            e.ok = Some(true);
+        });
     }
-    event_set(sh, i, "end", json!(now()));
+    event_update(sh, i, |e| e.end = Some(now()));
 }

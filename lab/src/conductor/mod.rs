@@ -2,17 +2,17 @@
 //! HAProxy's counters and each replica (CPU, RSS, open connections, queue depth,
 //! /readyz); it autoscales like the HPA (replicas join and leave HAProxy through its
 //! runtime API, and Prometheus through a file_sd file) and, with `--chaos`, injects the
-//! faults. It writes `timeline.jsonl` and `events.json` into the state folder.
+//! faults. It writes the timeline, the events and the autoscaling it played through
+//! `state`.
 
 mod chaos;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::autoscaler::Autoscaler;
 use crate::database::{client, server_status, DbCounters, COUNTED_COMMANDS};
@@ -21,6 +21,9 @@ use crate::procs::{
     alive, connections_by_port, free_port, haproxy, haproxy_stat, http_get, metric_value,
 };
 use crate::replica::Replica;
+use crate::state::{
+    write_autoscaling, write_events, Autoscaling, Event, ReplicaSample, Row, TimelineWriter,
+};
 use crate::util::{now, read_to_string, Error};
 
 pub use chaos::EVENT_WINDOW_S;
@@ -83,7 +86,7 @@ pub struct Slot {
 #[derive(Default)]
 pub struct Shared {
     slots: Vec<Slot>,
-    events: Vec<Value>,
+    events: Vec<Event>,
     restarts: u64,
     /// Every ready replica answered /readyz 200 in the last tick.
     all_ready: bool,
@@ -97,14 +100,14 @@ pub fn event(sh: &SharedState, kind: &str, detail: String) -> usize {
     let t = now();
     eprintln!("    [lab] {kind}: {detail}");
     let mut s = sh.lock().unwrap();
-    s.events
-        .push(json!({"t": t, "kind": kind, "detail": detail}));
+    s.events.push(Event::new(t, kind, detail));
     s.events.len() - 1
 }
 
-pub fn event_set(sh: &SharedState, i: usize, key: &str, v: Value) {
+/// Adds to event `i` what became known after it was recorded.
+pub fn event_update(sh: &SharedState, i: usize, update: impl FnOnce(&mut Event)) {
     if let Some(e) = sh.lock().unwrap().events.get_mut(i) {
-        e[key] = v;
+        update(e);
     }
 }
 
@@ -251,23 +254,28 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
         ),
     };
     event(&sh, "autoscaler", mode.clone());
-    std::fs::write(
-        a.state.join("autoscaler.json"),
-        json!({"mode": mode, "time_scale": scale, "fixed_replicas": a.replicas,
-               "min": hpa.min, "max": hpa.max, "surge": hpa.surge, "target_pct": hpa.target_pct,
-               "memory_request_mib": hpa.memory_request_mib,
-               "scale_up_window_s": hpa.up.window_s, "scale_down_window_s": hpa.down.window_s})
-        .to_string(),
+    write_autoscaling(
+        &a.state,
+        &Autoscaling {
+            mode,
+            time_scale: scale,
+            fixed_replicas: a.replicas,
+            min: hpa.min,
+            max: hpa.max,
+            surge: hpa.surge,
+            target_pct: hpa.target_pct,
+            memory_request_mib: hpa.memory_request_mib,
+            scale_up_window_s: hpa.up.window_s,
+            scale_down_window_s: hpa.down.window_s,
+            held_at_minimum_pct: None,
+        },
     )?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
     let db = client(&a.mongo_uri).await?;
-    let mut timeline = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(a.state.join("timeline.jsonl"))?;
+    let mut timeline = TimelineWriter::open(&a.state)?;
     let mut prev_db: Option<(f64, DbCounters)> = None;
     let mut prev_fe: Option<(u64, u64, u64)> = None;
     let mut scaler = Autoscaler::default();
@@ -299,21 +307,26 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
             .ok()
             .and_then(|r| r.ok());
         let t_answer = now();
-        let mut row = json!({"t": t, "second": t.floor() as i64, "phase": phase});
+        let mut row = Row {
+            t,
+            second: t.floor() as i64,
+            phase: phase.clone(),
+            ..Row::default()
+        };
         if let Some(cur) = db_now {
             if let Some((pt, prev)) = &prev_db {
                 // Counters restart from 0 when the database restarts.
                 let d = |a: u64, b: u64| if b >= a { b - a } else { b };
-                row["db_commands"] = json!(d(prev.counted(), cur.counted()));
-                row["db_other"] = json!(d(
+                row.db_commands = Some(d(prev.counted(), cur.counted()));
+                row.db_other = Some(d(
                     prev.total() - prev.counted(),
-                    cur.total() - cur.counted()
+                    cur.total() - cur.counted(),
                 ));
-                row["documents"] = json!(d(prev.inserted, cur.inserted));
-                row["span_s"] = json!(((t - pt).round()).max(1.0));
+                row.documents = Some(d(prev.inserted, cur.inserted));
+                row.span_s = Some(((t - pt).round()).max(1.0));
                 // The counters were read somewhere between each request and its answer:
                 // the longest stretch of time this difference can cover.
-                row["window_s"] = json!(t_answer - pt);
+                row.window_s = Some(t_answer - pt);
                 let mut by = BTreeMap::new();
                 for c in COUNTED_COMMANDS {
                     let v = d(
@@ -321,10 +334,10 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                         cur.commands.get(c).copied().unwrap_or(0),
                     );
                     if v > 0 {
-                        by.insert(c, v);
+                        by.insert(c.to_string(), v);
                     }
                 }
-                row["db_by_name"] = json!(by);
+                row.db_by_name = Some(by);
             }
             prev_db = Some((t, cur));
         }
@@ -366,16 +379,18 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                 .filter(|r| r.get("status").is_some_and(|s| s.starts_with("DOWN")))
                 .filter_map(|r| r.get("svname").map(String::as_str))
                 .collect();
-            row["replicas_checked_down"] = json!(checked_down);
+            row.replicas_checked_down =
+                Some(checked_down.into_iter().map(str::to_string).collect());
             let cur = (g("req_tot"), g("hrsp_5xx"), replicas_5xx);
             if let Some(p) = prev_fe {
-                row["requests"] = json!(cur.0.saturating_sub(p.0));
-                row["failed"] = json!(cur.1.saturating_sub(p.1));
+                row.requests = Some(cur.0.saturating_sub(p.0));
+                row.failed = Some(cur.1.saturating_sub(p.1));
                 // HAProxy's own answers: no replica to send the request to.
-                row["haproxy_own_5xx"] = json!(cur
-                    .1
-                    .saturating_sub(p.1)
-                    .saturating_sub(cur.2.saturating_sub(p.2)));
+                row.haproxy_own_5xx = Some(
+                    cur.1
+                        .saturating_sub(p.1)
+                        .saturating_sub(cur.2.saturating_sub(p.2)),
+                );
             }
             prev_fe = Some(cur);
         }
@@ -389,7 +404,6 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                 .map(|x| (x.idx, x.port, x.pid, x.state, x.expected_exit))
                 .collect()
         };
-        let mut reps = vec![];
         let mut all_ready = true;
         let mut queue = 0.0;
         let mut utils = vec![];
@@ -436,15 +450,22 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                     utils.push(100.0 * kib as f64 / 1024.0 / hpa.memory_request_mib);
                 }
             }
-            reps.push(json!({
-                "slot": idx, "pid": pid, "port": port, "state": format!("{st:?}"), "ready": ready,
-                "cpu_cores": cpu, "rss_kib": crate::procfs::status_kib(pid, "VmRSS:"), "hwm_kib": crate::procfs::status_kib(pid, "VmHWM:"),
-                "connections": conns.get(&port).copied().unwrap_or(0), "queue_depth": depth,
-            }));
+            row.replica.push(ReplicaSample {
+                slot: idx,
+                pid,
+                port,
+                state: format!("{st:?}"),
+                ready,
+                cpu_cores: cpu,
+                rss_kib: crate::procfs::status_kib(pid, "VmRSS:"),
+                hwm_kib: crate::procfs::status_kib(pid, "VmHWM:"),
+                connections: conns.get(&port).copied().unwrap_or(0),
+                queue_depth: depth,
+            });
         }
-        row["replicas"] = json!(n_ready);
-        row["live_pods"] = json!(n_live);
-        row["all_ready"] = json!(all_ready && n_ready > 0);
+        row.replicas = n_ready;
+        row.live_pods = n_live;
+        row.all_ready = all_ready && n_ready > 0;
         let quiet = {
             let mut s = sh.lock().unwrap();
             s.all_ready = all_ready && n_ready > 0;
@@ -457,8 +478,7 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
         } else if quiet_file.exists() {
             std::fs::remove_file(&quiet_file)?;
         }
-        row["queue_depth"] = json!(queue);
-        row["replica"] = json!(reps);
+        row.queue_depth = queue;
 
         // Autoscaling, every HPA sync period (15 s, time-scaled), on the average memory.
         if !utils.is_empty() {
@@ -482,7 +502,7 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                     .count() as u32;
                 (cur, s.slots.iter().any(|x| x.state == SlotState::Starting))
             };
-            row["memory_util_pct"] = json!(util);
+            row.memory_util_pct = Some(util);
             if !busy {
                 let want = scaler.decide(&hpa, scale, t, current, util);
                 if want != current {
@@ -491,7 +511,7 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                         if want > current { "scale-up" } else { "scale-down" },
                         format!("{current} -> {want} replicas (average memory {util:.0}% of the request, target {}%)", hpa.target_pct),
                     );
-                    event_set(&sh, i, "replicas", json!(want));
+                    event_update(&sh, i, |e| e.replicas = Some(want));
                     let (off, on): (Vec<usize>, Vec<usize>) = {
                         let s = sh.lock().unwrap();
                         (
@@ -525,18 +545,12 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
             tokio::spawn(chaos::run(a.clone(), sh.clone()));
         }
 
-        writeln!(timeline, "{row}")?;
+        timeline.append(&row)?;
         let s = sh.lock().unwrap();
-        std::fs::write(
-            a.state.join("events.json"),
-            serde_json::to_string_pretty(&s.events)?,
-        )?;
+        write_events(&a.state, &s.events)?;
         std::fs::write(a.state.join("replica-restarts"), s.restarts.to_string())?;
     }
     let s = sh.lock().unwrap();
-    std::fs::write(
-        a.state.join("events.json"),
-        serde_json::to_string_pretty(&s.events)?,
-    )?;
+    write_events(&a.state, &s.events)?;
     Ok(())
 }

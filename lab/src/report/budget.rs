@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 
 use super::faults::Faults;
 use crate::database::COUNTED_COMMANDS;
+use crate::state::{Event, Row};
 
 /// What the report says of the budget.
 pub struct Budget {
@@ -36,8 +37,8 @@ impl Budget {
 /// Judges every sample of `timeline` against the replicas' settings, and counts each second over inside a fault window against that fault's event.
 pub fn judge(
     config: &sluice::config::Config,
-    timeline: &[Value],
-    events: &mut [Value],
+    timeline: &[Row],
+    events: &mut [Event],
     faults: &Faults,
 ) -> Budget {
     let budget = f64::from(config.budget.db_command_budget);
@@ -47,11 +48,8 @@ pub fn judge(
     // (`CLUSTER_RETRY`, 1 s) and a sample has closed after it.
     let redis_windows: Vec<(f64, f64)> = events
         .iter()
-        .filter(|e| e["kind"] == "chaos-redis-restart")
-        .filter_map(|e| {
-            let t0 = e["t"].as_f64()?;
-            Some((t0.floor(), e["end"].as_f64().unwrap_or(t0) + 3.0))
-        })
+        .filter(|e| e.kind == "chaos-redis-restart")
+        .map(|e| (e.t.floor(), e.end.unwrap_or(e.t) + 3.0))
         .collect();
 
     // The budget, second by second.
@@ -59,16 +57,17 @@ pub fn judge(
     let mut peak: f64 = 0.0;
     let mut seconds = 0;
     for r in timeline {
-        let (Some(c), Some(t)) = (r["db_commands"].as_f64(), r["t"].as_f64()) else {
+        let Some(c) = r.db_commands.map(|c| c as f64) else {
             continue;
         };
-        let span = r["span_s"].as_f64().unwrap_or(1.0);
-        let window = r["window_s"].as_f64().unwrap_or(span).max(span.min(1.0));
+        let t = r.t;
+        let span = r.span_s.unwrap_or(1.0);
+        let window = r.window_s.unwrap_or(span).max(span.min(1.0));
         seconds += 1;
         if span <= 1.0 {
             peak = peak.max(c);
         }
-        let pods = r["live_pods"].as_f64().unwrap_or(1.0).max(1.0);
+        let pods = f64::from(r.live_pods.max(1));
         let redis_fault = redis_windows.iter().any(|(a, b)| t >= *a && t < *b);
         let allowed = tolerance(
             budget,
@@ -91,16 +90,15 @@ pub fn judge(
     let fault_starts: Vec<(usize, f64)> = faults
         .events
         .iter()
-        .filter_map(|i| events[*i]["t"].as_f64().map(|t| (*i, t.floor())))
+        .map(|i| (*i, events[*i].t.floor()))
         .collect();
     for i in &faults.events {
-        events[*i]["seconds_over_budget"] = json!(0);
+        events[*i].seconds_over_budget = Some(0);
     }
     for o in &over_in {
         let t = o["t"].as_f64().unwrap_or(0.0);
         if let Some((i, _)) = fault_starts.iter().rev().find(|(_, t0)| *t0 <= t) {
-            let n = events[*i]["seconds_over_budget"].as_u64().unwrap_or(0);
-            events[*i]["seconds_over_budget"] = json!(n + 1);
+            *events[*i].seconds_over_budget.get_or_insert(0) += 1;
         }
     }
     let budget_ok = seconds > 0 && over.is_empty() && over_in.is_empty();

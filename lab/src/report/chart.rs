@@ -6,9 +6,10 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde_json::Value;
 
+use crate::state::Event;
 use crate::util::Error;
 
-pub fn draw(path: &Path, tl: &[Value], events: &[Value], budget: f64) -> Result<(), Error> {
+pub fn draw(path: &Path, tl: &[Value], events: &[Event], budget: f64) -> Result<(), Error> {
     let t0 = tl.first().and_then(|r| r["t"].as_f64()).unwrap_or(0.0);
     let xs = |k: &'static str| -> Vec<(f64, f64)> {
         tl.iter()
@@ -70,15 +71,15 @@ pub fn draw(path: &Path, tl: &[Value], events: &[Value], budget: f64) -> Result<
             .light_line_style(WHITE)
             .draw()?;
         for e in events {
-            if let Some(t) = e["t"].as_f64() {
-                let k = e["kind"].as_str().unwrap_or("");
-                let col = if k.starts_with("chaos") {
-                    RED.mix(0.4)
-                } else {
-                    GREEN.mix(0.3)
-                };
-                c.draw_series(LineSeries::new(vec![(t - t0, 0.0), (t - t0, y_max)], col))?;
-            }
+            let col = if e.kind.starts_with("chaos") {
+                RED.mix(0.4)
+            } else {
+                GREEN.mix(0.3)
+            };
+            c.draw_series(LineSeries::new(
+                vec![(e.t - t0, 0.0), (e.t - t0, y_max)],
+                col,
+            ))?;
         }
         if title.starts_with("database") {
             c.draw_series(DashedLineSeries::new(

@@ -19,7 +19,8 @@ use crate::autoscaler::held_at_minimum;
 use crate::database::COUNTED_COMMANDS;
 use crate::k6;
 use crate::k8s::{self, MemFormula};
-use crate::util::{env_file, load_json, read_to_string, Error};
+use crate::state::{self, Event};
+use crate::util::{env_file, read_to_string, Error};
 
 #[derive(clap::Args)]
 pub struct ReportArgs {
@@ -39,15 +40,9 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
     let st = &a.state;
     let meta = env_file(&st.join("meta.env"));
     let settings = env_file(&st.join("sluice.env"));
-    let timeline: Vec<Value> = read_to_string(st.join("timeline.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let mut events: Vec<Value> = load_json(&st.join("events.json"))
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default();
-    let mut autoscaler = load_json(&st.join("autoscaler.json")).unwrap_or(Value::Null);
+    let timeline = state::read_timeline(st);
+    let mut events = state::read_events(st)?;
+    let mut autoscaler = state::read_autoscaling(st);
     let data = k6::Summary::read(&st.join("k6-data.json")).map(|s| s.lab_report());
     let ceil = k6::Summary::read(&st.join("k6-healthz.json")).map(|s| s.lab_report());
 
@@ -69,33 +64,24 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
         docs.ceiling,
     );
 
-    if autoscaler["fixed_replicas"].is_null() && autoscaler.is_object() {
-        let num = |k: &str| autoscaler[k].as_f64().unwrap_or(0.0);
+    if let Some(a) = autoscaler.as_mut().filter(|a| a.fixed_replicas.is_none()) {
         let evals: Vec<(f64, u32, f64)> = timeline
             .iter()
-            .filter_map(|r| {
-                Some((
-                    r["t"].as_f64()?,
-                    r["replicas"].as_u64()? as u32,
-                    r["memory_util_pct"].as_f64()?,
-                ))
-            })
+            .filter_map(|r| Some((r.t, r.replicas, r.memory_util_pct?)))
             .collect();
-        let window = num("scale_up_window_s") / num("time_scale").max(1.0);
-        autoscaler["held_at_minimum_pct"] =
-            json!(held_at_minimum(&evals, num("min") as u32, window));
+        let window = a.scale_up_window_s / a.time_scale.max(1.0);
+        a.held_at_minimum_pct = held_at_minimum(&evals, a.min, window);
     }
 
     // The timeline, trimmed to what the chart and a reader need.
     let tl: Vec<Value> = timeline
         .iter()
         .map(|r| {
-            let sec = r["second"].as_i64().unwrap_or(0);
-            json!({"t": r["t"], "phase": r["phase"], "replicas": r["replicas"], "live_pods": r["live_pods"],
-                   "req_per_s": r["requests"], "failed_per_s": r["failed"], "p95_ms": prom.p95.get(&sec),
-                   "db_commands": r["db_commands"], "db_span_s": r["span_s"], "db_other_commands": r["db_other"],
-                   "documents": r["documents"], "queue_depth": r["queue_depth"], "all_ready": r["all_ready"],
-                   "memory_util_pct": r["memory_util_pct"]})
+            json!({"t": r.t, "phase": r.phase, "replicas": r.replicas, "live_pods": r.live_pods,
+                   "req_per_s": r.requests, "failed_per_s": r.failed, "p95_ms": prom.p95.get(&r.second),
+                   "db_commands": r.db_commands, "db_span_s": r.span_s, "db_other_commands": r.db_other,
+                   "documents": r.documents, "queue_depth": r.queue_depth, "all_ready": r.all_ready,
+                   "memory_util_pct": r.memory_util_pct})
         })
         .collect();
 
@@ -114,11 +100,11 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
         .filter_map(|l| l.split_whitespace().next()?.parse::<f64>().ok())
         .filter(|t| !faults.contains(*t))
         .count() as f64;
-    let faults_failed: Vec<&Value> = faults
+    let faults_failed: Vec<&Event> = faults
         .events
         .iter()
         .map(|i| &events[*i])
-        .filter(|e| e["ok"] != true)
+        .filter(|e| e.ok != Some(true))
         .collect();
 
     let m = MemFormula::sluice();
@@ -132,17 +118,15 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
         "every injected fault happened": faults_failed.is_empty(),
     });
     checks[format!("peak RSS within {formula}")] = json!(memory.iter().all(|m| m["ok"] == true));
-    let stalls: Vec<&Value> = events
+    let stalls: Vec<&Event> = events
         .iter()
-        .filter(|e| e["kind"] == "chaos-db-stall" && e["replicas_taken_out"].is_array())
+        .filter(|e| e.kind == "chaos-db-stall" && e.replicas_taken_out.is_some())
         .collect();
     if !stalls.is_empty() {
         checks["a database stall kept every replica in HAProxy (sluice answered, not HAProxy)"] =
             json!(stalls.iter().all(|e| {
-                e["replicas_taken_out"]
-                    .as_array()
-                    .is_some_and(Vec::is_empty)
-                    && e["haproxy_own_5xx"].as_f64() == Some(0.0)
+                e.replicas_taken_out.as_ref().is_some_and(Vec::is_empty)
+                    && e.haproxy_own_5xx == Some(0)
             }));
     }
     let sluice_ok = checks

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::faults::Faults;
+use crate::state::Row;
 
 pub struct Prometheus {
     /// Each alert that fired, with whether it followed an injected fault.
@@ -21,14 +22,11 @@ pub struct Prometheus {
 }
 
 /// Asks the Prometheus at `url` (none: the run had none) about the run `timeline` spans.
-pub async fn read(url: Option<&str>, timeline: &[Value], faults: &Faults) -> Prometheus {
+pub async fn read(url: Option<&str>, timeline: &[Row], faults: &Faults) -> Prometheus {
     let http = reqwest::Client::new();
     let (t_start, t_end) = (
-        timeline
-            .first()
-            .and_then(|r| r["t"].as_f64())
-            .unwrap_or(0.0),
-        timeline.last().and_then(|r| r["t"].as_f64()).unwrap_or(0.0),
+        timeline.first().map_or(0.0, |r| r.t),
+        timeline.last().map_or(0.0, |r| r.t),
     );
     let mut alerts = vec![];
     let mut prom = json!({"url": url});
@@ -111,8 +109,8 @@ pub async fn read(url: Option<&str>, timeline: &[Value], faults: &Faults) -> Pro
         if let Some(d) = prom_query(&http, base, "/api/v1/query_range", &range(q)).await {
             let data_t: Vec<f64> = timeline
                 .iter()
-                .filter(|r| r["phase"] == "data")
-                .filter_map(|r| r["t"].as_f64())
+                .filter(|r| r.phase == "data")
+                .map(|r| r.t)
                 .collect();
             if let (Some(first), Some(last)) = (data_t.first(), data_t.last()) {
                 let (first, last) = (first.floor(), last.ceil());
@@ -123,17 +121,13 @@ pub async fn read(url: Option<&str>, timeline: &[Value], faults: &Faults) -> Pro
         }
         // Replicas that were ready for 10 s or more: Prometheus' discovery hands new
         // targets to its scrapers at most every 5 s, so a shorter life may go unseen.
-        let mut ready_secs: BTreeMap<u64, u32> = BTreeMap::new();
-        for r in timeline {
-            for p in r["replica"].as_array().into_iter().flatten() {
-                if p["state"] == "Ready" {
-                    if let Some(port) = p["port"].as_u64() {
-                        *ready_secs.entry(port).or_insert(0) += 1;
-                    }
-                }
+        let mut ready_secs: BTreeMap<u16, u32> = BTreeMap::new();
+        for p in timeline.iter().flat_map(|r| &r.replica) {
+            if p.state == "Ready" {
+                *ready_secs.entry(p.port).or_insert(0) += 1;
             }
         }
-        let replicas_seen: Vec<u64> = ready_secs
+        let replicas_seen: Vec<u16> = ready_secs
             .iter()
             .filter(|(_, n)| **n >= 10)
             .map(|(p, _)| *p)

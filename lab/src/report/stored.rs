@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::k8s::MemFormula;
+use crate::state::Row;
 use crate::util::{load_json, read_to_string, Error};
 
 /// The documents: counted before and after, the ones the insert ceiling added (not
@@ -74,23 +75,14 @@ pub fn documents(st: &Path, meta: &BTreeMap<String, String>, data: Option<&Value
 }
 
 /// Each replica's peak RSS against M(C) at its peak connection count.
-pub fn memory(timeline: &[Value]) -> Vec<Value> {
+pub fn memory(timeline: &[Row]) -> Vec<Value> {
     let formula = MemFormula::sluice();
-    let mut per_pid: BTreeMap<u64, (u64, f64, f64)> = BTreeMap::new();
-    for r in timeline {
-        for p in r["replica"].as_array().into_iter().flatten() {
-            let (Some(pid), Some(slot)) = (p["pid"].as_u64(), p["slot"].as_u64()) else {
-                continue;
-            };
-            let e = per_pid.entry(pid).or_insert((slot, 0.0, 0.0));
-            let rss = p["hwm_kib"]
-                .as_f64()
-                .or(p["rss_kib"].as_f64())
-                .unwrap_or(0.0)
-                / 1024.0;
-            e.1 = e.1.max(rss);
-            e.2 = e.2.max(p["connections"].as_f64().unwrap_or(0.0));
-        }
+    let mut per_pid: BTreeMap<u32, (usize, f64, f64)> = BTreeMap::new();
+    for p in timeline.iter().flat_map(|r| &r.replica) {
+        let e = per_pid.entry(p.pid).or_insert((p.slot, 0.0, 0.0));
+        let rss = p.hwm_kib.or(p.rss_kib).unwrap_or(0) as f64 / 1024.0;
+        e.1 = e.1.max(rss);
+        e.2 = e.2.max(p.connections as f64);
     }
     per_pid
         .iter()

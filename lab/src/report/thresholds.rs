@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 
 use super::faults::Faults;
+use crate::state::Row;
 
 pub struct Judged {
     pub thresholds: Vec<Value>,
@@ -21,7 +22,7 @@ pub struct Judged {
 pub fn judge(
     data: Option<&Value>,
     ceil: Option<&Value>,
-    timeline: &[Value],
+    timeline: &[Row],
     faults: &Faults,
     k6_log: &str,
     latency_outside: Option<&(Vec<(f64, f64)>, f64)>,
@@ -30,8 +31,8 @@ pub fn judge(
     let best_stored = best_mean(
         &timeline
             .iter()
-            .filter(|r| r["phase"] == "data")
-            .map(|r| r["documents"].as_f64().unwrap_or(0.0))
+            .filter(|r| r.phase == "data")
+            .map(|r| r.documents.unwrap_or(0) as f64)
             .collect::<Vec<_>>(),
         10,
     );
@@ -39,20 +40,20 @@ pub fn judge(
     let mut sluice_threshold_fail = false;
     let (req_out, failed_out) = timeline
         .iter()
-        .filter(|r| r["phase"] == "data" && !r["t"].as_f64().is_some_and(|t| faults.contains(t)))
+        .filter(|r| r.phase == "data" && !faults.contains(r.t))
         .fold((0.0, 0.0), |(q, fl), r| {
             (
-                q + r["requests"].as_f64().unwrap_or(0.0),
-                fl + r["failed"].as_f64().unwrap_or(0.0),
+                q + r.requests.unwrap_or(0) as f64,
+                fl + r.failed.unwrap_or(0) as f64,
             )
         });
     // Failures k6 saw that HAProxy never answered with a 5xx (client timeouts, refused
     // connections) cannot be placed in time: all of them count as outside the windows.
     let haproxy_5xx: f64 = timeline
         .iter()
-        .filter(|r| r["phase"] == "data")
-        .filter_map(|r| r["failed"].as_f64())
-        .sum();
+        .filter(|r| r.phase == "data")
+        .filter_map(|r| r.failed)
+        .sum::<u64>() as f64;
     let k6_failed = data.map_or(0.0, |d| {
         d["requests"].as_f64().unwrap_or(0.0) * d["http_req_failed_rate"].as_f64().unwrap_or(0.0)
     });
