@@ -49,7 +49,7 @@ tools_step "cargo build --profile profiling (sluice and the lab)"
 cargo build --profile profiling --locked -p sluice -p sluice-lab --bins \
   >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/profiling
-COST=$BIN/examples/sluice_cost
+COST=("$BIN/lab" sluice-cost)
 if [ "$PERF" = 1 ]; then
   command -v perf >/dev/null || tools_apt linux-perf
   INFERNO=$(tools_inferno)
@@ -64,14 +64,14 @@ URL=http://127.0.0.1:$(cat "$LAB_STATE_DIR/slot-0.port")
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 tools_step "measuring: $CLIENTS clients, $SECONDS_PER_PATH s a path, $IDLE idle connections ($URL, pid $PID)"
-"$COST" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
+"${COST[@]}" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
   --idle "$IDLE" --out "$RUN/cost.json"
 
 if [ "$PERF" = 1 ]; then
   for path in /healthz /api/data; do
     name=${path##*/}
     tools_step "profiling $path: perf record while the same loop runs"
-    "$COST" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
+    "${COST[@]}" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
       --idle 0 --only "$path" --out "$RUN/cost-perf-$name.json" >/dev/null &
     load=$!
     sleep 2 # sluice-cost's warm-up
@@ -82,7 +82,7 @@ if [ "$PERF" = 1 ]; then
       "$INFERNO/inferno-collapse-perf" >"$RUN/folded-$name.txt"
     "$INFERNO/inferno-flamegraph" --title "sluice $path, $CLIENTS clients" \
       <"$RUN/folded-$name.txt" >"$RUN/flame-$name.svg"
-    "$COST" --top "$RUN/folded-$name.txt" | tee "$RUN/top-$name.txt"
+    "${COST[@]}" --top "$RUN/folded-$name.txt" | tee "$RUN/top-$name.txt"
     rm -f "$RUN/perf-$name.data"
   done
 fi

@@ -21,7 +21,7 @@
 #   -h, --help         this text
 #
 # What it does, in order:
-#   1. builds sluice and the two examples once (cargo build --release --locked) and copies
+#   1. builds sluice and the lab once (cargo build --release --locked) and copies
 #      the binaries into the run folder, so a rebuild meanwhile cannot change the run,
 #      and counts the instructions of the request path's parts without I/O under
 #      Valgrind (benches/request_instructions.rs), for the report beside the µs;
