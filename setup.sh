@@ -18,7 +18,10 @@ IMAGE=sluice:local # what docker build tags; the pods run this build's own tag, 
 # Kubernetes 1.36 (1.30, the line this used before, is out of support). 1.35 and newer
 # refuse cgroup v1 hosts unless told otherwise: the preflight handles that.
 K3S_IMAGE=${SLUICE_K3S_IMAGE:-rancher/k3s:v1.36.4-k3s1}
-AGENTS=2
+# AGENTS, NODE_MEMORY and MONITORING_NODE_MEMORY: the cluster's size, which docs/deploy.md
+# sums the pods' requests and limits against (lab/src/sizing.rs).
+# shellcheck source=k8s/cluster.env
+. "$ROOT/k8s/cluster.env"
 # What was asked for explicitly (an option, or its env variable): on an existing cluster,
 # which these cannot change, an explicit value that differs stops setup.sh, and an
 # unasked one is read from the cluster instead.
@@ -27,12 +30,7 @@ K3S_IMAGE_SET=0
 AGENTS_SET=0
 HTTP_PORT_SET=0
 RECREATE=0
-# Memory each k3d node advertises (k3d --servers-memory/--agents-memory). Without it
-# every node claims the whole Docker VM and the scheduler overcommits it three times.
-# docs/deploy.md sums the pods' requests and limits against it;
-# scripts/deploy/check_manifests.py sizing checks the sum.
-NODE_MEMORY=${SLUICE_NODE_MEMORY:-3g}
-MONITORING_NODE_MEMORY=4g # the default instead, when --monitoring creates the cluster
+NODE_MEMORY=${SLUICE_NODE_MEMORY:-$NODE_MEMORY}
 NODE_MEMORY_SET=0
 [ -z "${SLUICE_NODE_MEMORY:-}" ] || NODE_MEMORY_SET=1
 MONITORING=0

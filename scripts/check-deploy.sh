@@ -92,7 +92,6 @@ check "mongodb: the constraint check rejects every deliberate drift" "$PY" scrip
 check "app: ConfigMap/Secret/Deployment/HPA/PDB/Service/Ingress/NetworkPolicy agree" "$PY" scripts/deploy/check_manifests.py app
 check "traefik: HelmChartConfig values for 10,000 connections" "$PY" scripts/deploy/check_manifests.py traefik
 check "grafana: dashboard parses and queries only metrics sluice exports" "$PY" scripts/deploy/check_manifests.py dashboard
-check "sizing: every memory request/limit is the formula's, and the sum fits the k3d nodes" "$PY" scripts/deploy/check_manifests.py sizing
 check "monitoring: the HelmChart is pinned and its values fit k3d" "$PY" scripts/deploy/check_manifests.py monitoring
 
 # Images: pinned by digest, but for the two that cannot be (checkov's CKV_K8S_43 is
@@ -341,7 +340,7 @@ EOF
 check "alerts: amtool check-config of Alertmanager's config in $MONITORING_CHART" alertmanager_config
 
 # The metrics the rules and the dashboard query are checked against sluice's own
-# registry by tests/deploy_contract.rs, in Rust, where the registry is.
+# registry by lab/tests/deploy_contract.rs, in Rust, where the registry is.
 
 # ------------------------------------------------------------------ shell scripts
 

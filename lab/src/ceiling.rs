@@ -5,9 +5,11 @@
 //! No budget, no cache, no HTTP: whatever sluice stores per second can only approach this
 //! figure, so the load report sets sluice's documents/s against it.
 //!
-//!     cargo run --release -p sluice-lab -- insert-ceiling \
-//!         --uri mongodb://127.0.0.1:27017/assessmentdb --batch 250 --batch 2000 \
-//!         --seconds 15 --out ceiling.json
+//! ```text
+//! cargo run --release -p sluice-lab -- insert-ceiling \
+//!     --uri mongodb://127.0.0.1:27017/assessmentdb --batch 250 --batch 2000 \
+//!     --seconds 15 --out ceiling.json
+//! ```
 //!
 //! Each run also says what the client spent: this process's CPU per document stored,
 //! making the documents and driving them through the driver. That is the work an

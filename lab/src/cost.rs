@@ -1,8 +1,10 @@
 //! What sluice itself costs, read from its own process: CPU per request and memory per
 //! idle connection. The two rows of the performance table no other command measured.
 //!
-//!     cargo run --release -p sluice-lab -- sluice-cost --url http://127.0.0.1:8000 --pid PID \
-//!         --clients 1000 --seconds 20 --idle 5000 --out cost.json
+//! ```text
+//! cargo run --release -p sluice-lab -- sluice-cost --url http://127.0.0.1:8000 --pid PID \
+//!     --clients 1000 --seconds 20 --idle 5000 --out cost.json
+//! ```
 //!
 //! 1. **CPU per request.** `--clients` keep-alive connections in a closed loop, first on
 //!    `/healthz` (the same server's floor), then on `/api/data`, each for `--seconds`.

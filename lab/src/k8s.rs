@@ -83,16 +83,84 @@ pub fn replica_settings(root: &Path, lab: &[String]) -> Result<Vec<String>, Erro
 }
 
 pub fn configmap_data(text: &str) -> Result<Vec<(String, String)>, Error> {
+    string_map(text, "data", "configmap.yaml")
+}
+
+/// `key`'s map of a manifest, every value a string (a ConfigMap's `data`, a Secret's
+/// `stringData`), in its order.
+fn string_map(text: &str, key: &str, file: &str) -> Result<Vec<(String, String)>, Error> {
     let doc: serde_yaml::Value = serde_yaml::from_str(text)?;
-    let data = doc["data"]
+    let data = doc[key]
         .as_mapping()
-        .ok_or("configmap.yaml: no data map")?;
+        .ok_or(format!("{file}: no {key} map"))?;
     data.iter()
         .map(|(k, v)| match (k.as_str(), v.as_str()) {
             (Some(k), Some(v)) => Ok((k.to_string(), v.to_string())),
-            _ => Err(format!("configmap.yaml: {k:?} is not a string setting").into()),
+            _ => Err(format!("{file}: {k:?} is not a string setting").into()),
         })
         .collect()
+}
+
+/// A sluice pod's settings as the Deployment builds its environment (`envFrom`): the
+/// ConfigMap's `data` and the Secret's `stringData`, by environment name.
+pub fn pod_settings(root: &Path) -> Result<BTreeMap<String, String>, Error> {
+    let read = |f: &str| std::fs::read_to_string(root.join("k8s/app").join(f));
+    let mut settings: BTreeMap<String, String> = configmap_data(&read("configmap.yaml")?)?
+        .into_iter()
+        .collect();
+    settings.extend(string_map(
+        &read("secret.yaml")?,
+        "stringData",
+        "secret.yaml",
+    )?);
+    Ok(settings)
+}
+
+/// Every object of the `.yaml` files in `dir` (under `root`), in file order; a file may
+/// hold several documents. A kustomization.yaml is not an object and is left out.
+pub fn documents(root: &Path, dir: &str) -> Result<Vec<serde_yaml::Value>, Error> {
+    use serde::Deserialize;
+    let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+        .map_err(|e| format!("{dir}: {e}"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut docs = vec![];
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v =
+                serde_yaml::Value::deserialize(doc).map_err(|e| format!("{}: {e}", f.display()))?;
+            if !v.is_null() && v["kind"] != "Kustomization" {
+                docs.push(v);
+            }
+        }
+    }
+    Ok(docs)
+}
+
+/// The one object of `kind` named `name` among `docs`.
+pub fn find<'a>(
+    docs: &'a [serde_yaml::Value],
+    kind: &str,
+    name: &str,
+) -> Result<&'a serde_yaml::Value, Error> {
+    let mut hits = docs
+        .iter()
+        .filter(|d| d["kind"] == kind && d["metadata"]["name"] == name);
+    match (hits.next(), hits.next()) {
+        (Some(d), None) => Ok(d),
+        (None, _) => Err(format!("no {kind} {name}").into()),
+        (Some(_), Some(_)) => Err(format!("more than one {kind} {name}").into()),
+    }
+}
+
+/// A manifest of the repository at `root`, parsed.
+pub fn manifest(root: &Path, path: &str) -> Result<serde_yaml::Value, Error> {
+    let text = std::fs::read_to_string(root.join(path)).map_err(|e| format!("{path}: {e}"))?;
+    Ok(serde_yaml::from_str(&text).map_err(|e| format!("{path}: {e}"))?)
 }
 
 // ------------------------------------------------------------------------- the HPA

@@ -5,7 +5,9 @@
 //!
 //! `bench-report/run.sh` drives the lab and then runs this; run it alone to redraw:
 //!
-//!     cargo run --release -p sluice-lab -- load-report results/report-<time>
+//! ```text
+//! cargo run --release -p sluice-lab -- load-report results/report-<time>
+//! ```
 //!
 //! The folder holds, as the script writes them:
 //!

@@ -1,37 +1,16 @@
-//! The local lab: what `lab/setup-local.sh` and `bench-report/` ask of Rust, and what it
-//! plays of Kubernetes. The shell scripts start the servers, mount disks and write
-//! cgroups; the replicas' lifecycle and everything that measures, decides or judges is
-//! here.
-//!
-//!     cargo run --release -p sluice-lab -- <subcommand>
-//!
-//! The modules follow the data: `util`; what the lab reads (`database`, `k8s`, `k6`,
-//! `procs`, `procfs`); what runs during a load (`replica`, `autoscaler`, `conductor` with
-//! its `chaos`); what judges it afterwards (`report`, `load_report`); and the two
-//! measurements of their own (`ceiling`, `cost`). `db_args` is shared with the service's
-//! tests.
-
-mod autoscaler;
-mod ceiling;
-mod conductor;
-mod cost;
-mod database;
-mod db_args;
-mod k6;
-mod k8s;
-mod load_report;
-mod procfs;
-mod procs;
-mod replica;
-mod report;
-mod state;
-mod util;
+//! `lab`: the subcommands `lab/setup-local.sh`, `bench-report/` and the CI smoke run
+//! (`cargo run --release -p sluice-lab -- <subcommand>`); the lab itself is the library
+//! beside it (lib.rs).
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use util::{load_json, Error};
+use sluice_lab::util::{load_json, Error};
+use sluice_lab::{
+    ceiling, conductor, cost, database, db_args, k6, k8s, load_report, procs, replica, report,
+    sizing,
+};
 
 #[derive(Parser)]
 #[command(about = "the local lab's logic (see lab/README.md)")]
@@ -90,6 +69,9 @@ enum Cmd {
         #[arg(long)]
         lab: Vec<String>,
     },
+    /// Check every memory request and limit against docs/deploy.md's formula and their
+    /// sum against the k3d nodes (k8s/cluster.env); print the table; exit 1 on a problem.
+    Sizing { root: PathBuf },
     /// Print the seconds of load in PLAN, `k6 inspect`'s output: the longest scenario's
     /// start and stages (or duration), without the graceful stop.
     LoadSeconds { plan: PathBuf },
@@ -173,6 +155,7 @@ async fn run(cmd: Cmd) -> Result<i32, Error> {
             }
             0
         }
+        Cmd::Sizing { root } => sizing::run(&root)?,
         Cmd::LoadSeconds { plan } => say(load_json(&plan)
             .and_then(|p| k6::load_seconds(&p))
             .ok_or_else(|| {

@@ -32,6 +32,7 @@ pub fn env_file(p: &Path) -> BTreeMap<String, String> {
     read_to_string(p)
         .unwrap_or_default()
         .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
         .collect()

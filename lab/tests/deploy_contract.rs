@@ -1,41 +1,34 @@
 //! The deployment's contract with the code, checked where the code is: the manifests'
 //! settings go through sluice's own settings parser, every setting has one name (clap's),
-//! and every metric the dashboard and the alert rules query exists in sluice's registry. (`scripts/check-deploy.sh` checks
-//! the rest of the manifests; these checks used to grep the Rust source from Python.)
+//! and every metric the dashboard and the alert rules query exists in sluice's registry.
+//! The manifests are read by the lab's `k8s` module, the one reader of them in Rust.
+//! (`scripts/check-deploy.sh` checks the rest of the manifests.)
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser};
 use serde_yaml::Value;
 use sluice::config::Cli;
 use sluice::metrics::Metrics;
+use sluice_lab::k8s;
 
-fn yaml(path: &str) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+/// The repository: this crate is its `lab/`.
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn strings(map: &Value) -> BTreeMap<String, String> {
-    map.as_mapping()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        Value::String(s) => s.clone(),
-                        other => serde_yaml::to_string(other).unwrap().trim().to_string(),
-                    };
-                    (k.as_str().unwrap().to_string(), v)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+fn yaml(path: &str) -> Value {
+    k8s::manifest(&root(), path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// The pod's environment as the Deployment builds it: the ConfigMap and the Secret.
 fn pod_settings() -> BTreeMap<String, String> {
-    let mut settings = strings(&yaml("k8s/app/configmap.yaml")["data"]);
-    settings.extend(strings(&yaml("k8s/app/secret.yaml")["stringData"]));
-    settings
+    k8s::pod_settings(&root()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
@@ -66,7 +59,7 @@ fn clap_settings() -> BTreeSet<String> {
 
 /// The names in the first column of the README's "Configuration" table.
 fn readme_settings() -> BTreeSet<String> {
-    let readme = std::fs::read_to_string("README.md").unwrap();
+    let readme = read("README.md");
     let section = readme
         .split("\n## Configuration\n")
         .nth(1)
@@ -133,18 +126,9 @@ fn every_setting_has_one_name_in_clap_the_readme_and_the_manifests() {
 fn the_fallback_split_covers_every_pod_there_can_be() {
     let settings = pod_settings();
     let fallback: u32 = settings["BUDGET_FALLBACK_PODS"].parse().unwrap();
-    let max_replicas = yaml("k8s/app/hpa.yaml")["spec"]["maxReplicas"]
-        .as_u64()
-        .unwrap() as u32;
-    let surge = &yaml("k8s/app/deployment.yaml")["spec"]["strategy"]["rollingUpdate"]["maxSurge"];
-    let surge = match surge {
-        Value::Number(n) => n.as_u64().unwrap() as u32,
-        Value::String(p) if p.ends_with('%') => {
-            let pct: u32 = p.trim_end_matches('%').parse().unwrap();
-            (max_replicas * pct).div_ceil(100)
-        }
-        other => panic!("maxSurge {other:?}"),
-    };
+    // The HPA and the Deployment's surge as the lab's autoscaler reads them.
+    let hpa = k8s::Hpa::load(&root()).unwrap();
+    let (max_replicas, surge) = (hpa.max, hpa.surge);
     assert!(
         fallback >= max_replicas + surge,
         "BUDGET_FALLBACK_PODS ({fallback}) must be at least maxReplicas ({max_replicas}) + maxSurge ({surge}), the most pods that spend at once (a terminating pod draws nothing from the fallback): pods all cut off from Redis would overspend the budget"
@@ -189,7 +173,7 @@ fn assert_exported(used: &BTreeSet<String>, what: &str) {
 
 #[test]
 fn the_dashboard_queries_only_metrics_sluice_exports() {
-    let text = std::fs::read_to_string("k8s/grafana/sluice-dashboard.json").unwrap();
+    let text = read("k8s/grafana/sluice-dashboard.json");
     let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut used = BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {

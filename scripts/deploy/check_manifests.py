@@ -14,8 +14,6 @@
     check_manifests.py dashboard       the Grafana dashboard parses and queries only
                                        metrics that src/metrics.rs defines
     check_manifests.py traefik         the HelmChartConfig (a CRD no schema covers) is sane
-    check_manifests.py sizing          every memory request and limit follows the sizing
-                                       formula, and their sum fits the k3d nodes
     check_manifests.py monitoring      the kube-prometheus-stack HelmChart is pinned, and
                                        its values suit k3d and sluice's rules
 
@@ -74,7 +72,7 @@ ASSESSMENT_PHRASES = [
 PUBLIC_PATHS = ["/api/data", "/healthz", "/readyz", "/openapi.json"]
 
 # Where the connection URIs must come from. Which settings the cluster sets at all, and
-# that sluice reads each, is tests/deploy_contract.rs's (clap holds the names).
+# that sluice reads each, is lab/tests/deploy_contract.rs's (clap holds the names).
 SECRET_KEYS = {"MONGO_URI", "REDIS_URL"}
 
 
@@ -829,9 +827,9 @@ def cmd_app():
     if p:
         raise Failed(f"{len(p)} problem(s) in k8s/app")
     print(f"  settings: {len(cm)} from the ConfigMap, {len(secret_keys)} from the Secret"
-          + " (tests/deploy_contract.rs parses them through sluice's own settings)")
+          + " (lab/tests/deploy_contract.rs parses them through sluice's own settings)")
     print(f"  replicas left to the HPA ({hpa['spec']['minReplicas']}..{hpa['spec']['maxReplicas']} "
-          f"; BUDGET_FALLBACK_PODS checked by tests/deploy_contract.rs), grace {grace}s > preStop {pre_stop}s + drain {drain}s, "
+          f"; BUDGET_FALLBACK_PODS checked by lab/tests/deploy_contract.rs), grace {grace}s > preStop {pre_stop}s + drain {drain}s, "
           f"non-root uid {uid}, read-only root, no capabilities")
     print(f"  NetworkPolicies (default deny both ways; the check rejects all {len(networkpolicy_drifts())} "
           "deliberate drifts), connection by connection:")
@@ -856,7 +854,7 @@ def cmd_dashboard():
         for m in re.findall(r"\bsluice_[a-z0-9_]+", e):
             used.add(re.sub(r"_(bucket|sum|count)$", "", m))
     print(f"  {len(dash['panels'])} panels over {len(used)} metrics "
-          f"(tests/deploy_contract.rs checks each against sluice's registry)")
+          f"(lab/tests/deploy_contract.rs checks each against sluice's registry)")
 
 
 # ---------------------------------------------------------------- traefik
@@ -896,116 +894,6 @@ def cmd_traefik():
     print(f"  HelmChartConfig kube-system/traefik: values parse, {len(args)} extra argument(s), "
           f"{values.get('deployment', {}).get('replicas', 1)} replicas")
 
-# ---------------------------------------------------------------- sizing
-
-# docs/deploy.md, "Memory: one formula". Memory for C open connections is
-#     M(C) = base + k * C
-# request = M(C_typical) and limit = 1.1 * M(C_max), each rounded up to 16 MiB.
-# base and k per component; C_typical and C_max come from the manifests.
-PEAK_VUS = 10_000  # ASSESSMENT.md's load: 10,000 closed-loop clients
-# docs/deploy.md, "Memory: one formula", whose figures live in docs/sizing.json (the lab
-# reads the same file): for sluice, k covers a connection whose request waits in the
-# write queue (the most a connection holds, during a database stall); the base leaves
-# room for the read cache and a batch held by the driver.
-with open("docs/sizing.json") as _f:
-    SIZING = {k: v for k, v in json.load(_f).items() if isinstance(v, dict)}
-# k3s itself (server ~0.7 GiB, agents ~0.3 GiB each) and its add-ons (CoreDNS' 170 Mi
-# limit, metrics-server): an allowance, not a measurement.
-SYSTEM_MIB = 1536
-
-
-def mib(q):
-    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "k": 1000 / 1048576, "M": 1e6 / 1048576, "G": 1e9 / 1048576}
-    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(q))
-    return float(m.group(1)) * units.get(m.group(2), 1 / 1048576)
-
-
-def up16(x):
-    return int(-(-x // 16) * 16)
-
-
-def formula(name, typical, maximum):
-    f = SIZING[name]
-    m = lambda c: f["base"] + f["k_kib"] * c / 1024
-    return up16(m(typical)), up16(1.1 * m(maximum))
-
-
-def memory_limits_in(values):
-    """Every resources.limits.memory under a chart's values, in MiB."""
-    if isinstance(values, dict):
-        here = mib(values["limits"]["memory"]) if isinstance(values.get("limits"), dict) and "memory" in values["limits"] else 0
-        return here + sum(memory_limits_in(v) for k, v in values.items() if k != "limits")
-    if isinstance(values, list):
-        return sum(memory_limits_in(v) for v in values)
-    return 0
-
-
-def cmd_sizing():
-    p = []
-    app = load_docs("k8s/app/*.yaml")
-    cm = find(app, "ConfigMap", "sluice-config")["data"]
-    hpa = find(app, "HorizontalPodAutoscaler", "sluice")["spec"]
-    dep = find(app, "Deployment", "sluice")
-    sluice_res = dep["spec"]["template"]["spec"]["containers"][0]["resources"]
-    traefik_values = yaml.safe_load(find(load_docs("k8s/traefik/*.yaml"), "HelmChartConfig", "traefik")["spec"]["valuesContent"])
-    traefik_replicas = traefik_values.get("deployment", {}).get("replicas", 1)
-    redis = find(load_docs("k8s/redis/*.yaml"), "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]
-    redis_args = redis.get("args", [])
-    redis_maxclients = int(redis_args[redis_args.index("--maxclients") + 1])
-    mongo = find(load_docs("k8s/mongodb/*.yaml"), "Deployment", "mongo")["spec"]["template"]["spec"]["containers"][0]["resources"]
-
-    rows = [  # name, resources, C typical, C max, pods at most
-        ("sluice", sluice_res, PEAK_VUS // hpa["minReplicas"], int(cm["MAX_CONNECTIONS"]), hpa["maxReplicas"] + 1),
-        ("traefik", traefik_values["resources"], PEAK_VUS // traefik_replicas, PEAK_VUS, traefik_replicas),
-        ("redis", redis["resources"], hpa["maxReplicas"] + 2, redis_maxclients, 1),
-    ]
-    total_req = total_lim = 0
-    for name, res, typical, maximum, pods in rows:
-        want_req, want_lim = formula(name, typical, maximum)
-        got_req, got_lim = mib(res["requests"]["memory"]), mib(res["limits"]["memory"])
-        if (got_req, got_lim) != (want_req, want_lim):
-            p.append(f"{name}: memory {got_req:g}/{got_lim:g} Mi, the formula says "
-                     f"{want_req}/{want_lim} Mi (C = {typical} / {maximum})")
-        print(f"  {name:8} M(C) = {SIZING[name]['base']:g} MiB + {SIZING[name]['k_kib']} KiB x C: "
-              f"request M({typical}) = {want_req}Mi, limit 1.1 x M({maximum}) = {want_lim}Mi, x{pods} pod(s)")
-        total_req += got_req * pods
-        total_lim += got_lim * pods
-    total_req += mib(mongo["requests"]["memory"])
-    total_lim += mib(mongo["limits"]["memory"])
-
-    with open("setup.sh") as f:
-        setup = f.read()
-    agents = int(re.search(r"^AGENTS=(\d+)", setup, re.M).group(1))
-    node_mem = re.search(r"^NODE_MEMORY=\$\{SLUICE_NODE_MEMORY:-(\d+)g\}", setup, re.M)
-    mon_mem = re.search(r"^MONITORING_NODE_MEMORY=(\d+)g", setup, re.M)
-    if not node_mem or not mon_mem:
-        raise Failed("setup.sh must set NODE_MEMORY=${SLUICE_NODE_MEMORY:-<N>g} and MONITORING_NODE_MEMORY=<N>g")
-    nodes = agents + 1
-    capacity = nodes * int(node_mem.group(1)) * 1024
-    used = total_lim + SYSTEM_MIB
-    print(f"  at most: requests {total_req:.0f} Mi, limits {total_lim:.0f} Mi (sluice x{hpa['maxReplicas']} + 1 surge, "
-          f"Traefik x{traefik_replicas}, MongoDB, Redis) + {SYSTEM_MIB} Mi for k3s = {used:.0f} Mi "
-          f"of {nodes} nodes x {node_mem.group(1)} GiB = {capacity} Mi ({100 * used / capacity:.0f}%)")
-    if used > capacity:
-        p.append(f"limits + k3s ({used:.0f} Mi) exceed the k3d nodes' memory ({capacity} Mi)")
-
-    mon = find(load_docs("k8s/monitoring/*.yaml"), "HelmChart", "monitoring")
-    mon_values = yaml.safe_load(mon["spec"]["valuesContent"])
-    # The node exporter runs on every node; Grafana's sidecar values serve two containers.
-    exporter = memory_limits_in(mon_values.get("prometheus-node-exporter", {}))
-    sidecar = memory_limits_in(mon_values.get("grafana", {}).get("sidecar", {}))
-    mon_lim = memory_limits_in(mon_values) + exporter * (nodes - 1) + sidecar
-    mon_capacity = nodes * int(mon_mem.group(1)) * 1024
-    print(f"  with --monitoring: + {mon_lim:.0f} Mi of limits = {used + mon_lim:.0f} Mi "
-          f"of {nodes} nodes x {mon_mem.group(1)} GiB = {mon_capacity} Mi ({100 * (used + mon_lim) / mon_capacity:.0f}%)")
-    if used + mon_lim > mon_capacity:
-        p.append(f"with monitoring, limits + k3s ({used + mon_lim:.0f} Mi) exceed {mon_capacity} Mi")
-    for prob in p:
-        print(f"  {prob}")
-    if p:
-        raise Failed(f"{len(p)} sizing problem(s)")
-
-
 # ---------------------------------------------------------------- monitoring
 
 def cmd_monitoring():
@@ -1039,7 +927,6 @@ COMMANDS = {
     "app": cmd_app,
     "dashboard": cmd_dashboard,
     "traefik": cmd_traefik,
-    "sizing": cmd_sizing,
     "monitoring": cmd_monitoring,
 }
 
