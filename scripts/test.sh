@@ -41,7 +41,8 @@ tools_step "cargo test --workspace"
 cargo test --locked --workspace
 
 tools_step "instruction counts of the request path against benches/instructions.json (at most +5%)"
-GUNGRAUN_RUNNER=$(tools_gungraun_runner) cargo bench --locked --bench request_instructions
+GUNGRAUN_RUNNER=$(tools_gungraun_runner)
+GUNGRAUN_RUNNER=$GUNGRAUN_RUNNER cargo bench --locked --bench request_instructions
 
 tools_step "deployment checks"
 scripts/check-deploy.sh

@@ -90,19 +90,27 @@ impl Autoscaler {
 }
 
 /// The highest average memory utilisation (% of the request) that the replicas held
-/// through a whole scale-up window while at the minimum count, before the first change:
-/// what the HPA's target must be below, by its 10% tolerance, for the run to scale up.
-/// `evals` are the autoscaler's readings, (time, replicas, utilisation); `window_s` is
-/// already time-scaled.
-pub fn held_at_minimum(evals: &[(f64, u32, f64)], min: u32, window_s: f64) -> Option<f64> {
+/// through a whole scale-up window at the minimum count, before `until` (the first
+/// scaling decision: after it a new replica may still be starting while the ready count
+/// is the minimum): what the HPA's target must be below, by its 10% tolerance, for the
+/// run to scale up. `evals` are the autoscaler's readings, (time, ready replicas,
+/// utilisation); a reading at another count (a replica killed) belongs to no window.
+/// `window_s` is already time-scaled.
+pub fn held_at_minimum(
+    evals: &[(f64, u32, f64)],
+    min: u32,
+    window_s: f64,
+    until: f64,
+) -> Option<f64> {
     let at_min: Vec<(f64, f64)> = evals
         .iter()
-        .take_while(|e| e.1 == min)
+        .filter(|e| e.0 < until && e.1 == min)
         .map(|e| (e.0, e.2))
         .collect();
+    let first = at_min.first()?.0;
     at_min
         .iter()
-        .filter(|(t, _)| t - at_min[0].0 >= window_s)
+        .filter(|(t, _)| t - first >= window_s)
         .map(|(t, _)| {
             at_min
                 .iter()
@@ -244,12 +252,17 @@ mod tests {
             (3.0, 2, 75.0),
             (4.5, 2, 70.0),
             (6.0, 2, 40.0),
-            (7.5, 3, 90.0),
+            (7.5, 2, 95.0),
+            (9.0, 3, 90.0),
         ];
         // Windows of 3 s ending at 3.0 (50, 80, 75), 4.5 (80, 75, 70) and 6.0 (75, 70,
-        // 40); the reading after the change to 3 is not at the minimum.
-        assert_eq!(held_at_minimum(&evals, 2, 3.0), Some(70.0));
-        // No whole window before the change.
-        assert_eq!(held_at_minimum(&evals, 2, 10.0), None);
+        // 40); the scaling decision came at 7.0, so the reading at 7.5 (the new replica
+        // starting, the ready count still 2) is left out, as is the one at 3 replicas.
+        assert_eq!(held_at_minimum(&evals, 2, 3.0, 7.0), Some(70.0));
+        // No whole window before the decision.
+        assert_eq!(held_at_minimum(&evals, 2, 10.0, 7.0), None);
+        // A reading at another count (a killed replica) is in no window.
+        let killed = [(0.0, 2, 80.0), (1.5, 1, 10.0), (3.0, 2, 80.0)];
+        assert_eq!(held_at_minimum(&killed, 2, 3.0, f64::INFINITY), Some(80.0));
     }
 }

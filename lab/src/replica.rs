@@ -34,9 +34,12 @@ impl<'a> Replica<'a> {
         self.state.join(format!("slot-{}.{suffix}", self.idx))
     }
 
-    /// The pid setup or the conductor last started in this slot.
+    /// The pid setup or the conductor last started in this slot, while that process (and
+    /// not a later one that got its pid) runs: its start time must be the one recorded.
     pub fn pid(&self) -> Option<u32> {
-        read_to_string(self.file("pid"))?.trim().parse().ok()
+        let pid: u32 = read_to_string(self.file("pid"))?.trim().parse().ok()?;
+        let recorded = read_to_string(self.file("start"))?;
+        (pid > 1 && start_ticks(pid).as_deref() == Some(recorded.trim())).then_some(pid)
     }
 
     /// Starts sluice on `port` with STATE/sluice.env's settings and lab.env's URIs, its
@@ -69,22 +72,43 @@ impl<'a> Replica<'a> {
             .process_group(0)
             .spawn()?;
         let pid = child.id();
+        // Read while the process cannot be gone: a child not yet reaped keeps its /proc
+        // entry, even as a zombie.
+        let start = start_ticks(pid).unwrap_or_default();
         // Reaped when it exits, so that a stopped replica is not left a zombie of the
         // conductor's; `alive` already counts a zombie as gone.
         std::thread::spawn(move || child.wait());
-        record_pid(self.state, &self.name(), pid)?;
+        let ready = self.record_and_wait(pid, &start, port, &log_path).await;
+        if ready.is_err() {
+            // Not ready is not started: nothing may be left running in the slot.
+            let _ = signal(pid, Signal::SIGKILL);
+        }
+        ready.map(|()| pid)
+    }
+
+    /// Records the new process (cleanup's list, the slot's files), then waits up to 30 s
+    /// for its `/readyz` 200; fails with the end of its log.
+    async fn record_and_wait(
+        &self,
+        pid: u32,
+        start: &str,
+        port: u16,
+        log_path: &Path,
+    ) -> Result<(), Error> {
+        record_pid(self.state, &self.name(), pid, start)?;
         std::fs::write(self.file("pid"), format!("{pid}\n"))?;
+        std::fs::write(self.file("start"), format!("{start}\n"))?;
         std::fs::write(self.file("port"), format!("{port}\n"))?;
         let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{port}/readyz");
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline && alive(pid) {
             if matches!(http_get(&http, &url, 2000).await, Some((200, _))) {
-                return Ok(pid);
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let log = read_to_string(&log_path).unwrap_or_default();
+        let log = read_to_string(log_path).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         Err(format!(
@@ -119,9 +143,13 @@ impl<'a> Replica<'a> {
         .into())
     }
 
-    /// kill -9, as a node losing the pod would; waits up to 5 s for it to be gone.
+    /// kill -9, as a node losing the pod would; waits up to 5 s for it to be gone. A
+    /// replica already gone is an error: the fault did not happen.
     pub async fn kill(&self) -> Result<(), Error> {
-        let pid = self.pid().ok_or(format!("{} has no pid", self.name()))?;
+        let pid = self
+            .pid()
+            .filter(|p| alive(*p))
+            .ok_or(format!("{} is not running", self.name()))?;
         signal(pid, Signal::SIGKILL)?;
         if gone(pid, Duration::from_secs(5)).await {
             Ok(())
@@ -151,26 +179,33 @@ async fn gone(pid: u32, within: Duration) -> bool {
     true
 }
 
+/// When `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat): with the
+/// pid, what tells a process from a later one that got the same pid.
+fn start_ticks(pid: u32) -> Option<String> {
+    let stat = read_to_string(format!("/proc/{pid}/stat"))?;
+    Some(
+        stat.rsplit_once(") ")?
+            .1
+            .split_whitespace()
+            .nth(19)?
+            .to_string(),
+    )
+}
+
 /// Appends "NAME PID START" to STATE/pids, as lab/lib.sh's `lab_record_pid` does for the
-/// processes setup starts: cleanup signals a pid only while its start time (field 22 of
-/// /proc/PID/stat, in clock ticks since boot) still matches, never a later process that
-/// got the same pid.
-fn record_pid(state: &Path, name: &str, pid: u32) -> Result<(), Error> {
+/// processes setup starts: cleanup signals a pid only while its start time still
+/// matches, never a later process that got the same pid.
+fn record_pid(state: &Path, name: &str, pid: u32, start: &str) -> Result<(), Error> {
     use std::io::Write;
-    let start = read_to_string(format!("/proc/{pid}/stat"))
-        .and_then(|s| {
-            s.rsplit_once(") ")?
-                .1
-                .split_whitespace()
-                .nth(19)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| "0".into());
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(state.join("pids"))?;
-    writeln!(f, "{name} {pid} {start}")?;
+    writeln!(
+        f,
+        "{name} {pid} {}",
+        if start.is_empty() { "0" } else { start }
+    )?;
     Ok(())
 }
 
@@ -200,7 +235,8 @@ mod tests {
             err.contains("sluice-local-3") && err.contains("exited"),
             "{err}"
         );
-        let pid = r.pid().unwrap();
+        let pid = std::fs::read_to_string(r.file("pid")).unwrap();
+        let pid = pid.trim();
         let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap();
         assert!(
             pids.starts_with(&format!("sluice-local-3 {pid} ")),
@@ -216,6 +252,7 @@ mod tests {
             let r = Replica::new(dir.path(), 0);
             let mut child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
             std::fs::write(r.file("pid"), child.id().to_string()).unwrap();
+            std::fs::write(r.file("start"), start_ticks(child.id()).unwrap()).unwrap();
             if how == "stop" {
                 assert!(r.stop().await.unwrap().starts_with("exited after"));
             } else {
@@ -223,6 +260,26 @@ mod tests {
             }
             let status = child.wait().unwrap();
             assert!(!status.success(), "{how}: {status}");
+            // Gone: a second kill is a fault that did not happen, and a stop has
+            // nothing to do.
+            assert!(r.kill().await.is_err());
+            assert_eq!(r.stop().await.unwrap(), "not running");
         }
+    }
+
+    #[test]
+    fn a_pid_counts_only_while_its_start_time_is_the_recorded_one() {
+        let dir = state_with("/bin/false");
+        let r = Replica::new(dir.path(), 1);
+        let me = std::process::id();
+        std::fs::write(r.file("pid"), me.to_string()).unwrap();
+        std::fs::write(r.file("start"), start_ticks(me).unwrap()).unwrap();
+        assert_eq!(r.pid(), Some(me));
+        // Another process's start time: this pid is not the replica any more.
+        std::fs::write(r.file("start"), "1").unwrap();
+        assert_eq!(r.pid(), None);
+        // Never pid 0 or 1, whatever the files say.
+        std::fs::write(r.file("pid"), "0").unwrap();
+        assert_eq!(r.pid(), None);
     }
 }

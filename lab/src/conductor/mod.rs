@@ -145,35 +145,39 @@ pub fn start_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str)
                 .map(|pid| (pid, port)),
             Err(e) => Err(e),
         };
-        let mut s = sh.lock().unwrap();
-        match started {
-            Ok((pid, port)) => {
-                s.slots[idx].pid = Some(pid);
-                s.slots[idx].port = port;
-                s.slots[idx].state = SlotState::Ready;
-                s.slots[idx].cpu_seconds = None;
-                // A new pod, a new address: the slot's server gets the replica's port.
-                let name = server_name(idx);
-                haproxy(
-                    &a.state,
-                    &format!("set server {name} addr 127.0.0.1 port {port}"),
-                );
-                haproxy(&a.state, &format!("set server {name} state ready"));
-                haproxy(&a.state, &format!("set server {name} health up"));
-                write_targets(&a.state, &s.slots);
-                drop(s);
-                event(&sh, "replica-ready", format!("sluice-local-{idx} ({why})"));
+        // HAProxy's runtime API and the shared state block: off the async workers, so
+        // the second-by-second sampling never waits behind them.
+        tokio::task::block_in_place(|| {
+            let mut s = sh.lock().unwrap();
+            match started {
+                Ok((pid, port)) => {
+                    s.slots[idx].pid = Some(pid);
+                    s.slots[idx].port = port;
+                    s.slots[idx].state = SlotState::Ready;
+                    s.slots[idx].cpu_seconds = None;
+                    // A new pod, a new address: the slot's server gets the replica's port.
+                    let name = server_name(idx);
+                    haproxy(
+                        &a.state,
+                        &format!("set server {name} addr 127.0.0.1 port {port}"),
+                    );
+                    haproxy(&a.state, &format!("set server {name} state ready"));
+                    haproxy(&a.state, &format!("set server {name} health up"));
+                    write_targets(&a.state, &s.slots);
+                    drop(s);
+                    event(&sh, "replica-ready", format!("sluice-local-{idx} ({why})"));
+                }
+                Err(e) => {
+                    s.slots[idx].state = SlotState::Off;
+                    drop(s);
+                    event(
+                        &sh,
+                        "replica-failed",
+                        format!("sluice-local-{idx} did not become ready ({why}): {e}"),
+                    );
+                }
             }
-            Err(e) => {
-                s.slots[idx].state = SlotState::Off;
-                drop(s);
-                event(
-                    &sh,
-                    "replica-failed",
-                    format!("sluice-local-{idx} did not become ready ({why}): {e}"),
-                );
-            }
-        }
+        });
     });
 }
 
@@ -194,10 +198,12 @@ pub fn stop_replica(a: &ConductorArgs, sh: &SharedState, idx: usize, why: &str) 
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let stopped = Replica::new(&a.state, idx).stop().await;
-        haproxy(
-            &a.state,
-            &format!("set server {} state maint", server_name(idx)),
-        );
+        tokio::task::block_in_place(|| {
+            haproxy(
+                &a.state,
+                &format!("set server {} state maint", server_name(idx)),
+            )
+        });
         let mut s = sh.lock().unwrap();
         s.slots[idx].state = SlotState::Off;
         s.slots[idx].pid = None;
@@ -228,9 +234,7 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
                 continue;
             };
             let idx: usize = i.parse()?;
-            let pid: Option<u32> = read_to_string(a.state.join(format!("slot-{idx}.pid")))
-                .and_then(|p| p.trim().parse().ok())
-                .filter(|p| alive(*p));
+            let pid = Replica::new(&a.state, idx).pid().filter(|p| alive(*p));
             s.slots.push(Slot {
                 idx,
                 port: p.parse()?,
@@ -445,7 +449,9 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
             if st == SlotState::Ready {
                 n_ready += 1;
                 all_ready &= ready;
-                // As metrics-server reads a pod's memory: its resident set.
+                // The resident set: what metrics-server's working set of a pod that
+                // writes no files mostly is (the cgroup also charges the kernel's socket
+                // buffers to it, which this leaves out).
                 if let Some(kib) = crate::procfs::status_kib(pid, "VmRSS:") {
                     utils.push(100.0 * kib as f64 / 1024.0 / hpa.memory_request_mib);
                 }

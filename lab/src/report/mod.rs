@@ -70,7 +70,12 @@ pub async fn run(a: ReportArgs) -> Result<i32, Error> {
             .filter_map(|r| Some((r.t, r.replicas, r.memory_util_pct?)))
             .collect();
         let window = a.scale_up_window_s / a.time_scale.max(1.0);
-        a.held_at_minimum_pct = held_at_minimum(&evals, a.min, window);
+        let first_scaling = events
+            .iter()
+            .filter(|e| e.kind.starts_with("scale-"))
+            .map(|e| e.t)
+            .fold(f64::INFINITY, f64::min);
+        a.held_at_minimum_pct = held_at_minimum(&evals, a.min, window, first_scaling);
     }
 
     // The timeline, trimmed to what the chart and a reader need.
