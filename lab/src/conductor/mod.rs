@@ -401,22 +401,35 @@ pub async fn run(a: ConductorArgs) -> Result<(), Error> {
 
         // The replicas.
         let conns = connections_by_port();
-        let snapshot: Vec<(usize, u16, Option<u32>, SlotState, bool)> = {
+        let snapshot: Vec<(usize, u16, Option<u32>, SlotState)> = {
             let s = sh.lock().unwrap();
             s.slots
                 .iter()
-                .map(|x| (x.idx, x.port, x.pid, x.state, x.expected_exit))
+                .map(|x| (x.idx, x.port, x.pid, x.state))
                 .collect()
         };
         let mut all_ready = true;
         let mut queue = 0.0;
         let mut utils = vec![];
         let (mut n_ready, mut n_live) = (0, 0);
-        for (idx, port, pid, st, expected) in snapshot {
+        for (idx, port, pid, st) in snapshot {
             let Some(pid) = pid else { continue };
             if !alive(pid) {
-                if st == SlotState::Ready && !expected {
-                    sh.lock().unwrap().restarts += 1;
+                // Judged on the slot as it is now, not as the snapshot had it: the
+                // replicas before this one took their HTTP time, and meanwhile the chaos
+                // may have killed this one on purpose (and marked it so).
+                let unexpected = {
+                    let mut s = sh.lock().unwrap();
+                    let slot = &s.slots[idx];
+                    let died = slot.state == SlotState::Ready
+                        && !slot.expected_exit
+                        && slot.pid == Some(pid);
+                    if died {
+                        s.restarts += 1;
+                    }
+                    died
+                };
+                if unexpected {
                     event(&sh, "replica-died", format!("sluice-local-{idx} (pid {pid}) died unexpectedly; restarting it, as the kubelet would"));
                     start_replica(&a, &sh, idx, "restart after an unexpected exit");
                 }
