@@ -92,8 +92,9 @@ impl Autoscaler {
 /// The highest average memory utilisation (% of the request) that the replicas held
 /// through a whole scale-up window at the minimum count, before `until` (the first
 /// scaling decision: after it a new replica may still be starting while the ready count
-/// is the minimum): what the HPA's target must be below, by its 10% tolerance, for the
-/// run to scale up. `evals` are the autoscaler's readings, (time, ready replicas,
+/// is the minimum): what the HPA's target must be below, by the controller's 10%
+/// tolerance (its default `--horizontal-pod-autoscaler-tolerance` 0.1, which `decide`
+/// plays), for the run to scale up. `evals` are the autoscaler's readings, (time, ready replicas,
 /// utilisation); a reading at another count (a replica killed) belongs to no window.
 /// `window_s` is already time-scaled.
 pub fn held_at_minimum(

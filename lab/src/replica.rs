@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::procfs::start_ticks;
 use crate::procs::{alive, http_get};
 use crate::util::{env_file, read_to_string, Error};
 
@@ -177,19 +178,6 @@ async fn gone(pid: u32, within: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     true
-}
-
-/// When `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat): with the
-/// pid, what tells a process from a later one that got the same pid.
-fn start_ticks(pid: u32) -> Option<String> {
-    let stat = read_to_string(format!("/proc/{pid}/stat"))?;
-    Some(
-        stat.rsplit_once(") ")?
-            .1
-            .split_whitespace()
-            .nth(19)?
-            .to_string(),
-    )
 }
 
 /// Appends "NAME PID START" to STATE/pids, as lab/lib.sh's `lab_record_pid` does for the
