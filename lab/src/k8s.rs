@@ -1,5 +1,7 @@
 //! What the lab plays of Kubernetes, read from `k8s/app/`: the ConfigMap's settings, the
-//! HPA and the Deployment's surge and readinessProbe, and the sizing formula.
+//! HPA and the Deployment's surge and readinessProbe, and the sizing formula. The one
+//! Rust reader of the manifests: the checks (`sizing`, `manifests`) and the contract
+//! tests read `k8s/` through `documents`, `find` and `manifest`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -119,6 +121,18 @@ pub fn pod_settings(root: &Path) -> Result<BTreeMap<String, String>, Error> {
 /// Every object of the `.yaml` files in `dir` (under `root`), in file order; a file may
 /// hold several documents. A kustomization.yaml is not an object and is left out.
 pub fn documents(root: &Path, dir: &str) -> Result<Vec<serde_yaml::Value>, Error> {
+    Ok(sourced_documents(root, dir)?
+        .into_iter()
+        .map(|(_, doc)| doc)
+        .collect())
+}
+
+/// `documents`, each with the file it came from as `dir/NAME.yaml`: for the checks whose
+/// subject is the files' order (`kubectl apply -f DIR` applies them sorted by name).
+pub fn sourced_documents(
+    root: &Path,
+    dir: &str,
+) -> Result<Vec<(String, serde_yaml::Value)>, Error> {
     use serde::Deserialize;
     let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
         .map_err(|e| format!("{dir}: {e}"))?
@@ -130,11 +144,15 @@ pub fn documents(root: &Path, dir: &str) -> Result<Vec<serde_yaml::Value>, Error
     let mut docs = vec![];
     for f in files {
         let text = std::fs::read_to_string(&f)?;
+        let name = format!(
+            "{dir}/{}",
+            f.file_name().unwrap_or_default().to_string_lossy()
+        );
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v =
                 serde_yaml::Value::deserialize(doc).map_err(|e| format!("{}: {e}", f.display()))?;
             if !v.is_null() && v["kind"] != "Kustomization" {
-                docs.push(v);
+                docs.push((name.clone(), v));
             }
         }
     }

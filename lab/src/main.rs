@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 
 use sluice_lab::util::{load_json, Error};
 use sluice_lab::{
-    ceiling, conductor, cost, database, db_args, k6, k8s, load_report, procs, replica, report,
-    sizing,
+    ceiling, conductor, cost, database, db_args, k6, k8s, load_report, manifests, procs, replica,
+    report, sizing,
 };
 
 #[derive(Parser)]
@@ -72,6 +72,11 @@ enum Cmd {
     /// Check every memory request and limit against docs/deploy.md's formula and their
     /// sum against the k3d nodes (k8s/cluster.env); print the table; exit 1 on a problem.
     Sizing { root: PathBuf },
+    /// Check k8s/app's manifests against each other, the settings sluice reads and the
+    /// other components' manifests, and evaluate the NetworkPolicies for every connection
+    /// the system makes and a few it must refuse; print the summary and that table; exit 1
+    /// on a problem.
+    Manifests { root: PathBuf },
     /// Print the seconds of load in PLAN, `k6 inspect`'s output: the longest scenario's
     /// start and stages (or duration), without the graceful stop.
     LoadSeconds { plan: PathBuf },
@@ -156,6 +161,7 @@ async fn run(cmd: Cmd) -> Result<i32, Error> {
             0
         }
         Cmd::Sizing { root } => sizing::run(&root)?,
+        Cmd::Manifests { root } => manifests::run(&root)?,
         Cmd::LoadSeconds { plan } => say(load_json(&plan)
             .and_then(|p| k6::load_seconds(&p))
             .ok_or_else(|| {

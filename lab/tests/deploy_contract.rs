@@ -2,7 +2,8 @@
 //! settings go through sluice's own settings parser, every setting has one name (clap's),
 //! and every metric the dashboard and the alert rules query exists in sluice's registry.
 //! The manifests are read by the lab's `k8s` module, the one reader of them in Rust.
-//! (`scripts/check-deploy.sh` checks the rest of the manifests.)
+//! (`lab manifests`, lab/src/manifests/, checks the manifests against each other, and
+//! `scripts/check-deploy.sh` the rest.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
