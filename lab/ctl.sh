@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# What the lab's conductor (lab/src/conductor/) asks of the machine for its faults: Redis,
-# the database's process and its disk. The decisions (when, which) are the conductor's;
-# this only acts. The replicas' lifecycle is the conductor's own (lab/src/replica.rs).
+# What the lab's conductor (lab/src/conductor/) asks of the machine for its faults that
+# start a server as setup does (Redis) or act on the database's disk (root's mount). The
+# decisions (when, which) are the conductor's; this only acts. Signals to the replicas
+# and the database are the conductor's own (lab/src/replica.rs, conductor/chaos.rs).
 #
 #   ctl.sh redis-restart       kill -9 Redis and start it again, empty, on the same port
 #                              with the same password
-#   ctl.sh db-signal SIG       send SIG (STOP, CONT) to the database
-#   ctl.sh db-kill             kill -9 the database (its supervisor starts it again)
 #   ctl.sh disk-fill           fill the database's own disk; exit 3 when it has none
 #   ctl.sh disk-free           remove what disk-fill wrote; restart a panicked database
 set -uo pipefail
@@ -38,13 +37,6 @@ case "${1:-}" in
     # REDIS_URL stays right.
     lab_start_redis "$port"
     ;;
-  db-signal)
-    kill "-${2:?signal}" "$(cat "$LAB_STATE/mongo.pid")"
-    ;;
-  db-kill)
-    pid=$(cat "$LAB_STATE/mongo.pid") || exit 1
-    kill -KILL "$pid" && gone "$pid" 5
-    ;;
   disk-fill)
     mnt=$LAB_STATE/mnt
     if [ ! -f "$LAB_STATE/mountpoint" ] || ! mountpoint -q "$mnt"; then
@@ -73,7 +65,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -1,12 +1,15 @@
-//! Processes and what they serve: liveness, open connections, free ports, HAProxy's runtime
-//! API, `lab/ctl.sh` (the faults that act on the database, its disk and Redis), and a
-//! replica's HTTP endpoints.
+//! Processes and what they serve: liveness, signals, the database's pid, open
+//! connections, free ports, HAProxy's runtime API, `lab/ctl.sh` (the faults on Redis and
+//! the database's disk), and a replica's HTTP endpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use crate::util::{read_to_string, Error};
 
@@ -14,6 +17,37 @@ pub fn alive(pid: u32) -> bool {
     read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
         .unwrap_or(false)
+}
+
+/// Sends `sig` to `pid`; a process already gone is what the signal was for.
+pub fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
+    let pid = i32::try_from(pid)?;
+    match kill(Pid::from_raw(pid), sig) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Err(e) => Err(format!("{sig} to pid {pid}: {e}").into()),
+    }
+}
+
+/// True once `pid` has exited, polling every 100 ms for at most `within`.
+pub async fn gone(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+/// The database's pid, from STATE/mongo.pid: setup's supervisor rewrites it each time it
+/// starts the database again, so it is read at each fault, never kept.
+pub fn database_pid(state: &Path) -> Result<u32, Error> {
+    let path = state.join("mongo.pid");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.trim()
+        .parse()
+        .map_err(|e| format!("mongo.pid holds {:?}: {e}", text.trim()).into())
 }
 
 /// Established TCP connections per local port, from /proc/net/tcp{,6}.

@@ -9,11 +9,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use crate::procfs::start_ticks;
-use crate::procs::{alive, http_get};
+use crate::procs::{alive, gone, http_get, signal};
 use crate::util::{env_file, read_to_string, Error};
 
 /// Slot `idx`'s replica in `state`: its pid file, log and name.
@@ -158,26 +157,6 @@ impl<'a> Replica<'a> {
             Err(format!("{} (pid {pid}) outlived SIGKILL by 5 s", self.name()).into())
         }
     }
-}
-
-fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
-    let pid = i32::try_from(pid)?;
-    match kill(Pid::from_raw(pid), sig) {
-        // Gone already: what the signal was for.
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-        Err(e) => Err(format!("{sig} to pid {pid}: {e}").into()),
-    }
-}
-
-async fn gone(pid: u32, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while alive(pid) {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    true
 }
 
 /// Appends "NAME PID START" to STATE/pids, as lab/lib.sh's `lab_record_pid` does for the

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use super::{event, event_update, start_replica, ConductorArgs, SharedState, SlotState};
 use crate::k8s::sluice_config;
-use crate::procs::ctl;
+use nix::sys::signal::Signal;
+
+use crate::procs::{alive, ctl, database_pid, gone, signal};
 use crate::replica::Replica;
-use crate::util::{env_file, now};
+use crate::util::{env_file, now, Error};
 
 /// Seconds after an event whose failed requests belong to it.
 pub const EVENT_WINDOW_S: f64 = 10.0;
@@ -105,12 +107,8 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
                 "chaos-kill-replica",
                 format!("kill -9 sluice-local-{idx}"),
             );
-            let killed = Replica::new(&a.state, idx).kill().await;
-            if let Err(e) = &killed {
-                let error = e.to_string();
-                event_update(&sh, i, |e| e.error = Some(error));
-            }
-            finish(&sh, i, killed.is_ok());
+            let ok = fault_ok(&sh, i, Replica::new(&a.state, idx).kill().await);
+            finish(&sh, i, ok);
             sh.lock().unwrap().slots[idx].state = SlotState::Off;
             start_replica(&a, &sh, idx, "replacing the killed replica");
         } else {
@@ -120,25 +118,16 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
         settle(sh.clone()).await;
     }
 
-    // One ctl.sh command as a fault: its event, the command, its end, then the settle.
-    let one_command = |kind: &'static str, detail: &'static str, args: &'static [&'static str]| {
-        let (sh, run, settle) = (sh.clone(), &run, &settle);
-        async move {
-            let i = event(&sh, kind, detail.into());
-            let (ok, _) = run(args).await;
-            finish(&sh, i, ok);
-            settle(sh.clone()).await;
-        }
-    };
-
-    // 2. Redis restarted empty.
+    // 2. Redis restarted empty (ctl.sh starts it as setup did).
     if fits(&sh, "chaos-redis-restart", 2.0) {
-        one_command(
+        let i = event(
+            &sh,
             "chaos-redis-restart",
-            "Redis killed and started again, empty, on the same port",
-            &["redis-restart"],
-        )
-        .await;
+            "Redis killed and started again, empty, on the same port".into(),
+        );
+        let (ok, _) = run(&["redis-restart"]).await;
+        finish(&sh, i, ok);
+        settle(sh.clone()).await;
     }
 
     // 3. The database stopped for longer than a command may take (DB_TIMEOUT_MS), so the
@@ -153,22 +142,26 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
                 stall.as_secs_f64()
             ),
         );
-        let (ok1, _) = run(&["db-signal", "STOP"]).await;
+        let stopped = database_signal(&a.state, Signal::SIGSTOP);
         tokio::time::sleep(stall).await;
-        let (ok2, _) = run(&["db-signal", "CONT"]).await;
+        let resumed = database_signal(&a.state, Signal::SIGCONT);
         event_update(&sh, i, |e| e.stall_end = Some(now()));
-        finish(&sh, i, ok1 && ok2);
+        let ok = fault_ok(&sh, i, stopped.and(resumed));
+        finish(&sh, i, ok);
         settle(sh.clone()).await;
     }
 
     // 4. The database killed; its supervisor starts it again on the same files.
     if fits(&sh, "chaos-db-kill", 3.0) {
-        one_command(
+        let i = event(
+            &sh,
             "chaos-db-kill",
-            "kill -9 the database; the supervisor restarts it on the same files",
-            &["db-kill"],
-        )
-        .await;
+            "kill -9 the database; the supervisor restarts it on the same files".into(),
+        );
+        let killed = kill_database(&a.state).await;
+        let ok = fault_ok(&sh, i, killed);
+        finish(&sh, i, ok);
+        settle(sh.clone()).await;
     }
 
     // 5. The database's disk filled until it refuses writes, then freed (filling takes a
@@ -178,6 +171,39 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
     }
     event(&sh, "chaos-done", "every fault injected or skipped".into());
     sh.lock().unwrap().faulting = false;
+}
+
+/// `sig` to the database as it runs now.
+fn database_signal(state: &std::path::Path, sig: Signal) -> Result<(), Error> {
+    signal(database_pid(state)?, sig)
+}
+
+/// kill -9 the database, as the node's OOM killer or a crash would, and wait up to 5 s for
+/// it to be gone (the supervisor in setup-local.sh starts it again). A database already
+/// gone is an error: the fault did not happen.
+async fn kill_database(state: &std::path::Path) -> Result<(), Error> {
+    let pid = database_pid(state)?;
+    if !alive(pid) {
+        return Err(format!("the database (pid {pid}) is not running").into());
+    }
+    signal(pid, Signal::SIGKILL)?;
+    if gone(pid, Duration::from_secs(5)).await {
+        Ok(())
+    } else {
+        Err(format!("the database (pid {pid}) outlived SIGKILL by 5 s").into())
+    }
+}
+
+/// Whether a fault happened; its error, if any, goes on its event.
+fn fault_ok(sh: &SharedState, i: usize, result: Result<(), Error>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            let error = e.to_string();
+            event_update(sh, i, |e| e.error = Some(error));
+            false
+        }
+    }
 }
 
 /// The fault's event is over: when, and whether the lab could inject it.
@@ -220,4 +246,63 @@ where
         });
     }
     event_update(sh, i, |e| e.end = Some(now()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process in the database's place: its pid in STATE/mongo.pid, as setup's
+    /// supervisor writes it.
+    fn stand_in(state: &std::path::Path) -> std::process::Child {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(state.join("mongo.pid"), format!("{}\n", child.id())).unwrap();
+        child
+    }
+
+    /// Whether the process is stopped (state T in /proc/PID/stat), once a signal sent to
+    /// it has been delivered: delivery is asynchronous, so this waits up to 5 s for
+    /// `stopped`, and says what it saw last.
+    fn is_stopped_within(pid: u32, stopped: bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let now = stat.rsplit_once(") ").unwrap().1.starts_with('T');
+            if now == stopped || std::time::Instant::now() >= deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_stall_stops_and_resumes_the_database_and_the_kill_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = stand_in(dir.path());
+        let pid = child.id();
+        database_signal(dir.path(), Signal::SIGSTOP).unwrap();
+        assert!(is_stopped_within(pid, true));
+        database_signal(dir.path(), Signal::SIGCONT).unwrap();
+        assert!(!is_stopped_within(pid, false));
+        // The child is ours: reap it as it dies, so it is gone and not a zombie.
+        let reaper = std::thread::spawn(move || child.wait());
+        kill_database(dir.path()).await.unwrap();
+        assert!(!alive(pid));
+        reaper.join().unwrap().unwrap();
+        // Killing it again is a fault that did not happen.
+        let again = kill_database(dir.path()).await.unwrap_err().to_string();
+        assert!(again.contains("is not running"), "{again}");
+    }
+
+    #[test]
+    fn a_database_pid_file_that_is_not_a_pid_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(database_pid(dir.path()).is_err());
+        std::fs::write(dir.path().join("mongo.pid"), "starting\n").unwrap();
+        let e = database_pid(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("mongo.pid") && e.contains("starting"), "{e}");
+    }
 }
