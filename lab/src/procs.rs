@@ -19,11 +19,14 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Sends `sig` to `pid`; a process already gone is what the signal was for.
-pub fn signal(pid: u32, sig: Signal) -> Result<(), Error> {
+/// Sends `sig` to `pid`: true when it was delivered, false when the process was gone
+/// already (what a SIGTERM or SIGKILL was for; a SIGSTOP that found nobody is the
+/// caller's error).
+pub fn signal(pid: u32, sig: Signal) -> Result<bool, Error> {
     let pid = i32::try_from(pid)?;
     match kill(Pid::from_raw(pid), sig) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
         Err(e) => Err(format!("{sig} to pid {pid}: {e}").into()),
     }
 }
@@ -40,14 +43,32 @@ pub async fn gone(pid: u32, within: Duration) -> bool {
     true
 }
 
-/// The database's pid, from STATE/mongo.pid: setup's supervisor rewrites it each time it
-/// starts the database again, so it is read at each fault, never kept.
-pub fn database_pid(state: &Path) -> Result<u32, Error> {
+/// The running database's pid. setup's supervisor writes STATE/mongo.pid each time it
+/// starts the database, and records "mongo PID START" in STATE/pids; between an exit and
+/// the next start the file names a dead pid, which another process may have taken. So the
+/// pid counts only while it runs with the start time recorded for it.
+pub fn running_database(state: &Path) -> Result<u32, Error> {
     let path = state.join("mongo.pid");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    text.trim()
+    let pid: u32 = text
+        .trim()
         .parse()
-        .map_err(|e| format!("mongo.pid holds {:?}: {e}", text.trim()).into())
+        .map_err(|e| format!("mongo.pid holds {:?}: {e}", text.trim()))?;
+    let recorded = read_to_string(state.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            ["mongo", p, start] if p == pid.to_string() => Some(start.to_string()),
+            _ => None,
+        })
+        .next_back();
+    match (recorded, crate::procfs::start_ticks(pid)) {
+        (Some(want), Some(have)) if want == have && alive(pid) => Ok(pid),
+        _ => Err(format!(
+            "the database is not running (pid {pid} in mongo.pid is gone or another process's)"
+        )
+        .into()),
+    }
 }
 
 /// Established TCP connections per local port, from /proc/net/tcp{,6}.

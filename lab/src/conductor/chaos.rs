@@ -6,7 +6,7 @@ use super::{event, event_update, start_replica, ConductorArgs, SharedState, Slot
 use crate::k8s::sluice_config;
 use nix::sys::signal::Signal;
 
-use crate::procs::{alive, ctl, database_pid, gone, signal};
+use crate::procs::{ctl, gone, running_database, signal};
 use crate::replica::Replica;
 use crate::util::{env_file, now, Error};
 
@@ -142,11 +142,9 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
                 stall.as_secs_f64()
             ),
         );
-        let stopped = database_signal(&a.state, Signal::SIGSTOP);
-        tokio::time::sleep(stall).await;
-        let resumed = database_signal(&a.state, Signal::SIGCONT);
+        let stalled = stall_database(&a.state, stall).await;
         event_update(&sh, i, |e| e.stall_end = Some(now()));
-        let ok = fault_ok(&sh, i, stopped.and(resumed));
+        let ok = fault_ok(&sh, i, stalled);
         finish(&sh, i, ok);
         settle(sh.clone()).await;
     }
@@ -173,19 +171,23 @@ pub async fn run(a: ConductorArgs, sh: SharedState) {
     sh.lock().unwrap().faulting = false;
 }
 
-/// `sig` to the database as it runs now.
-fn database_signal(state: &std::path::Path, sig: Signal) -> Result<(), Error> {
-    signal(database_pid(state)?, sig)
+/// SIGSTOP the running database, and SIGCONT the same process `stall` later. A stop that
+/// finds no database is an error, and then nothing waits.
+async fn stall_database(state: &std::path::Path, stall: Duration) -> Result<(), Error> {
+    let pid = running_database(state)?;
+    if !signal(pid, Signal::SIGSTOP)? {
+        return Err(format!("the database (pid {pid}) exited before its SIGSTOP").into());
+    }
+    tokio::time::sleep(stall).await;
+    signal(pid, Signal::SIGCONT)?;
+    Ok(())
 }
 
 /// kill -9 the database, as the node's OOM killer or a crash would, and wait up to 5 s for
 /// it to be gone (the supervisor in setup-local.sh starts it again). A database already
 /// gone is an error: the fault did not happen.
 async fn kill_database(state: &std::path::Path) -> Result<(), Error> {
-    let pid = database_pid(state)?;
-    if !alive(pid) {
-        return Err(format!("the database (pid {pid}) is not running").into());
-    }
+    let pid = running_database(state)?;
     signal(pid, Signal::SIGKILL)?;
     if gone(pid, Duration::from_secs(5)).await {
         Ok(())
@@ -251,16 +253,33 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::procfs::start_ticks;
+    use crate::procs::alive;
 
-    /// A process in the database's place: its pid in STATE/mongo.pid, as setup's
-    /// supervisor writes it.
-    fn stand_in(state: &std::path::Path) -> std::process::Child {
-        let child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        std::fs::write(state.join("mongo.pid"), format!("{}\n", child.id())).unwrap();
-        child
+    /// A process in the database's place, recorded as setup's supervisor records it
+    /// (STATE/pids and STATE/mongo.pid); killed when the test ends, however it ends, so
+    /// a failed assertion never leaves it stopped.
+    struct StandIn(std::process::Child);
+
+    impl StandIn {
+        fn start(state: &std::path::Path) -> StandIn {
+            let child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let start = start_ticks(pid).unwrap();
+            std::fs::write(state.join("pids"), format!("mongo {pid} {start}\n")).unwrap();
+            std::fs::write(state.join("mongo.pid"), format!("{pid}\n")).unwrap();
+            StandIn(child)
+        }
+    }
+
+    impl Drop for StandIn {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 
     /// Whether the process is stopped (state T in /proc/PID/stat), once a signal sent to
@@ -278,31 +297,61 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_stall_stops_and_resumes_the_database_and_the_kill_ends_it() {
+    // Multi-threaded: the stall runs on a worker while this thread watches the process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_stall_stops_the_database_and_resumes_the_same_process() {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = stand_in(dir.path());
-        let pid = child.id();
-        database_signal(dir.path(), Signal::SIGSTOP).unwrap();
-        assert!(is_stopped_within(pid, true));
-        database_signal(dir.path(), Signal::SIGCONT).unwrap();
-        assert!(!is_stopped_within(pid, false));
-        // The child is ours: reap it as it dies, so it is gone and not a zombie.
-        let reaper = std::thread::spawn(move || child.wait());
-        kill_database(dir.path()).await.unwrap();
-        assert!(!alive(pid));
-        reaper.join().unwrap().unwrap();
-        // Killing it again is a fault that did not happen.
-        let again = kill_database(dir.path()).await.unwrap_err().to_string();
-        assert!(again.contains("is not running"), "{again}");
+        let db = StandIn::start(dir.path());
+        let pid = db.0.id();
+        let stall = tokio::spawn({
+            let state = dir.path().to_path_buf();
+            async move { stall_database(&state, Duration::from_secs(1)).await }
+        });
+        assert!(is_stopped_within(pid, true), "SIGSTOP did not stop it");
+        stall.await.unwrap().unwrap();
+        assert!(!is_stopped_within(pid, false), "SIGCONT did not resume it");
     }
 
-    #[test]
-    fn a_database_pid_file_that_is_not_a_pid_is_an_error_naming_it() {
+    #[tokio::test]
+    async fn the_kill_ends_the_database_and_a_second_kill_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(database_pid(dir.path()).is_err());
+        let mut db = StandIn::start(dir.path());
+        let pid = db.0.id();
+        // The child is ours: reap it as it dies, so it is gone and not a zombie.
+        let reaper = std::thread::spawn(move || {
+            let status = db.0.wait();
+            (db, status)
+        });
+        kill_database(dir.path()).await.unwrap();
+        assert!(!alive(pid));
+        reaper.join().unwrap().1.unwrap();
+        let again = kill_database(dir.path()).await.unwrap_err().to_string();
+        assert!(again.contains("not running"), "{again}");
+    }
+
+    /// Between the database's exit and its restart, mongo.pid names a pid that another
+    /// process may hold: no fault may signal it.
+    #[tokio::test]
+    async fn a_pid_file_naming_another_process_is_not_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StandIn::start(dir.path());
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(dir.path().join("mongo.pid"), format!("{}\n", other.id())).unwrap();
+        let e = stall_database(dir.path(), Duration::ZERO)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not running"), "{e}");
+        assert!(kill_database(dir.path()).await.is_err());
+        assert!(alive(other.id()) && !is_stopped_within(other.id(), false));
+        let _ = other.kill();
+        let _ = other.wait();
+        drop(db);
         std::fs::write(dir.path().join("mongo.pid"), "starting\n").unwrap();
-        let e = database_pid(dir.path()).unwrap_err().to_string();
+        let e = running_database(dir.path()).unwrap_err().to_string();
         assert!(e.contains("mongo.pid") && e.contains("starting"), "{e}");
     }
 }
