@@ -127,7 +127,6 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::k8s::MemFormula;
 
     fn hpa() -> Hpa {
         Hpa::parse(
@@ -214,8 +213,9 @@ mod tests {
 
     /// k8s/app/hpa.yaml's target against the two loads docs/deploy.md derives it from:
     /// the pods must scale up at what the lab's weakest default run held at 2 pods
-    /// (docs/sizing.json's hold_mib), and an idle cluster, each pod at the formula's base,
-    /// must come back to the minimum.
+    /// (docs/sizing.json's hold_mib), and an idle cluster, each pod holding the most the
+    /// lab's replicas held once a load was over (idle_mib), must come back to the
+    /// minimum.
     #[test]
     fn the_manifests_target_scales_up_at_the_labs_load_and_back_to_the_minimum_idle() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -232,14 +232,13 @@ mod tests {
             pct(hold),
             h.target_pct
         );
-        let base = MemFormula::sluice().mib(0.0);
+        let idle = sizing["sluice"]["idle_mib"].as_f64().unwrap();
         for pods in h.min..=h.max {
-            let idle = settle(&h, pods, pct(base), 1800.0);
             assert_eq!(
-                idle,
+                settle(&h, pods, pct(idle), 1800.0),
                 h.min,
-                "from {pods} pods at the base ({:.0}%) with target {}%",
-                pct(base),
+                "from {pods} pods idle ({:.0}%) with target {}%",
+                pct(idle),
                 h.target_pct
             );
         }
