@@ -90,7 +90,17 @@ async fn a_pod_started_while_redis_is_down_joins_it_when_it_comes_up() {
     // The reconnect policy retries every 500 ms; the budget asks Redis again within
     // CLUSTER_RETRY (1 s) of its last failure: 2 s covers both with room for the load.
     assert!(joined_after < Duration::from_secs(2), "{joined_after:?}");
-    assert!(sluice.log().contains("connected to redis"));
+    // RedisWatch samples the connection every 250 ms, so its line comes up to one period
+    // after the status showed the connection, and the test may get here first: wait four
+    // periods for it.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !sluice.log().contains("connected to redis") {
+        assert!(
+            Instant::now() < deadline,
+            "no 'connected to redis' in the log 1 s after the status showed the connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(outcomes.iter().all(|o| o.status == 200), "Redis is a cache");
     assert_nothing_lost(&mongo, &outcomes).await;
 }
