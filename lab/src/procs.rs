@@ -43,6 +43,17 @@ pub async fn gone(pid: u32, within: Duration) -> bool {
     true
 }
 
+/// kill -9 `pid` and wait up to 5 s for it to be gone, as a fault that ends a process
+/// does; `what` names the process in the error.
+pub async fn kill_and_wait(pid: u32, what: &str) -> Result<(), Error> {
+    signal(pid, Signal::SIGKILL)?;
+    if gone(pid, Duration::from_secs(5)).await {
+        Ok(())
+    } else {
+        Err(format!("{what} (pid {pid}) outlived SIGKILL by 5 s").into())
+    }
+}
+
 /// The running database's pid. setup's supervisor writes STATE/mongo.pid each time it
 /// starts the database, and records "mongo PID START" in STATE/pids; between an exit and
 /// the next start the file names a dead pid, which another process may have taken. So the

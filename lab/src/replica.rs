@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::procfs::start_ticks;
-use crate::procs::{alive, gone, http_get, signal};
+use crate::procs::{alive, gone, http_get, kill_and_wait, signal};
 use crate::util::{env_file, read_to_string, Error};
 
 /// Slot `idx`'s replica in `state`: its pid file, log and name.
@@ -150,12 +150,7 @@ impl<'a> Replica<'a> {
             .pid()
             .filter(|p| alive(*p))
             .ok_or(format!("{} is not running", self.name()))?;
-        signal(pid, Signal::SIGKILL)?;
-        if gone(pid, Duration::from_secs(5)).await {
-            Ok(())
-        } else {
-            Err(format!("{} (pid {pid}) outlived SIGKILL by 5 s", self.name()).into())
-        }
+        kill_and_wait(pid, &self.name()).await
     }
 }
 

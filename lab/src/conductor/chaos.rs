@@ -6,7 +6,7 @@ use super::{event, event_update, start_replica, ConductorArgs, SharedState, Slot
 use crate::k8s::sluice_config;
 use nix::sys::signal::Signal;
 
-use crate::procs::{ctl, gone, running_database, signal};
+use crate::procs::{ctl, kill_and_wait, running_database, signal};
 use crate::replica::Replica;
 use crate::util::{env_file, now, Error};
 
@@ -187,13 +187,7 @@ async fn stall_database(state: &std::path::Path, stall: Duration) -> Result<(), 
 /// it to be gone (the supervisor in setup-local.sh starts it again). A database already
 /// gone is an error: the fault did not happen.
 async fn kill_database(state: &std::path::Path) -> Result<(), Error> {
-    let pid = running_database(state)?;
-    signal(pid, Signal::SIGKILL)?;
-    if gone(pid, Duration::from_secs(5)).await {
-        Ok(())
-    } else {
-        Err(format!("the database (pid {pid}) outlived SIGKILL by 5 s").into())
-    }
+    kill_and_wait(running_database(state)?, "the database").await
 }
 
 /// Whether a fault happened; its error, if any, goes on its event.
