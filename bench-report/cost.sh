@@ -4,11 +4,13 @@
 # connection, read from one replica's /proc by `lab sluice-cost` (lab/src/cost.rs), plus a perf
 # flame graph of each path.
 #
-# usage: bench-report/cost.sh [--clients N] [--seconds S] [--idle N] [--no-perf]
+# usage: bench-report/cost.sh [--clients N] [--seconds S] [--idle N] [--hz F] [--no-perf]
 #
 #   --clients N   keep-alive clients in the closed loop, direct to one replica (default 200)
 #   --seconds S   seconds measured per path (default 10)
 #   --idle N      idle connections for the memory measure (default 3000)
+#   --hz F        perf's samples a second (default 499); each profiled run lasts --seconds,
+#                 so a finer profile asks for more of both
 #   --no-perf     measure only, no flame graphs
 #
 # What it does: builds sluice with the `profiling` cargo profile (release plus line
@@ -24,12 +26,13 @@
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
-CLIENTS=200 SECONDS_PER_PATH=10 IDLE=3000 PERF=1
+CLIENTS=200 SECONDS_PER_PATH=10 IDLE=3000 PERF=1 HZ=499
 while [ $# -gt 0 ]; do
   case "$1" in
     --clients) CLIENTS=${2:?--clients needs a number}; shift 2 ;;
     --seconds) SECONDS_PER_PATH=${2:?--seconds needs a number}; shift 2 ;;
     --idle) IDLE=${2:?--idle needs a number}; shift 2 ;;
+    --hz) HZ=${2:?--hz needs a number}; shift 2 ;;
     --no-perf) PERF=0; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
@@ -75,7 +78,7 @@ if [ "$PERF" = 1 ]; then
       --idle 0 --only "$path" --out "$RUN/cost-perf-$name.json" >/dev/null &
     load=$!
     sleep 2 # sluice-cost's warm-up
-    perf record -q -F 499 --call-graph dwarf,16384 -p "$PID" -o "$RUN/perf-$name.data" \
+    perf record -q -F "$HZ" --call-graph dwarf,16384 -p "$PID" -o "$RUN/perf-$name.data" \
       -- sleep "$SECONDS_PER_PATH" 2>>"$RUN/perf.log"
     wait "$load"
     perf script --no-inline -i "$RUN/perf-$name.data" 2>>"$RUN/perf.log" |

@@ -13,6 +13,9 @@
 #   --hold S           seconds held at each level
 #   --ceiling S        seconds per raw-insert measurement (default 10, 5 with --quick)
 #   --replicas N       sluice replicas behind HAProxy (default 2, as ./setup.sh --local)
+#   --no-naive         leave out step 4 (naive mode): the report's sluice ÷ naive column
+#                      stays empty; for comparing builds of sluice, where naive mode
+#                      is the same in every run
 #   --direct           k6 straight at one replica, no HAProxy (sets --replicas 1): what
 #                      one sluice does with the machine's CPU left to it and k6, the
 #                      performance issue's "direct" rows
@@ -51,7 +54,7 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
-QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2 RESUME="" DIRECT=0
+QUICK=0 LEVELS="" RAMP="" HOLD="" CEILING="" REPLICAS=2 RESUME="" DIRECT=0 NAIVE=1
 ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -63,6 +66,7 @@ while [ $# -gt 0 ]; do
     --replicas) REPLICAS=${2:?--replicas needs a number}; shift 2 ;;
     --resume) RESUME=${2:?--resume needs a run folder}; shift 2 ;;
     --direct) DIRECT=1; shift ;;
+    --no-naive) NAIVE=0; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -129,8 +133,8 @@ cargo build --release --locked -p sluice -p sluice-lab --bins \
 mkdir -p "$RUN/bin"
 # A resumed run keeps the binaries it was measured with; the lab tool (snapshots, the
 # report) is always fresh.
-[ -x "$RUN/bin/sluice" ] || cp target/release/sluice "$RUN/bin/"
-cp target/release/lab "$RUN/bin/"
+[ -x "$RUN/bin/sluice" ] || cp "${CARGO_TARGET_DIR:-target}/release/sluice" "$RUN/bin/"
+cp "${CARGO_TARGET_DIR:-target}/release/lab" "$RUN/bin/"
 export SLUICE_BIN=$RUN/bin/sluice
 # shellcheck source=scripts/tools.sh
 . scripts/tools.sh
@@ -148,7 +152,7 @@ if [ ! -d "$RUN/instructions" ]; then
   GUNGRAUN_RUNNER=$runner cargo bench --locked --bench request_instructions \
     -- --save-summary=json >"$RUN/instructions.log" 2>&1 || { tail -n 30 "$RUN/instructions.log" >&2; exit 1; }
   mkdir -p "$RUN/instructions"
-  for f in target/gungraun/sluice/request_instructions/request/*/summary.json; do
+  for f in "${CARGO_TARGET_DIR:-target}"/gungraun/sluice/request_instructions/request/*/summary.json; do
     part=${f%/summary.json}
     part=${part##*/}
     cp "$f" "$RUN/instructions/${part%%.*}.json"
@@ -305,7 +309,9 @@ done_phase() {
   done
 }
 
-if done_phase naive; then
+if [ "$NAIVE" = 0 ]; then
+  info "naive mode: left out (--no-naive)"
+elif done_phase naive; then
   info "naive mode: measured already"
 else
   lab_up naive
