@@ -27,9 +27,8 @@ use bson::RawDocumentBuf;
 use gungraun::{
     library_benchmark, library_benchmark_group, main, Callgrind, EventKind, LibraryBenchmarkConfig,
 };
-use hyper::StatusCode;
 
-use sluice::http::{json_response, DataAnswer, Response};
+use sluice::http::{DataAnswer, Response};
 use sluice::record::{self, PER_REQUEST};
 
 /// How far above its baseline a count may go, in percent.
@@ -73,10 +72,7 @@ fn ids() -> ([Option<ObjectId>; PER_REQUEST], [ObjectId; PER_REQUEST]) {
 #[bench::one_request(setup = ids, config = limit("answer"))]
 fn answer(ids: ([Option<ObjectId>; PER_REQUEST], [ObjectId; PER_REQUEST])) -> Response {
     let (reads, writes) = black_box(ids);
-    black_box(json_response(
-        StatusCode::OK,
-        &DataAnswer::new(reads, writes),
-    ))
+    black_box(DataAnswer::new(reads, writes).into_response())
 }
 
 library_benchmark_group!(name = request; benchmarks = records, answer);

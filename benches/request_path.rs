@@ -26,13 +26,12 @@ use std::time::{Duration, Instant};
 use bson::oid::ObjectId;
 use bson::RawDocumentBuf;
 use criterion::{criterion_group, criterion_main, Criterion};
-use hyper::StatusCode;
 use moka::future::Cache;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use sluice::config::{ReadSettings, WriteSettings};
-use sluice::http::{json_response, DataAnswer};
+use sluice::http::DataAnswer;
 use sluice::metrics::Metrics;
 use sluice::reads::{ReadCache, SharedTier, Source};
 use sluice::record::{self, PER_REQUEST};
@@ -166,12 +165,7 @@ fn response(c: &mut Criterion) {
     let reads = [Some(ObjectId::new()); PER_REQUEST];
     // The handler's own 200 answer.
     c.bench_function("response/encode", |b| {
-        b.iter(|| {
-            json_response(
-                StatusCode::OK,
-                &DataAnswer::new(black_box(reads), black_box(ids)),
-            )
-        })
+        b.iter(|| DataAnswer::new(black_box(reads), black_box(ids)).into_response())
     });
 }
 

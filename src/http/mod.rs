@@ -203,7 +203,12 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     // Most answers fit: no regrowing the buffer while serialising.
     let mut bytes = Vec::with_capacity(512);
     serde_json::to_writer(&mut bytes, body).expect("serializable");
-    let mut response = hyper::Response::new(Full::new(Bytes::from(bytes)));
+    json_body(status, bytes)
+}
+
+/// A response carrying `json`, already written.
+fn json_body(status: StatusCode, json: Vec<u8>) -> Response {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(json)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

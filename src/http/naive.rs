@@ -3,10 +3,8 @@
 //! The budget is still paid (at a rate so high it never binds), because the store takes
 //! nothing else.
 
-use hyper::StatusCode;
-
 use super::data::DataAnswer;
-use super::{json_response, ApiError, Response};
+use super::{ApiError, Response};
 use crate::record::{self, PER_REQUEST};
 use crate::store::PaidStore;
 use crate::writes::{NotStored, Refused, WriteError};
@@ -38,5 +36,5 @@ pub async fn handle(naive: &PaidStore) -> Result<Response, ApiError> {
             .await
             .map_err(|_| ApiError::DatabaseDown)?;
     }
-    Ok(json_response(StatusCode::OK, &DataAnswer::new(reads, ids)))
+    Ok(DataAnswer::new(reads, ids).into_response())
 }
