@@ -2,13 +2,13 @@
 //! without I/O, counted under Valgrind's Callgrind by gungraun. The timed benchmarks
 //! (`request_path`) and the lab's µs per request move by a third with the machine's
 //! load; a count does not: `records` is the same on every run of one build, and
-//! `answer` moves by about 0.1% with the clock (the timestamp it formats has other
-//! digits each time: 7,937 and 7,946 in two runs here). So this is the figure that can
-//! hold a budget in CI.
+//! `answer` moves by a few instructions with the clock (the timestamp it formats has
+//! other digits, and trailing zeros of its milliseconds are left out). So this is the
+//! figure that can hold a budget in CI.
 //!
 //! - `records`: the five documents of one request made (ids, 512 random characters of
 //!   payload each, the timestamp) and encoded to BSON, `record::new_batch`.
-//! - `answer`: the handler's 200 answer (`DataAnswer`) serialised into a hyper response.
+//! - `answer`: the handler's 200 answer (`DataAnswer`) written into a hyper response.
 //!
 //! Each count may exceed its baseline in `benches/instructions.json` by at most 5%
 //! (gungraun's hard limit on `Ir`; a run over it exits 3 and fails `scripts/test.sh`).

@@ -10,7 +10,7 @@
 //!   `reads/5_moka_gets` is moka alone on a value of the same shape, for scale.
 //! - `records/new_batch`: the five documents, 512 random characters of payload each,
 //!   encoded to BSON.
-//! - `response/encode`: the response JSON, serialised into a hyper response.
+//! - `response/encode`: the response JSON, written into a hyper response.
 //! - `writes/submit_to_ack`: one request's documents handed to [`Writer::submit`],
 //!   gathered into a batch by the flusher, "stored" by a sink that takes no time, and
 //!   acknowledged back: the queue, the batching and the hand-offs, all of the write path
