@@ -349,5 +349,62 @@ pub async fn run(args: Args) -> Result<(), Error> {
     if let Some(out) = &args.out {
         std::fs::write(out, &json)?;
     }
-    Ok(())
+    failed_runs(&report.cpu)
+}
+
+/// An error naming the runs whose answers were more than 1% failures: such a run measured
+/// (and its flame graph shows) the error path, not the request. A database that went
+/// away mid-run, its 500 MiB filled by a long `--seconds` of `/api/data`, answers every
+/// request 503 at once. A healthy run answers none (the closed loop stays below
+/// sluice's shedding); the 1% leaves room for a stray few, never for a path gone wrong.
+fn failed_runs(runs: &[CpuRun]) -> Result<(), Error> {
+    let failed: Vec<String> = runs
+        .iter()
+        .filter(|r| r.non_2xx * 100 > r.requests + r.non_2xx)
+        .map(|r| {
+            format!(
+                "{} answered {} of {} with no 2xx",
+                r.path,
+                r.non_2xx,
+                r.requests + r.non_2xx
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: not a measure of the request (is the database still up?)",
+            failed.join("; ")
+        )
+        .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(requests: u64, non_2xx: u64) -> CpuRun {
+        CpuRun {
+            path: "/api/data".into(),
+            paced_to_per_second: None,
+            requests,
+            non_2xx,
+            cpu_seconds: 1.0,
+            cpu_us_per_request: 1.0,
+            requests_per_second: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_run_of_mostly_failures_is_refused() {
+        assert!(failed_runs(&[run_of(110_954, 0), run_of(99, 1)]).is_ok());
+        let e = failed_runs(&[run_of(110_954, 0), run_of(2_000, 561_613)]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("/api/data answered 561613 of 563613"),
+            "{e}"
+        );
+    }
 }
