@@ -19,13 +19,20 @@
 //! CPU-second is the efficiency to hold sluice's inserts against when a load run leaves
 //! the database less CPU than this idle machine did.
 //!
+//! With `--raw-command` each insert is instead one command document this tool builds,
+//! sent by the driver's `run_raw_command`: the same documents, write concern and
+//! `ordered: false`, but none of `insert_many`'s per-document work (its `_id` check of
+//! each raw document, a copy of each into the message, the map of inserted ids it builds
+//! for every reply). What the driver's own API offers against that work, measured the
+//! same way.
+//!
 //! It writes into the collection sluice uses, so point it at a lab database, never at one
 //! whose data matters.
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
-use bson::RawDocumentBuf;
+use bson::{rawdoc, RawArrayBuf, RawDocumentBuf};
 use mongodb::options::{Acknowledgment, WriteConcern};
 use mongodb::Client;
 use serde::Serialize;
@@ -57,6 +64,10 @@ pub struct Args {
     /// The database server's process, to read its CPU time from `/proc` (same machine).
     #[arg(long)]
     db_pid: Option<u32>,
+    /// Send each insert as one command document through `run_raw_command` instead of
+    /// `insert_many` (see the module's comment).
+    #[arg(long)]
+    raw_command: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +104,21 @@ fn batch(docs: usize) -> Vec<RawDocumentBuf> {
     }
     out.truncate(docs);
     out
+}
+
+/// One unordered insert of `docs` as a command document, with the write concern sluice
+/// uses (`w:1, j:true`).
+fn insert_command(docs: Vec<RawDocumentBuf>) -> RawDocumentBuf {
+    let mut documents = RawArrayBuf::new();
+    for doc in docs {
+        documents.push(doc);
+    }
+    rawdoc! {
+        "insert": COLLECTION,
+        "documents": documents,
+        "ordered": false,
+        "writeConcern": { "w": 1, "j": true },
+    }
 }
 
 pub async fn run(mut args: Args) -> Result<(), Error> {
@@ -136,6 +162,8 @@ pub async fn run(mut args: Args) -> Result<(), Error> {
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
             let records = records.clone();
+            let database = database.clone();
+            let raw_command = args.raw_command;
             workers.spawn(async move {
                 let mut latencies = Vec::new();
                 let mut errors = 0u64;
@@ -143,13 +171,28 @@ pub async fn run(mut args: Args) -> Result<(), Error> {
                 while Instant::now() < deadline {
                     let sending = std::mem::take(&mut next);
                     let t = Instant::now();
-                    let insert = records.insert_many(sending).ordered(false).into_future();
+                    let insert = async {
+                        if raw_command {
+                            let reply = database.run_raw_command(insert_command(sending)).await?;
+                            match reply.get_array("writeErrors") {
+                                Ok(errors) => Err(format!("{} write errors", errors.len()).into()),
+                                Err(_) => Ok(()),
+                            }
+                        } else {
+                            records
+                                .insert_many(sending)
+                                .ordered(false)
+                                .into_future()
+                                .await?;
+                            Ok::<_, Error>(())
+                        }
+                    };
                     // The next batch is made while this one is in flight, as sluice's
                     // requests make theirs while the flusher waits.
                     let (result, made) = tokio::join!(insert, async { batch(docs) });
                     next = made;
                     match result {
-                        Ok(_) => latencies.push(t.elapsed()),
+                        Ok(()) => latencies.push(t.elapsed()),
                         Err(e) => {
                             errors += 1;
                             eprintln!("insert of {docs} failed: {e}");
@@ -200,7 +243,11 @@ pub async fn run(mut args: Args) -> Result<(), Error> {
         runs.push(run);
     }
     let report = Report {
-        what: "unordered insert_many of stored-shape documents, back to back",
+        what: if args.raw_command {
+            "unordered inserts of stored-shape documents as command documents (run_raw_command), back to back"
+        } else {
+            "unordered insert_many of stored-shape documents, back to back"
+        },
         write_concern: "w:1, j:true",
         runs,
     };
