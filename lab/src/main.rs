@@ -96,6 +96,13 @@ enum Cmd {
     LoadReport { dir: PathBuf },
     /// One k6 --summary-export as bench-report's line: req/s, p95, failed, ok.
     K6Line { summary: PathBuf },
+    /// bench-report/flame.sh's check of its k6 run: sluice's µs of CPU a request from
+    /// the ticks it spent; exit 1 when more than 1% of the requests failed.
+    FlameCheck {
+        summary: PathBuf,
+        ticks: u64,
+        clk_tck: u64,
+    },
     /// The CI smoke's checks of one report: "ok ..." / "fail ..." lines; exit 1 on a fail.
     CheckReport {
         report: PathBuf,
@@ -185,6 +192,15 @@ async fn run(cmd: Cmd) -> Result<i32, Error> {
         Cmd::K6Line { summary } => say(k6::Summary::read(&summary)
             .and_then(|s| s.line())
             .ok_or_else(|| format!("no req/s, p95 and failed rate in {}", summary.display()))?),
+        Cmd::FlameCheck {
+            summary,
+            ticks,
+            clk_tck,
+        } => {
+            let summary = k6::Summary::read(&summary)
+                .ok_or_else(|| format!("no k6 summary in {}", summary.display()))?;
+            say(summary.cpu_per_request(ticks, clk_tck)?)
+        }
         Cmd::CheckReport {
             report,
             constrained,
