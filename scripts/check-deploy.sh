@@ -354,7 +354,7 @@ shellcheck_files() {
   shellcheck -x "$@" && echo "clean: $*"
 }
 check "shellcheck setup.sh cleanup.sh" shellcheck_files setup.sh cleanup.sh
-check "shellcheck scripts/*.sh scripts/deploy/*.sh lab/*.sh stress-test/*.sh" shellcheck_files scripts/*.sh scripts/deploy/*.sh lab/*.sh stress-test/*.sh
+check "shellcheck scripts/*.sh scripts/deploy/*.sh lab/*.sh stress-test/*.sh bench-report/*.sh" shellcheck_files scripts/*.sh scripts/deploy/*.sh lab/*.sh stress-test/*.sh bench-report/*.sh
 
 # Under pipefail, `cmd | grep -q` fails whenever grep exits before cmd has written
 # everything (SIGPIPE): setup.sh once lost --runtime-ulimit that way. Capture, then grep.
