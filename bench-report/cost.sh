@@ -41,30 +41,11 @@ done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-# shellcheck source=scripts/tools.sh
-. scripts/tools.sh
-TS=$(date -u +%Y%m%dT%H%M%SZ)
-RUN=$ROOT/results/cost-$TS
-mkdir -p "$RUN"
-export LAB_STATE_DIR=$ROOT/results/.cost-state
-
-tools_step "cargo build --profile profiling (sluice and the lab)"
-cargo build --profile profiling --locked -p sluice -p sluice-lab --bins \
-  >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/profiling
+# shellcheck source=bench-report/profile.sh
+. bench-report/profile.sh
+profile_setup cost "$PERF"
 COST=("$BIN/lab" sluice-cost)
-if [ "$PERF" = 1 ]; then
-  command -v perf >/dev/null || tools_apt linux-perf
-  INFERNO=$(tools_inferno)
-fi
-
-trap 'lab/cleanup-local.sh --quiet >>"$RUN/cleanup.log" 2>&1 || true' EXIT
-tools_step "lab up: one replica, no load"
-SLUICE_BIN=$BIN/sluice LAB_BIN=$BIN/lab lab/setup-local.sh --no-load --replicas 1 \
-  >"$RUN/setup.log" 2>&1 || { tail -n 30 "$RUN/setup.log" >&2; exit 1; }
-PID=$(cat "$LAB_STATE_DIR/slot-0.pid")
-URL=http://127.0.0.1:$(cat "$LAB_STATE_DIR/slot-0.port")
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+profile_lab "$BIN/sluice"
 
 tools_step "measuring: $CLIENTS clients, $SECONDS_PER_PATH s a path, $IDLE idle connections ($URL, pid $PID)"
 "${COST[@]}" --url "$URL" --pid "$PID" --clients "$CLIENTS" --seconds "$SECONDS_PER_PATH" \
@@ -78,16 +59,10 @@ if [ "$PERF" = 1 ]; then
       --idle 0 --only "$path" --out "$RUN/cost-perf-$name.json" >/dev/null &
     load=$!
     sleep 2 # sluice-cost's warm-up
-    perf record -q -F "$HZ" --call-graph dwarf,16384 -p "$PID" -o "$RUN/perf-$name.data" \
-      -- sleep "$SECONDS_PER_PATH" 2>>"$RUN/perf.log"
+    profile_perf "$SECONDS_PER_PATH" "$HZ" "$name" "sluice $path, $CLIENTS clients"
+    # sluice-cost refuses a run of failed answers: its profile is of the error path.
     wait "$load"
-    perf script --no-inline -i "$RUN/perf-$name.data" 2>>"$RUN/perf.log" |
-      "$INFERNO/inferno-collapse-perf" >"$RUN/folded-$name.txt"
-    "$INFERNO/inferno-flamegraph" --title "sluice $path, $CLIENTS clients" \
-      <"$RUN/folded-$name.txt" >"$RUN/flame-$name.svg"
-    "${COST[@]}" --top "$RUN/folded-$name.txt" | tee "$RUN/top-$name.txt"
-    rm -f "$RUN/perf-$name.data"
+    cat "$RUN/top-$name.txt"
   done
 fi
-ln -sfn "cost-$TS" results/cost-latest
-echo "results: ${RUN#"$ROOT"/}"
+profile_done cost

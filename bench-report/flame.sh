@@ -39,31 +39,14 @@ done
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-# shellcheck source=scripts/tools.sh
-. scripts/tools.sh
-TS=$(date -u +%Y%m%dT%H%M%SZ)
-RUN=$ROOT/results/flame-$TS
-mkdir -p "$RUN"
-export LAB_STATE_DIR=$ROOT/results/.flame-state
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-
-tools_step "cargo build --profile profiling (sluice and the lab)"
-cargo build --profile profiling --locked -p sluice -p sluice-lab --bins \
-  >"$RUN/cargo-build.log" 2>&1 || { tail -n 30 "$RUN/cargo-build.log" >&2; exit 1; }
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/profiling
-SLUICE=${SLUICE:-$BIN/sluice}
-command -v perf >/dev/null || tools_apt linux-perf
-INFERNO=$(tools_inferno)
+# shellcheck source=bench-report/profile.sh
+. bench-report/profile.sh
+profile_setup flame
+profile_lab "${SLUICE:-$BIN/sluice}"
 K6=$(tools_venv)/k6
 EXPECT=success
 [ "$TARGET" = /healthz ] && EXPECT=ok
-
-trap 'lab/cleanup-local.sh --quiet >>"$RUN/cleanup.log" 2>&1 || true' EXIT
-tools_step "lab up: one replica, no load ($SLUICE)"
-SLUICE_BIN=$SLUICE LAB_BIN=$BIN/lab lab/setup-local.sh --no-load --replicas 1 \
-  >"$RUN/setup.log" 2>&1 || { tail -n 30 "$RUN/setup.log" >&2; exit 1; }
-PID=$(cat "$LAB_STATE_DIR/slot-0.pid")
-URL=http://127.0.0.1:$(cat "$LAB_STATE_DIR/slot-0.port")
+NAME=${TARGET##*/}
 
 # k6 ramps for 10 s; perf starts 12 s into the hold and stops 10 s before its end.
 HOLD=$((SECONDS_PERF + 22))
@@ -75,19 +58,10 @@ before=$(ticks)
   >"$RUN/k6.log" 2>&1 &
 load=$!
 sleep 22
-perf record -q -F "$HZ" --call-graph dwarf,16384 -p "$PID" -o "$RUN/perf.data" \
-  -- sleep "$SECONDS_PERF" 2>>"$RUN/perf.log"
+profile_perf "$SECONDS_PERF" "$HZ" "$NAME" "sluice $TARGET, k6 $VUS VUs straight at one replica"
 wait "$load" || [ $? = 99 ] # 99: k6's thresholds failed, a result like any other
 after=$(ticks)
 "$BIN/lab" k6-line "$RUN/k6.json" | tee "$RUN/summary.txt"
 "$BIN/lab" flame-check "$RUN/k6.json" "$((after - before))" "$(getconf CLK_TCK)" | tee -a "$RUN/summary.txt"
-
-tools_step "folding and drawing"
-perf script --no-inline -i "$RUN/perf.data" 2>>"$RUN/perf.log" |
-  "$INFERNO/inferno-collapse-perf" >"$RUN/folded.txt"
-"$INFERNO/inferno-flamegraph" --title "sluice $TARGET, k6 $VUS VUs straight at one replica" \
-  <"$RUN/folded.txt" >"$RUN/flame.svg"
-rm -f "$RUN/perf.data"
-"$BIN/lab" sluice-cost --top "$RUN/folded.txt" | tee "$RUN/top.txt"
-ln -sfn "flame-$TS" results/flame-latest
-echo "results: ${RUN#"$ROOT"/}"
+cat "$RUN/top-$NAME.txt"
+profile_done flame
