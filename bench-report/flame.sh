@@ -18,9 +18,9 @@
 # 503s that follow would be of the error path. The run is refused for that reason when
 # more than 1% of k6's requests failed (a healthy run fails none at 1,000 VUs).
 #
-# Output: results/flame-<time>/ (flame.svg, folded.txt, k6.json, summary.txt: req/s,
-# failures and sluice's µs of CPU per request over the whole k6 run, perf's cost
-# included); results/flame-latest points at it.
+# Output: results/flame-<time>/ (flame-NAME.svg, folded-NAME.txt and top-NAME.txt, NAME
+# the path's last part; k6.json; summary.txt: req/s, failures and sluice's µs of CPU per
+# request over the whole k6 run, perf's cost included); results/flame-latest points at it.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }

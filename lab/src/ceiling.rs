@@ -22,9 +22,9 @@
 //! With `--raw-command` each insert is instead one command document this tool builds,
 //! sent by the driver's `run_raw_command`: the same documents, write concern and
 //! `ordered: false`, but none of `insert_many`'s per-document work (its `_id` check of
-//! each raw document, a copy of each into the message, the map of inserted ids it builds
-//! for every reply). What the driver's own API offers against that work, measured the
-//! same way.
+//! each raw document, serde's copy of each, the maps of inserted ids it builds for every
+//! call); the command document is a copy of its own instead. What the driver's own API
+//! offers against that work, measured the same way.
 //!
 //! It writes into the collection sluice uses, so point it at a lab database, never at one
 //! whose data matters.
