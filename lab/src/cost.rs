@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::util::Error;
+use crate::util::{Error, MAX_FAILED_SHARE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -352,15 +352,13 @@ pub async fn run(args: Args) -> Result<(), Error> {
     failed_runs(&report.cpu)
 }
 
-/// An error naming the runs whose answers were more than 1% failures: such a run measured
-/// (and its flame graph shows) the error path, not the request. A database that went
-/// away mid-run, its 500 MiB filled by a long `--seconds` of `/api/data`, answers every
-/// request 503 at once. A healthy run answers none (the closed loop stays below
-/// sluice's shedding); the 1% leaves room for a stray few, never for a path gone wrong.
+/// An error naming the runs whose answers were more than [`MAX_FAILED_SHARE`] failures:
+/// such a run measured (and its flame graph shows) the error path, not the request, as
+/// when the database went away during a long `--seconds` of `/api/data`.
 fn failed_runs(runs: &[CpuRun]) -> Result<(), Error> {
     let failed: Vec<String> = runs
         .iter()
-        .filter(|r| r.non_2xx * 100 > r.requests + r.non_2xx)
+        .filter(|r| r.non_2xx as f64 > MAX_FAILED_SHARE * (r.requests + r.non_2xx) as f64)
         .map(|r| {
             format!(
                 "{} answered {} of {} with no 2xx",

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::util::{f, load_json};
+use crate::util::{f, load_json, MAX_FAILED_SHARE};
 
 /// One run's figures. A figure the export lacks is `None`, except the test script's own
 /// counters (`successful_requests`, `failed_requests`), which k6 leaves out when nothing
@@ -94,17 +94,14 @@ impl Summary {
         })
     }
 
-    /// bench-report's line after each run; None when the run lacks one of its figures.
     /// A profiled run's CPU per request: `ticks` of the profiled process's CPU (at
     /// `clk_tck` a second) over the whole run, divided by k6's requests. An error when
-    /// more than 1% of them failed: such a run profiled the error path (a database gone
-    /// away answers every request 503 at once), not the request. A healthy direct run
-    /// fails none at 1,000 VUs; the 1% leaves room for a stray few.
+    /// more than [`MAX_FAILED_SHARE`] of them failed: it profiled the error path.
     pub fn cpu_per_request(&self, ticks: u64, clk_tck: u64) -> Result<String, String> {
         let (Some(requests), Some(failed)) = (self.requests, self.failed_rate) else {
             return Err("no request count or failed rate in the summary".into());
         };
-        if failed > 0.01 {
+        if failed > MAX_FAILED_SHARE {
             return Err(format!(
                 "{:.1}% of {requests:.0} requests failed: not a profile of the request",
                 100.0 * failed
@@ -116,6 +113,7 @@ impl Summary {
         ))
     }
 
+    /// bench-report's line after each run; None when the run lacks one of its figures.
     pub fn line(&self) -> Option<String> {
         Some(format!(
             "    -> {:.0} req/s, p95 {:.0} ms, failed {:.1}%, {:.0} ok",

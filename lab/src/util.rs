@@ -9,6 +9,12 @@ use serde_json::Value;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// The largest share of failed requests a CPU or profiling run may have and still be a
+/// measure of the request: a healthy run fails none (its load stays below sluice's
+/// shedding), while a run past this measured the error path (a database gone away
+/// answers every request 503 at once); the margin leaves room for a stray few.
+pub const MAX_FAILED_SHARE: f64 = 0.01;
+
 pub fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
