@@ -4,6 +4,14 @@ use clap::Parser;
 use sluice::config::{Cli, Command};
 use sluice::startup::StartError;
 
+/// jemalloc rather than glibc's malloc: a `/api/data` request allocates its documents on
+/// its worker thread, and the flusher frees them, hundreds at a time, on whichever worker
+/// runs it. In the request's profile glibc's malloc and free took a fifth of its CPU, more
+/// than all of sluice's own code; jemalloc's thread caches take about half as much
+/// (docs/results/2026-12-03-allocator.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit codes: 0 done, 1 runtime failure, 2 bad configuration.
 fn main() -> ExitCode {
     let cli = Cli::parse();
