@@ -8,7 +8,10 @@ use sluice::startup::StartError;
 /// its worker thread, and the flusher frees them, hundreds at a time, on whichever worker
 /// runs it. In the request's profile glibc's malloc and free took a fifth of its CPU, more
 /// than all of sluice's own code; jemalloc's thread caches take about half as much
-/// (docs/results/2026-12-03-allocator.md).
+/// (docs/results/2026-12-03-allocator.md). Its background threads (the crate's
+/// `background_threads` feature) purge freed memory on a timer, not only when the pod
+/// next allocates: the HPA scales on memory, so an idle pod must give back what a load
+/// took.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
